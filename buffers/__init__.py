@@ -1,0 +1,32 @@
+"""Preallocated buffers that log bodies live in from socket to sink."""
+
+from __future__ import annotations
+
+from .pool import BufferPool
+from .ring import (
+    COMMITTED,
+    IN_FLIGHT,
+    RELEASED,
+    RESERVED,
+    RingBuffer,
+    RingError,
+    RingFull,
+    Slot,
+    SlotStateError,
+)
+from .waiting import Overloaded, WaitingRing
+
+__all__ = [
+    "BufferPool",
+    "RingBuffer",
+    "Slot",
+    "RingError",
+    "RingFull",
+    "SlotStateError",
+    "WaitingRing",
+    "Overloaded",
+    "RESERVED",
+    "COMMITTED",
+    "IN_FLIGHT",
+    "RELEASED",
+]

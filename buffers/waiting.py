@@ -1,0 +1,112 @@
+"""The Trio side of the ring: wait for space instead of failing at once.
+
+:class:`WaitingRing` wraps a :class:`~buffers.ring.RingBuffer`.  A reservation
+that does not fit joins a first-come, first-served queue; each release grants
+space to the queue's head for as long as the head fits, so a large request is
+not starved by a stream of small ones and a release wakes only the tasks it
+can serve.  How long to wait is bounded by ``max_wait`` (a cancel scope inside
+:meth:`WaitingRing.reserve`), after which :class:`Overloaded` is raised and the
+server answers ``503`` with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Deque, Optional
+
+import trio
+
+from .ring import RingBuffer, RingFull, Slot
+
+__all__ = ["WaitingRing", "Overloaded"]
+
+
+class Overloaded(RingFull):
+    """No space came free within the allowed wait."""
+
+
+class _Waiter:
+    __slots__ = ("size", "slot", "event")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.slot: Optional[Slot] = None
+        self.event = trio.Event()
+
+
+class WaitingRing:
+    """A ring whose reservations wait (up to ``max_wait`` seconds) for space."""
+
+    def __init__(self, ring: RingBuffer, *, max_wait: float) -> None:
+        self.ring = ring
+        self.max_wait = max_wait
+        self._queue: Deque[_Waiter] = deque()
+        self.waits = 0
+        self.overloads = 0
+
+    def reserve_nowait(self, size: int) -> Slot:
+        """Reserve at once or raise :class:`~buffers.ring.RingFull`.
+
+        Refuses while others are queued, so nobody jumps the queue.
+        """
+        if self._queue:
+            raise RingFull("reservations are queued")
+        return self.ring.reserve(size)
+
+    async def reserve(self, size: int) -> Slot:
+        """Reserve ``size`` bytes, waiting for releases up to ``max_wait``."""
+        if not self._queue:
+            try:
+                return self.ring.reserve(size)
+            except RingFull:
+                pass
+        if size > self.ring.capacity:
+            raise ValueError("reservation of %d bytes exceeds the ring's %d" % (size, self.ring.capacity))
+        self.waits += 1
+        waiter = _Waiter(size)
+        self._queue.append(waiter)
+        try:
+            with trio.move_on_after(self.max_wait):
+                await waiter.event.wait()
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        if waiter.slot is not None:
+            return waiter.slot
+        self._abandon(waiter)
+        self.overloads += 1
+        raise Overloaded("no %d bytes free in the ring within %.3gs" % (size, self.max_wait))
+
+    def release(self, slot: Slot) -> None:
+        """Release ``slot`` and grant the freed space to queued reservations."""
+        self.ring.release(slot)
+        if self._queue:
+            self._grant()
+
+    def statistics(self) -> dict:
+        """The ring's occupancy plus how often reservations waited or failed."""
+        stats = self.ring.statistics()
+        stats["waiting"] = len(self._queue)
+        stats["waits"] = self.waits
+        stats["overloads"] = self.overloads
+        return stats
+
+    def _grant(self) -> None:
+        queue = self._queue
+        while queue:
+            waiter = queue[0]
+            try:
+                waiter.slot = self.ring.reserve(waiter.size)
+            except RingFull:
+                return
+            queue.popleft()
+            waiter.event.set()
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        if waiter.slot is not None:
+            # Granted while the caller was being cancelled: give it back.
+            self.release(waiter.slot)
+        else:
+            self._queue.remove(waiter)
+            # The waiter behind this one may fit where it did not.
+            self._grant()

@@ -1,0 +1,108 @@
+"""The ``sluice`` command: ``serve`` runs the gateway, ``read`` shows stored records."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Optional, Sequence
+
+import trio
+
+from . import config as _config
+from .server import Gateway, open_listener
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice", description="Log-ingestion gateway.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    serve = commands.add_parser("serve", help="run the gateway",
+                                description="Run the gateway. Every flag has a SLUICE_* environment twin.")
+    _config.add_arguments(serve)
+    read = commands.add_parser("read", help="print records stored by the file sink",
+                               description="Print the records in a file sink's directory, oldest first: "
+                                           "by default each record's metadata line with its body size.")
+    read.add_argument("directory", help="the file sink's --data-dir")
+    read.add_argument("--body", action="store_true",
+                      help="print each record whole (metadata line, then the body, then a newline)")
+    return parser
+
+
+async def _serve(config: _config.Config) -> None:
+    try:
+        listener = await open_listener(*config.listen)
+    except OSError as exc:
+        raise SystemExit("sluice: error: --listen %s:%d: %s" % (config.listen[0], config.listen[1],
+                                                                  exc.strerror or exc)) from None
+    gateway = Gateway(config)
+    async with trio.open_nursery() as nursery:
+        host, port = (await nursery.start(_serve_until_drained, gateway, listener, nursery.cancel_scope))[:2]
+        shown = "[%s]" % host if ":" in host else host
+        sink = config.sink if config.sink != "file" else "file (%s)" % os.path.abspath(config.data_dir)
+        print("sluice: listening on http://%s:%d, sink %s, access control off (no --redis)" % (
+            shown, port, sink), file=sys.stderr, flush=True)
+        nursery.start_soon(_watch_signals, gateway)
+    print("sluice: stopped", file=sys.stderr, flush=True)
+
+
+async def _serve_until_drained(gateway: Gateway, listener, done: trio.CancelScope, *,
+                               task_status=trio.TASK_STATUS_IGNORED) -> None:
+    await gateway.serve([listener], task_status=task_status)
+    done.cancel()
+
+
+async def _watch_signals(gateway: Gateway) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if gateway.draining:
+                gateway.stop_now()
+            else:
+                print("sluice: shutting down", file=sys.stderr, flush=True)
+                gateway.drain()
+
+
+def _read(directory: str, body: bool) -> int:
+    from sinks.file import SegmentError, read_records
+
+    from .envelope import split_record
+
+    out = sys.stdout.buffer
+    try:
+        for record in read_records(directory):
+            meta, data = split_record(record)
+            if body:
+                out.write(record)
+                out.write(b"\n")
+            else:
+                meta["body_bytes"] = len(data)
+                out.write(json.dumps(meta, separators=(",", ":")).encode() + b"\n")
+    except (SegmentError, OSError) as exc:
+        print("sluice read: %s" % exc, file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # pragma: no cover - e.g. piped into head
+        return 0
+    out.flush()
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command == "read":
+        return _read(args.directory, args.body)
+    try:
+        config = _config.load(vars(args), os.environ)
+    except _config.ConfigError as exc:
+        print("sluice: error: %s" % exc, file=sys.stderr)
+        return 2
+    trio.run(_serve, config)
+    return 0
+
+
+def entry_point() -> None:  # pragma: no cover - console script
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The failures a request can meet, each carrying the HTTP answer it gets.
+
+Theory of operation: every failure a caller handles differently is one leaf
+class here.  Each class carries its ``status`` (an HTTP status code, like h11's
+``error_status_hint``), and an instance carries what the response needs
+(``retry_after``, extra headers, a short machine-readable ``reason``).  Foreign
+exceptions (h11, redis-py, botocore) are translated once, where they are
+caught, with ``raise ... from exc``; the server answers any ``RequestError``
+with :func:`response_for` and nothing else needs a lookup table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import List, Optional, Tuple
+
+__all__ = [
+    "RequestError",
+    "BadRequest",
+    "Unauthorized",
+    "Forbidden",
+    "NotFound",
+    "MethodNotAllowed",
+    "RequestTimeout",
+    "LengthRequired",
+    "PayloadTooLarge",
+    "HeadersTooLarge",
+    "NotImplementedFraming",
+    "RateLimited",
+    "QuotaExceeded",
+    "Overloaded",
+    "SinkUnavailable",
+    "AccessUnavailable",
+    "retry_after_seconds",
+    "response_for",
+]
+
+Headers = List[Tuple[bytes, bytes]]
+
+
+def retry_after_seconds(delay: float) -> int:
+    """Seconds for a ``Retry-After`` header: rounded up, never 0."""
+    return max(1, int(math.ceil(delay)))
+
+
+class RequestError(Exception):
+    """A request that is answered with an error status.
+
+    ``close`` says whether the connection must be closed after the answer
+    (true whenever the request body may not have been read in full).
+    """
+
+    status = 500
+    reason = "internal_error"
+    close = True
+
+    def __init__(self, message: str = "", *, close: Optional[bool] = None) -> None:
+        super().__init__(message or self.reason)
+        if close is not None:
+            self.close = close
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+    def headers(self) -> Headers:
+        """Extra response headers for this failure."""
+        return []
+
+
+class BadRequest(RequestError):
+    """Malformed request line, headers, framing or body (400)."""
+
+    status = 400
+    reason = "bad_request"
+
+
+class Unauthorized(RequestError):
+    """Missing, unknown or revoked API key (401)."""
+
+    status = 401
+    reason = "unauthorized"
+    close = False
+
+    def headers(self) -> Headers:
+        return [(b"www-authenticate", b'Bearer realm="sluice"')]
+
+
+class Forbidden(RequestError):
+    """A valid key whose tenant is disabled (403)."""
+
+    status = 403
+    reason = "forbidden"
+    close = False
+
+
+class NotFound(RequestError):
+    """No such route (404)."""
+
+    status = 404
+    reason = "not_found"
+    close = False
+
+
+class MethodNotAllowed(RequestError):
+    """The route exists but not for this method (405)."""
+
+    status = 405
+    reason = "method_not_allowed"
+    close = False
+
+    def __init__(self, allow: bytes, message: str = "") -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> Headers:
+        return [(b"allow", self.allow)]
+
+
+class RequestTimeout(RequestError):
+    """The client was too slow sending the head or the body (408)."""
+
+    status = 408
+    reason = "request_timeout"
+
+
+class LengthRequired(RequestError):
+    """A body with neither Content-Length nor chunked framing (411)."""
+
+    status = 411
+    reason = "length_required"
+
+
+class PayloadTooLarge(RequestError):
+    """The record would exceed the configured maximum (413)."""
+
+    status = 413
+    reason = "payload_too_large"
+
+
+class HeadersTooLarge(RequestError):
+    """The request head exceeds the configured maximum (431)."""
+
+    status = 431
+    reason = "headers_too_large"
+
+
+class NotImplementedFraming(RequestError):
+    """A Transfer-Encoding other than chunked (501)."""
+
+    status = 501
+    reason = "not_implemented"
+
+
+class _RetryLater(RequestError):
+    """A failure the client should retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str = "", *, retry_after: float = 1.0,
+                 close: Optional[bool] = None) -> None:
+        super().__init__(message, close=close)
+        self.retry_after = retry_after
+
+    def headers(self) -> Headers:
+        return [(b"retry-after", b"%d" % retry_after_seconds(self.retry_after))]
+
+
+class RateLimited(_RetryLater):
+    """The tenant is over its request or byte rate (429).
+
+    ``limit``, ``remaining`` and ``reset`` fill the ``RateLimit-*`` headers.
+    """
+
+    status = 429
+    reason = "rate_limited"
+    close = False
+
+    def __init__(self, message: str = "", *, retry_after: float, limit: int,
+                 remaining: int = 0, reset: float = 0.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.limit = limit
+        self.remaining = remaining
+        self.reset = reset
+
+    def headers(self) -> Headers:
+        return super().headers() + [
+            (b"ratelimit-limit", b"%d" % self.limit),
+            (b"ratelimit-remaining", b"%d" % self.remaining),
+            (b"ratelimit-reset", b"%d" % retry_after_seconds(self.reset)),
+        ]
+
+
+class QuotaExceeded(_RetryLater):
+    """The tenant used up a monthly quota (429).
+
+    ``quota`` names it (``"monthly_bytes"`` or ``"monthly_records"``) and
+    ``resets_at`` is the unix time (seconds) when the next month starts.
+    """
+
+    status = 429
+    reason = "quota_exceeded"
+    close = False
+
+    def __init__(self, message: str = "", *, quota: str, resets_at: int,
+                 retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.quota = quota
+        self.resets_at = resets_at
+
+
+class Overloaded(_RetryLater):
+    """No buffer space (or connection slot) came free in time (503)."""
+
+    status = 503
+    reason = "overloaded"
+
+
+class SinkUnavailable(_RetryLater):
+    """The sink cannot store records now; the client should retry (503)."""
+
+    status = 503
+    reason = "sink_unavailable"
+
+
+class AccessUnavailable(_RetryLater):
+    """Access control could not decide (Redis down, fail-closed mode) (503)."""
+
+    status = 503
+    reason = "access_unavailable"
+
+
+def response_for(exc: RequestError) -> Tuple[int, Headers, bytes]:
+    """``(status, headers, JSON body)`` of the answer to ``exc``.
+
+    The body is ``{"error": reason, "message": text}``; a quota answer adds
+    ``quota`` and ``resets_at``.
+    """
+    doc: dict = {"error": exc.reason, "message": exc.message}
+    if isinstance(exc, QuotaExceeded):
+        doc["quota"] = exc.quota
+        doc["resets_at"] = exc.resets_at
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    return exc.status, [(b"content-type", b"application/json")] + exc.headers(), body

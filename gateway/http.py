@@ -1,0 +1,343 @@
+"""Sans-I/O HTTP/1.1 for the ingest server: h11 for heads, our bytes for bodies.
+
+Theory of operation
+-------------------
+:class:`HTTPConnection` is one client connection without the socket.  The
+driver asks it for a writable view (:meth:`HTTPConnection.head_buffer`),
+receives into that, reports the count (:meth:`HTTPConnection.received`), and
+calls :meth:`HTTPConnection.next_request` until it returns a
+:class:`RequestHead`.
+
+The head goes through h11, which validates and parses it.  The body does not:
+h11 would copy it piece by piece, which is slow for 1 MiB bodies and makes
+garbage.  Instead the connection keeps its own receive buffer; a head is handed
+to h11 only up to its blank line, and for ``Content-Length`` bodies the driver
+copies the bytes already buffered into the record's ring slot
+(:meth:`HTTPConnection.take_body`) and reads the rest from the socket straight
+into the slot.  :meth:`HTTPConnection.finish_body` then tells h11 the body is
+over.  Chunked bodies are rare and go through h11's decoder
+(:meth:`HTTPConnection.read_chunked`), a bounded copy per chunk.
+
+Responses are framed by h11 (:meth:`HTTPConnection.respond`), which also
+decides keep-alive.  After a response, :meth:`HTTPConnection.next_cycle` says
+whether the connection may carry another request.
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+from typing import List, Optional, Tuple
+
+import h11
+
+from .errors import (
+    BadRequest,
+    HeadersTooLarge,
+    LengthRequired,
+    NotImplementedFraming,
+    PayloadTooLarge,
+    RequestError,
+)
+
+__all__ = [
+    "DEFAULT_MAX_HEAD",
+    "NEED_DATA",
+    "CLOSED",
+    "RequestHead",
+    "HTTPConnection",
+]
+
+#: Largest request head accepted.  Precedents: h11 16 KiB, nginx
+#: 4 x 8 KiB, node.js 16 KiB; agents send a few hundred bytes.
+DEFAULT_MAX_HEAD = 16 * 1024
+
+_REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+_LEADING_EOL = b"\r\n"
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+#: :meth:`HTTPConnection.next_request` needs more bytes.
+NEED_DATA = _Sentinel("NEED_DATA")
+#: The client closed the connection between requests.
+CLOSED = _Sentinel("CLOSED")
+
+# A reader that reports the body as finished; swapped in for h11's
+# Content-Length reader once the driver has read the body itself.  h11 has no
+# public way to skip a body; a fresh h11.Connection per request would cost
+# tens of KB of allocation per request, so this is checked at import and the
+# fresh connection is the fallback.
+try:
+    from h11._readers import ContentLengthReader as _ContentLengthReader
+
+    _BODY_DONE: object = _ContentLengthReader(0)
+    _CAN_SKIP_BODY = hasattr(h11.Connection(h11.SERVER), "_reader")
+except ImportError:  # pragma: no cover - depends on h11's internals
+    _BODY_DONE = None
+    _CAN_SKIP_BODY = False
+
+
+class RequestHead:
+    """What the server needs from one request head."""
+
+    __slots__ = (
+        "method", "target", "path", "headers", "content_length", "chunked",
+        "expect_continue", "content_type", "content_encoding", "http_version",
+    )
+
+    def __init__(self, request: h11.Request) -> None:
+        self.method: bytes = request.method
+        self.target: bytes = request.target
+        question = request.target.find(b"?")
+        self.path: bytes = request.target if question < 0 else request.target[:question]
+        self.headers = request.headers  # lower-cased names
+        self.http_version: bytes = request.http_version
+        self.content_length: Optional[int] = None
+        self.chunked = False
+        self.expect_continue = False
+        self.content_type: Optional[bytes] = None
+        self.content_encoding: Optional[bytes] = None
+        for name, value in request.headers:
+            if name == b"content-length":
+                if self.content_length is not None:
+                    # h11 folds identical duplicates; differing ones never get here.
+                    raise BadRequest("duplicate Content-Length")
+                self.content_length = int(value)
+            elif name == b"transfer-encoding":
+                self.chunked = True
+            elif name == b"content-type":
+                self.content_type = value
+            elif name == b"content-encoding":
+                self.content_encoding = value
+            elif name == b"expect" and value.lower() == b"100-continue":
+                self.expect_continue = True
+        if self.chunked and self.content_length is not None:
+            # Both framings at once is how requests are smuggled past proxies.
+            raise BadRequest("both Content-Length and Transfer-Encoding")
+
+    def header(self, name: bytes) -> Optional[bytes]:
+        """The first value of header ``name`` (lower case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def require_body_framing(self) -> None:
+        """Raise :class:`LengthRequired` unless the body's length is known."""
+        if self.content_length is None and not self.chunked:
+            raise LengthRequired("send Content-Length or Transfer-Encoding: chunked")
+
+
+class HTTPConnection:
+    """The server side of one HTTP/1.1 connection, without I/O."""
+
+    def __init__(self, buffer: bytearray, *, max_head: int = DEFAULT_MAX_HEAD) -> None:
+        if len(buffer) < max_head:
+            raise ValueError("the receive buffer must hold a whole head")
+        self.max_head = max_head
+        self._buf = buffer
+        self._view = memoryview(buffer)
+        self._start = 0  # first unconsumed byte
+        self._end = 0  # end of received bytes
+        self._eof = False
+        self._h11 = self._new_h11()
+        self._chunked_h11_fed = False
+        self._method = b""
+
+    def _new_h11(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
+
+    # -- receiving -------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet consumed."""
+        return self._end - self._start
+
+    def head_buffer(self) -> memoryview:
+        """Writable space to receive more of the head (or what follows) into.
+
+        Raises :class:`HeadersTooLarge` when a whole ``max_head`` is buffered
+        without a complete head.
+        """
+        if self._start:
+            count = self._end - self._start
+            self._view[:count] = self._view[self._start:self._end]
+            self._start, self._end = 0, count
+        if self._end >= self.max_head:
+            raise HeadersTooLarge("request head larger than %d bytes" % self.max_head)
+        return self._view[self._end:len(self._buf)]
+
+    def received(self, nbytes: int) -> None:
+        """``nbytes`` landed in the last :meth:`head_buffer` view; 0 means EOF."""
+        if nbytes == 0:
+            self._eof = True
+        self._end += nbytes
+
+    def next_request(self):
+        """A :class:`RequestHead`, :data:`NEED_DATA` or :data:`CLOSED`.
+
+        Raises a :class:`~gateway.errors.RequestError` for a bad head.
+        """
+        buf = self._buf
+        # Ignore empty lines before a request line (RFC 9112 section 2.2).
+        while self._start < self._end and buf[self._start] in _LEADING_EOL:
+            self._start += 1
+        if self._start == self._end:
+            if self._eof:
+                return CLOSED
+            return NEED_DATA
+        match = _BLANK_LINE.search(buf, self._start, min(self._end, self._start + self.max_head))
+        if match is None:
+            if self._end - self._start >= self.max_head:
+                raise HeadersTooLarge("request head larger than %d bytes" % self.max_head)
+            if self._eof:
+                raise BadRequest("connection closed in the middle of a request head")
+            return NEED_DATA
+        head_end = match.end()
+        try:
+            self._h11.receive_data(self._view[self._start:head_end])  # type: ignore[arg-type]
+            event = self._h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _translate(exc) from exc
+        self._start = head_end
+        if type(event) is not h11.Request:
+            raise BadRequest("malformed request head")
+        self._method = event.method
+        try:
+            return RequestHead(event)
+        except ValueError as exc:
+            raise BadRequest("bad Content-Length") from exc
+
+    # -- bodies ----------------------------------------------------------
+
+    def take_body(self, dest: memoryview) -> int:
+        """Copy buffered body bytes into ``dest``; returns how many."""
+        count = min(len(dest), self._end - self._start)
+        if count:
+            dest[:count] = self._view[self._start:self._start + count]
+            self._start += count
+        return count
+
+    def finish_body(self) -> None:
+        """The driver has read the whole Content-Length body itself."""
+        conn = self._h11
+        if conn.their_state is h11.SEND_BODY:
+            if _CAN_SKIP_BODY:
+                conn._reader = _BODY_DONE  # type: ignore[assignment]
+            else:  # pragma: no cover - fallback for other h11 versions
+                self._restart_h11()
+                return
+        event = conn.next_event()
+        if type(event) is not h11.EndOfMessage:
+            raise BadRequest("unexpected body framing")
+
+    def read_chunked(self, dest: memoryview, filled: int) -> Tuple[int, bool]:
+        """Decode buffered chunked body bytes into ``dest[filled:]``.
+
+        Returns ``(filled, done)``.  When not done, receive more with
+        :meth:`head_buffer`/:meth:`received` and call again.  Raises
+        :class:`~gateway.errors.PayloadTooLarge` if the body outgrows ``dest``.
+        """
+        conn = self._h11
+        if self._end > self._start:
+            conn.receive_data(self._view[self._start:self._end])  # type: ignore[arg-type]
+            self._start = self._end
+        if self._eof:
+            conn.receive_data(b"")
+        self._chunked_h11_fed = True
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _translate(exc) from exc
+            if event is h11.NEED_DATA:
+                if self._eof:
+                    raise BadRequest("connection closed in the middle of a chunked body")
+                return filled, False
+            if type(event) is h11.Data:
+                data = event.data
+                if filled + len(data) > len(dest):
+                    raise PayloadTooLarge("chunked body larger than %d bytes" % len(dest))
+                dest[filled:filled + len(data)] = data
+                filled += len(data)
+            elif type(event) is h11.EndOfMessage:
+                return filled, True
+            else:
+                raise BadRequest("unexpected event in a chunked body")
+
+    # -- responding ------------------------------------------------------
+
+    def continue_100(self) -> bytes:
+        """The ``100 Continue`` interim response, if the client waits for it."""
+        if not self._h11.client_is_waiting_for_100_continue:
+            return b""
+        return self._h11.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
+
+    def respond(self, status: int, headers: List[Tuple[bytes, bytes]], body: bytes,
+                *, close: bool = False) -> bytes:
+        """The bytes of a complete response."""
+        conn = self._h11
+        headers = headers + [(b"content-length", b"%d" % len(body))]
+        if close:
+            headers.append((b"connection", b"close"))
+        out = conn.send(h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b"")))
+        if body and self._method != b"HEAD":
+            out += conn.send(h11.Data(data=body))
+        out += conn.send(h11.EndOfMessage())
+        return out
+
+    def respond_error(self, status: int, headers: List[Tuple[bytes, bytes]], body: bytes) -> bytes:
+        """Bytes of an error answer, in any state; the connection closes after it."""
+        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            # A response was already under way (or h11 gave up): answer on a
+            # fresh state machine, as the last thing this connection sends.
+            self._h11 = self._new_h11()
+        return self.respond(status, headers, body, close=True)
+
+    def discard_buffer(self) -> memoryview:
+        """The whole receive buffer, to read and drop bytes into before closing."""
+        self._start = self._end = 0
+        return self._view
+
+    def next_cycle(self) -> bool:
+        """After a response: whether another request may follow (keep-alive)."""
+        conn = self._h11
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        if self._chunked_h11_fed:
+            # h11 holds the bytes that followed the chunked body: move them
+            # back to our buffer and start over with a clean state machine.
+            self._restart_h11()
+            return True
+        conn.start_next_cycle()
+        return True
+
+    def _restart_h11(self) -> None:
+        leftover, _ = self._h11.trailing_data
+        if leftover:
+            count = self._end - self._start
+            if count + len(leftover) > len(self._buf):
+                raise HeadersTooLarge("pipelined data larger than the receive buffer")
+            self._view[len(leftover):len(leftover) + count] = self._view[self._start:self._end]
+            self._view[:len(leftover)] = leftover
+            self._start, self._end = 0, count + len(leftover)
+        self._h11 = self._new_h11()
+        self._chunked_h11_fed = False
+
+
+def _translate(exc: h11.RemoteProtocolError) -> RequestError:
+    hint = getattr(exc, "error_status_hint", 400)
+    if hint == 431:
+        return HeadersTooLarge(str(exc))
+    if hint == 501:
+        return NotImplementedFraming(str(exc))
+    return BadRequest(str(exc) or "malformed request")

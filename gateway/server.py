@@ -1,0 +1,363 @@
+"""The Trio server: accept connections, read requests, hand records to the sink.
+
+Theory of operation
+-------------------
+:class:`Gateway` owns the ring, the sink and the listening sockets.  Each
+connection is one task running :meth:`Gateway.handle_connection` over a
+:class:`~gateway.transport.Transport`; the HTTP bookkeeping is the sans-I/O
+:class:`~gateway.http.HTTPConnection`, and this module only moves bytes and
+applies time limits.
+
+An ingest request goes: head parsed and checked (route, length, framing) ->
+envelope written into a freshly reserved ring slot -> ``100 Continue`` if the
+client waits for it -> body received straight into the slot -> slot committed
+and handed to the sink -> ``202``.  Any :class:`~gateway.errors.RequestError`
+on the way is answered with its status, and the connection is closed after a
+short lingering read so the client sees the answer rather than a reset.
+
+Shutdown (:meth:`Gateway.drain`): stop accepting, close idle keep-alive
+connections, let requests in progress finish (up to ``shutdown_timeout``), then
+let the sink store or give back what it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import socket as _stdlib_socket
+import time
+from typing import List, Optional, Set, Tuple
+
+import trio
+
+from buffers import BufferPool, RingBuffer, WaitingRing
+from buffers import Overloaded as RingOverloaded
+from sinks.base import Record, Sink
+
+from . import errors
+from .config import Config
+from .envelope import MAX_FIELD_BYTES, RecordIds, envelope
+from .http import CLOSED, NEED_DATA, HTTPConnection, RequestHead
+from .transport import SocketTransport, Transport
+
+__all__ = ["Gateway", "make_sink", "open_listener"]
+
+#: Bytes of receive buffer per connection beyond the largest head, so a small
+#: request (head and body) usually arrives in one ``recv``.
+READAHEAD = 16 * 1024
+#: After an error answer, how long and how much of the client's remaining
+#: upload to read and discard before closing, so the client reads the answer
+#: instead of a TCP reset (nginx's lingering_close does the same).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
+#: Connections over the limit still get a 503; at most this many such answers
+#: are in progress at once, beyond that the accept loop waits.
+MAX_REFUSING = 64
+LISTEN_BACKLOG = 1024
+
+_JSON = [(b"content-type", b"application/json")]
+_ROUTES = {
+    b"/v1/logs": {b"POST": "ingest"},
+    b"/healthz": {b"GET": "healthz", b"HEAD": "healthz"},
+    b"/readyz": {b"GET": "readyz", b"HEAD": "readyz"},
+}
+_ALLOW = {path: b", ".join(sorted(methods)) for path, methods in _ROUTES.items()}
+
+
+def make_sink(config: Config, release) -> Sink:
+    """The sink named by ``config.sink``."""
+    if config.sink == "null":
+        from sinks.null import NullSink
+
+        return NullSink(release)
+    from sinks.file import FileSink
+
+    return FileSink(release, config.data_dir, segment_bytes=config.segment_size,
+                    flush_interval=config.flush_interval)
+
+
+async def open_listener(host: str, port: int) -> trio.socket.SocketType:
+    """A listening Trio socket bound to ``host:port``."""
+    family = _stdlib_socket.AF_INET6 if ":" in host else _stdlib_socket.AF_INET
+    sock = trio.socket.socket(family, _stdlib_socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
+        await sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Gateway:
+    """One gateway process: ring, sink, connections."""
+
+    def __init__(self, config: Config, sink: Optional[Sink] = None) -> None:
+        self.config = config
+        self.ring = WaitingRing(RingBuffer(config.ring_size), max_wait=config.ring_wait)
+        self.sink = sink if sink is not None else make_sink(config, self.ring.release)
+        self.pool = BufferPool(config.max_head + READAHEAD, keep=64)
+        self.ids = RecordIds()
+        self.connections = 0
+        self.draining = False
+        self._refusing = 0
+        self._idle_scopes: Set[trio.CancelScope] = set()
+        self._accept_scope: Optional[trio.CancelScope] = None
+        self._conn_scope: Optional[trio.CancelScope] = None
+        self.requests = 0
+        self.accepted = 0
+        self.errors = 0
+
+    # -- serving ---------------------------------------------------------
+
+    async def serve(self, listeners: Optional[List[trio.socket.SocketType]] = None, *,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`drain`; ``task_status.started`` gets the bound address."""
+        if listeners is None:
+            listeners = [await open_listener(*self.config.listen)]
+        try:
+            async with trio.open_nursery() as sink_nursery:
+                await sink_nursery.start(self.sink.run)
+                async with trio.open_nursery() as connections:
+                    self._conn_scope = connections.cancel_scope
+                    with trio.CancelScope() as accept_scope:
+                        self._accept_scope = accept_scope
+                        if self.draining:
+                            accept_scope.cancel()
+                        async with trio.open_nursery() as acceptors:
+                            for listener in listeners:
+                                acceptors.start_soon(self._accept_loop, listener, connections)
+                            task_status.started(listeners[0].getsockname())
+                    for listener in listeners:
+                        listener.close()
+                await self.sink.aclose()
+        finally:
+            for listener in listeners:
+                listener.close()
+
+    def drain(self) -> None:
+        """Begin a graceful shutdown (idempotent)."""
+        if not self.draining:
+            self.draining = True
+            for scope in list(self._idle_scopes):
+                scope.cancel()
+            if self._conn_scope is not None:
+                self._conn_scope.deadline = trio.current_time() + self.config.shutdown_timeout
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+
+    def stop_now(self) -> None:
+        """Cut requests in progress (a second signal during drain)."""
+        self.drain()
+        if self._conn_scope is not None:
+            self._conn_scope.cancel()
+
+    async def _accept_loop(self, listener, connections: trio.Nursery) -> None:
+        limit = self.config.max_connections
+        while True:
+            sock, _ = await listener.accept()
+            try:
+                sock.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            transport = SocketTransport(sock)
+            if self.connections < limit:
+                self.connections += 1
+                connections.start_soon(self._run_connection, transport)
+            elif self._refusing < MAX_REFUSING:
+                self._refusing += 1
+                connections.start_soon(self._refuse, transport)
+            else:
+                transport.close()
+
+    async def _run_connection(self, transport: Transport) -> None:
+        try:
+            await self.handle_connection(transport)
+        finally:
+            self.connections -= 1
+
+    async def _refuse(self, transport: Transport) -> None:
+        try:
+            error = errors.Overloaded("too many connections", retry_after=1.0)
+            conn = HTTPConnection(bytearray(self.config.max_head), max_head=self.config.max_head)
+            with trio.move_on_after(LINGER_SECONDS):
+                await self._answer_error(conn, transport, error)
+        finally:
+            transport.close()
+            self._refusing -= 1
+
+    # -- one connection --------------------------------------------------
+
+    async def handle_connection(self, transport: Transport) -> None:
+        """Serve requests on ``transport`` until it closes or must close."""
+        buffer = self.pool.borrow()
+        conn = HTTPConnection(buffer, max_head=self.config.max_head)
+        try:
+            while await self._one_request(conn, transport):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the client went away; nothing it sent is half-accepted
+        finally:
+            transport.close()
+            self.pool.give_back(buffer)
+
+    async def _one_request(self, conn: HTTPConnection, transport: Transport) -> bool:
+        """Serve one request; whether the connection stays open for another."""
+        try:
+            head = await self._read_head(conn, transport)
+            if head is None:
+                return False
+            self.requests += 1
+            status, body = await self._route(head, conn, transport)
+        except errors.RequestError as exc:
+            self.errors += 1
+            await self._answer_error(conn, transport, exc)
+            return False
+        close = self.draining
+        await transport.send_all(conn.respond(status, _JSON, body, close=close))
+        return not close and conn.next_cycle()
+
+    async def _read_head(self, conn: HTTPConnection, transport: Transport) -> Optional[RequestHead]:
+        head = conn.next_request()
+        if head is NEED_DATA and not conn.buffered:
+            # Between requests: wait quietly for the next one, or close.
+            with trio.CancelScope(deadline=trio.current_time() + self.config.idle_timeout) as idle:
+                if self.draining:
+                    idle.cancel()
+                self._idle_scopes.add(idle)
+                try:
+                    conn.received(await transport.recv_into(conn.head_buffer()))
+                finally:
+                    self._idle_scopes.discard(idle)
+            if idle.cancelled_caught:
+                return None
+            head = conn.next_request()
+        if head is NEED_DATA:
+            with trio.move_on_after(self.config.head_timeout):
+                while head is NEED_DATA:
+                    conn.received(await transport.recv_into(conn.head_buffer()))
+                    head = conn.next_request()
+            if head is NEED_DATA:
+                raise errors.RequestTimeout("request head not received in %gs" % self.config.head_timeout)
+        if head is CLOSED:
+            return None
+        return head
+
+    async def _route(self, head: RequestHead, conn: HTTPConnection,
+                     transport: Transport) -> Tuple[int, bytes]:
+        methods = _ROUTES.get(head.path)
+        if methods is None:
+            raise errors.NotFound("no route %s" % head.path.decode("latin-1"))
+        action = methods.get(head.method)
+        if action is None:
+            raise errors.MethodNotAllowed(_ALLOW[head.path], "use %s" % _ALLOW[head.path].decode())
+        if action == "ingest":
+            return await self._ingest(head, conn, transport)
+        if head.content_length or head.chunked:
+            raise errors.BadRequest("%s takes no body" % head.path.decode())
+        if action == "healthz":
+            return 200, b'{"status":"ok"}'
+        ready, reason = self.readiness()
+        if ready:
+            return 200, b'{"status":"ready"}'
+        return 503, json.dumps({"status": "not_ready", "reason": reason}).encode()
+
+    def readiness(self) -> Tuple[bool, str]:
+        """Whether this process takes records now, and why not."""
+        if self.draining:
+            return False, "shutting down"
+        ready, reason = self.sink.ready()
+        if not ready:
+            return False, "sink: " + reason
+        if not self.ring.ring.can_reserve(self.config.max_record):
+            return False, "buffer full"
+        return True, "ok"
+
+    async def _ingest(self, head: RequestHead, conn: HTTPConnection,
+                      transport: Transport) -> Tuple[int, bytes]:
+        config = self.config
+        head.require_body_framing()
+        length = head.content_length
+        if length is not None and length > config.max_body:
+            raise errors.PayloadTooLarge(
+                "body of %d bytes exceeds the %d-byte limit" % (length, config.max_body))
+        for value in (head.content_type, head.content_encoding):
+            if value is not None and len(value) > MAX_FIELD_BYTES:
+                raise errors.BadRequest("header value longer than %d bytes" % MAX_FIELD_BYTES)
+        now_ms = int(time.time() * 1000)
+        record_id = self.ids.next(now_ms)
+        meta = envelope(record_id, None, now_ms, head.content_type, head.content_encoding)
+        offset = len(meta)
+        try:
+            slot = await self.ring.reserve(offset + (length if length is not None else config.max_body))
+        except RingOverloaded as exc:
+            raise errors.Overloaded(str(exc), retry_after=max(1.0, config.ring_wait)) from exc
+        ring = self.ring.ring
+        try:
+            slot.view[:offset] = meta
+            interim = conn.continue_100()
+            if interim:
+                await transport.send_all(interim)
+            with trio.move_on_after(config.body_timeout) as scope:
+                if length is not None:
+                    filled = await self._read_body(conn, transport, slot.view[offset:])
+                else:
+                    filled = await self._read_chunked(conn, transport, slot.view[offset:])
+            if scope.cancelled_caught:
+                raise errors.RequestTimeout("body not received in %gs" % config.body_timeout)
+            ring.commit(slot, offset + filled)
+            ring.hand_off(slot)
+            extra = await self.sink.put(Record(record_id, slot))
+        except BaseException:
+            self.ring.release(slot)
+            raise
+        self.accepted += 1
+        if extra:
+            doc = {"id": record_id}
+            doc.update(extra)
+            return 202, json.dumps(doc, separators=(",", ":")).encode()
+        return 202, b'{"id":"' + record_id.encode() + b'"}'
+
+    async def _read_body(self, conn: HTTPConnection, transport: Transport, dest: memoryview) -> int:
+        filled = conn.take_body(dest)
+        size = len(dest)
+        while filled < size:
+            count = await transport.recv_into(dest[filled:])
+            if not count:
+                raise errors.BadRequest("connection closed after %d of %d body bytes" % (filled, size))
+            filled += count
+        conn.finish_body()
+        return filled
+
+    async def _read_chunked(self, conn: HTTPConnection, transport: Transport, dest: memoryview) -> int:
+        filled, done = conn.read_chunked(dest, 0)
+        while not done:
+            conn.received(await transport.recv_into(conn.head_buffer()))
+            filled, done = conn.read_chunked(dest, filled)
+        return filled
+
+    async def _answer_error(self, conn: HTTPConnection, transport: Transport,
+                           exc: errors.RequestError) -> None:
+        status, headers, body = errors.response_for(exc)
+        await transport.send_all(conn.respond_error(status, headers, body))
+        await transport.shutdown_write()
+        scratch = conn.discard_buffer()
+        discarded = 0
+        with trio.move_on_after(LINGER_SECONDS):
+            while discarded < LINGER_BYTES:
+                count = await transport.recv_into(scratch)
+                if not count:
+                    break
+                discarded += count
+
+    def statistics(self) -> dict:
+        """A snapshot of the gateway's counters."""
+        return {
+            "connections": self.connections,
+            "requests": self.requests,
+            "accepted": self.accepted,
+            "errors": self.errors,
+            "ring": self.ring.statistics(),
+            "sink": self.sink.statistics(),
+            "receive_buffers": self.pool.statistics(),
+        }

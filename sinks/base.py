@@ -1,0 +1,69 @@
+"""What every sink is: where records go once their body is in the ring.
+
+A :class:`Record` is a committed ring slot plus the metadata a sink needs.  The
+server hands each record to :meth:`Sink.put`; from then on the sink owns the
+slot and gives it back through the ``release`` callable it was built with, once
+it no longer needs the bytes (written, stored, or given up).  ``put`` returns
+when the record is held as firmly as the sink promises; a sink that cannot take
+records raises :class:`~gateway.errors.SinkUnavailable`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import trio
+
+from buffers import Slot
+
+__all__ = ["Record", "Sink", "Release"]
+
+Release = Callable[[Slot], None]
+
+
+class Record:
+    """One log record: envelope line + body, contiguous in a ring slot."""
+
+    __slots__ = ("id", "tenant", "slot", "partition_key", "explicit_hash_key")
+
+    def __init__(self, record_id: str, slot: Slot, tenant: Optional[bytes] = None,
+                 partition_key: Optional[str] = None,
+                 explicit_hash_key: Optional[str] = None) -> None:
+        self.id = record_id
+        self.slot = slot
+        self.tenant = tenant
+        self.partition_key = partition_key
+        self.explicit_hash_key = explicit_hash_key
+
+    @property
+    def view(self) -> memoryview:
+        """The record's bytes in the ring (envelope line, newline, body)."""
+        return self.slot.view
+
+
+class Sink:
+    """Base class of sinks; subclasses override the I/O."""
+
+    name = "sink"
+
+    def __init__(self, release: Release) -> None:
+        self._release = release
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Background work (batching, flushing) until :meth:`aclose`."""
+        task_status.started()
+
+    async def put(self, record: Record) -> Optional[dict]:
+        """Take ownership of ``record``; return extra fields for the 202 body."""
+        raise NotImplementedError
+
+    def ready(self) -> Tuple[bool, str]:
+        """Whether the sink takes records now, with a short reason."""
+        return True, "ok"
+
+    async def aclose(self) -> None:
+        """Store or give back everything held, then refuse new records."""
+
+    def statistics(self) -> dict:
+        """A snapshot of the sink's counters."""
+        return {}

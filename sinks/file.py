@@ -1,0 +1,287 @@
+"""The file sink: records appended to size-rotated local segment files.
+
+Segment format
+--------------
+A directory holds segments named ``<sequence>.seg`` (16 decimal digits, in
+write order).  Each segment starts with the 11-byte magic line
+``SLUICESEG1\\n`` and then holds frames, one per record::
+
+    length  (4 bytes, big-endian unsigned)   bytes of the record
+    crc32   (4 bytes, big-endian unsigned)   zlib.crc32 of the record
+    record  (length bytes)                   envelope line + body
+
+A frame cut short at the very end of the newest segment is what a crash in the
+middle of a write leaves; readers stop there.  A CRC mismatch anywhere is
+corruption and reported as such.
+
+Writing
+-------
+``put`` only queues the record.  A writer task gathers what is queued every
+``flush_interval`` (or sooner once ``batch_bytes`` are waiting) and writes it
+with ``writev`` straight from the ring slices, in a worker thread so the
+event loop never waits on the disk; then it releases the slices.  A failed
+write (disk full, I/O error) truncates the partial batch away, marks the sink
+not ready and retries the same batch after ``retry_interval``: records are
+never dropped, and the ring filling up turns into ``503`` for new requests.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import zlib
+from typing import Iterator, List, Optional, Tuple
+
+import trio
+
+from gateway.errors import SinkUnavailable
+
+from ._writev import writev
+from .base import Record, Release, Sink
+
+__all__ = [
+    "FileSink",
+    "SEGMENT_MAGIC",
+    "FRAME_HEADER",
+    "SegmentError",
+    "read_records",
+    "list_segments",
+]
+
+SEGMENT_MAGIC = b"SLUICESEG1\n"
+FRAME_HEADER = struct.Struct(">II")
+
+#: Records per writev call: Linux's IOV_MAX is 1024 and each record takes two
+#: iovecs (frame header, record).
+_RECORDS_PER_WRITEV = 512
+_SEGMENT_SUFFIX = ".seg"
+
+
+class SegmentError(Exception):
+    """A segment is not in the format above (bad magic or CRC)."""
+
+
+def _segment_name(sequence: int) -> str:
+    return "%016d%s" % (sequence, _SEGMENT_SUFFIX)
+
+
+def list_segments(directory: str) -> List[str]:
+    """Paths of the segments in ``directory``, oldest first."""
+    names = sorted(
+        name for name in os.listdir(directory)
+        if name.endswith(_SEGMENT_SUFFIX) and name[:-len(_SEGMENT_SUFFIX)].isdigit()
+    )
+    return [os.path.join(directory, name) for name in names]
+
+
+def read_records(directory: str) -> Iterator[memoryview]:
+    """Yield every stored record (envelope line + body), oldest first.
+
+    A frame cut short at the end of a segment (a write the process did not
+    finish) ends that segment quietly; a CRC mismatch raises SegmentError.
+    """
+    for path in list_segments(directory):
+        with open(path, "rb") as f:
+            data = memoryview(f.read())
+        if len(data) < len(SEGMENT_MAGIC) and SEGMENT_MAGIC.startswith(data):
+            continue  # created, then the process stopped before the magic landed
+        if data[:len(SEGMENT_MAGIC)] != SEGMENT_MAGIC:
+            raise SegmentError("%s: not a sluice segment" % path)
+        pos = len(SEGMENT_MAGIC)
+        end = len(data)
+        while pos + FRAME_HEADER.size <= end:
+            length, crc = FRAME_HEADER.unpack_from(data, pos)
+            start = pos + FRAME_HEADER.size
+            if start + length > end:
+                break
+            record = data[start:start + length]
+            if zlib.crc32(record) != crc:
+                raise SegmentError("%s: CRC mismatch in the record at byte %d" % (path, pos))
+            yield record
+            pos = start + length
+
+
+class FileSink(Sink):
+    """Appends records to segment files under ``directory``."""
+
+    name = "file"
+
+    def __init__(self, release: Release, directory: str, *, segment_bytes: int = 128 * 2**20,
+                 flush_interval: float = 0.05, batch_bytes: int = 4 * 2**20,
+                 retry_interval: float = 1.0) -> None:
+        super().__init__(release)
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.flush_interval = flush_interval
+        self.batch_bytes = batch_bytes
+        self.retry_interval = retry_interval
+        self._pending: List[Record] = []
+        self._spare: List[Record] = []
+        self._pending_bytes = 0
+        self._headers = bytearray(FRAME_HEADER.size * _RECORDS_PER_WRITEV)
+        self._header_views = [
+            memoryview(self._headers)[i:i + FRAME_HEADER.size]
+            for i in range(0, len(self._headers), FRAME_HEADER.size)
+        ]
+        self._fd = -1
+        self._sequence = 0
+        self._segment_size = 0
+        self._kick = trio.Event()
+        self._closing = False
+        self._done = trio.Event()
+        self._error: Optional[str] = None
+        self.records = 0
+        self.bytes = 0
+        self.segments = 0
+        self.write_errors = 0
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            existing = list_segments(self.directory)
+            if existing:
+                self._sequence = int(os.path.basename(existing[-1])[:-len(_SEGMENT_SUFFIX)]) + 1
+            self._open_segment()
+            task_status.started()
+            while not (self._closing and not self._pending):
+                with trio.move_on_after(self.flush_interval):
+                    await self._kick.wait()
+                if self._kick.is_set():
+                    self._kick = trio.Event()
+                if self._pending:
+                    await self._flush()
+        finally:
+            if self._fd >= 0:
+                fd, self._fd = self._fd, -1
+                os.fsync(fd)
+                os.close(fd)
+            self._done.set()
+
+    async def put(self, record: Record) -> Optional[dict]:
+        if self._closing:
+            raise SinkUnavailable("the file sink is shutting down")
+        self._pending.append(record)
+        self._pending_bytes += record.slot.size
+        if self._pending_bytes >= self.batch_bytes:
+            self._kick.set()
+        return None
+
+    def ready(self) -> Tuple[bool, str]:
+        if self._closing:
+            return False, "shutting down"
+        if self._error is not None:
+            return False, self._error
+        return True, "ok"
+
+    async def aclose(self) -> None:
+        self._closing = True
+        self._kick.set()
+        await self._done.wait()
+
+    def statistics(self) -> dict:
+        return {
+            "records": self.records,
+            "bytes": self.bytes,
+            "segments": self.segments,
+            "pending_records": len(self._pending),
+            "pending_bytes": self._pending_bytes,
+            "write_errors": self.write_errors,
+        }
+
+    # -- writing ---------------------------------------------------------
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, self._spare
+        self._pending_bytes = 0
+        while True:
+            try:
+                await trio.to_thread.run_sync(self._write_batch, batch)
+            except OSError as exc:
+                self.write_errors += 1
+                self._error = "write failed: %s" % (errno.errorcode.get(exc.errno or 0, exc),)
+                await trio.sleep(self.retry_interval)
+                continue
+            break
+        self._error = None
+        release = self._release
+        for record in batch:
+            release(record.slot)
+        batch.clear()
+        self._spare = batch
+
+    def _write_batch(self, batch: List[Record]) -> None:
+        """Runs in a worker thread: frame and append ``batch``, rotating as needed."""
+        start = 0
+        while start < len(batch):
+            stop = start
+            size = 0
+            while stop < len(batch) and stop - start < _RECORDS_PER_WRITEV:
+                frame = FRAME_HEADER.size + batch[stop].slot.size
+                if stop > start and self._segment_size + size + frame > self.segment_bytes:
+                    break
+                size += frame
+                stop += 1
+            if self._segment_size > len(SEGMENT_MAGIC) and self._segment_size + size > self.segment_bytes:
+                self._rotate()
+                continue
+            self._write_frames(batch, start, stop, size)
+            start = stop
+
+    def _write_frames(self, batch: List[Record], start: int, stop: int, size: int) -> None:
+        iov = []
+        for i in range(start, stop):
+            view = batch[i].slot.view
+            header = self._header_views[i - start]
+            FRAME_HEADER.pack_into(header, 0, len(view), zlib.crc32(view))
+            iov.append(header)
+            iov.append(view)
+        good = self._segment_size
+        try:
+            _writev_all(self._fd, iov, size)
+        except OSError:
+            # Leave no partial frame behind for readers to trip on.
+            os.ftruncate(self._fd, good)
+            os.lseek(self._fd, good, os.SEEK_SET)
+            raise
+        self._segment_size += size
+        self.records += stop - start
+        self.bytes += size - FRAME_HEADER.size * (stop - start)
+
+    def _open_segment(self) -> None:
+        path = os.path.join(self.directory, _segment_name(self._sequence))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        try:
+            _writev_all(fd, [memoryview(SEGMENT_MAGIC)], len(SEGMENT_MAGIC))
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        self._fd = fd
+        self._segment_size = len(SEGMENT_MAGIC)
+        self.segments += 1
+
+    def _rotate(self) -> None:
+        old = self._fd
+        self._sequence += 1
+        self._open_segment()
+        os.fsync(old)
+        os.close(old)
+
+
+def _writev_all(fd: int, iov: List[memoryview], total: int) -> None:
+    """``writev`` until all ``total`` bytes are written."""
+    written = writev(fd, iov)
+    while written < total:
+        # Short write: drop what went out and retry the rest.
+        skip = written
+        rest = []
+        for view in iov:
+            if skip >= len(view):
+                skip -= len(view)
+                continue
+            rest.append(view[skip:])
+            skip = 0
+        total -= written
+        iov = rest
+        written = writev(fd, iov)
