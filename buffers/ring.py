@@ -2,8 +2,12 @@
 
 Theory of operation
 -------------------
-A :class:`RingBuffer` owns one ``bytearray`` of fixed capacity, allocated
-once.  A writer calls :meth:`RingBuffer.reserve` for ``n`` bytes and gets a
+A :class:`RingBuffer` owns one buffer of fixed capacity, allocated once: an
+anonymous ``mmap`` rather than a ``bytearray``, because a bytearray is zeroed
+(every page resident at once, and PyPy briefly holds a second copy while
+building it), while the kernel gives an mmap's pages only as they are first
+written.  The ring starts again at offset 0 whenever it empties, so a lightly
+loaded gateway touches only the first few slots' worth of pages.  A writer calls :meth:`RingBuffer.reserve` for ``n`` bytes and gets a
 :class:`Slot` whose ``view`` is a writable ``memoryview`` of exactly those
 bytes, contiguous in the buffer.  The writer fills it (``recv_into`` straight
 from a socket), reports how many bytes landed with :meth:`RingBuffer.commit`,
@@ -34,6 +38,7 @@ away).  A free region of the buffer has no slot at all.
 
 from __future__ import annotations
 
+import mmap
 from collections import deque
 from typing import Deque, Dict, Tuple
 
@@ -106,7 +111,7 @@ class RingBuffer:
         if capacity < 1:
             raise ValueError("ring capacity must be at least 1 byte")
         self.capacity = capacity
-        self.buffer = bytearray(capacity)
+        self.buffer = mmap.mmap(-1, capacity)
         self._view = memoryview(self.buffer)
         self._empty = self._view[0:0]
         # Live slots (and released ones not yet reclaimed), oldest first.
