@@ -7,7 +7,9 @@ anonymous ``mmap`` rather than a ``bytearray``, because a bytearray is zeroed
 (every page resident at once, and PyPy briefly holds a second copy while
 building it), while the kernel gives an mmap's pages only as they are first
 written.  The ring starts again at offset 0 whenever it empties, so a lightly
-loaded gateway touches only the first few slots' worth of pages.  A writer calls :meth:`RingBuffer.reserve` for ``n`` bytes and gets a
+loaded gateway touches only the first few slots' worth of pages.
+
+A writer calls :meth:`RingBuffer.reserve` for ``n`` bytes and gets a
 :class:`Slot` whose ``view`` is a writable ``memoryview`` of exactly those
 bytes, contiguous in the buffer.  The writer fills it (``recv_into`` straight
 from a socket), reports how many bytes landed with :meth:`RingBuffer.commit`,
@@ -239,6 +241,7 @@ class RingBuffer:
         if not self._slots:
             return self.capacity
         head, tail = self._head, self._tail()
-        if head > tail:
+        if head > tail or (head == tail and self._used == 0):
+            # Same test as _place: only zero-byte slots left at head == tail.
             return max(self.capacity - head, tail)
         return tail - head

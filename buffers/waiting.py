@@ -60,8 +60,10 @@ class WaitingRing:
                 return self.ring.reserve(size)
             except RingFull:
                 pass
-        if size > self.ring.capacity:
-            raise ValueError("reservation of %d bytes exceeds the ring's %d" % (size, self.ring.capacity))
+        if not 1 <= size <= self.ring.capacity:
+            # Checked before queueing: a waiter the ring can never serve would
+            # make some later release() raise instead.
+            raise ValueError("reservation of %d bytes outside 1..%d" % (size, self.ring.capacity))
         self.waits += 1
         waiter = _Waiter(size)
         self._queue.append(waiter)

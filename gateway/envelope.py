@@ -68,7 +68,9 @@ class RecordIds:
 
     def next(self, now_ms: int) -> str:
         """The id of a record received at ``now_ms`` (unix milliseconds)."""
-        if now_ms != self._last_ms:
+        if now_ms > self._last_ms:
+            # A wall clock stepping back keeps the last time part, so ids
+            # stay monotonic (the counter still makes them unique).
             self._last_ms = now_ms
             self._time_part = _base32(now_ms & (2**48 - 1), 10)
         self._counter = (self._counter + 1) & (2**40 - 1)

@@ -313,6 +313,9 @@ class HTTPConnection:
         conn = self._h11
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return False
+        # The next answer, even an error before its request is parsed, must
+        # not be framed as the answer to this request's method (HEAD).
+        self._method = b""
         if self._chunked_h11_fed:
             # h11 holds the bytes that followed the chunked body: move them
             # back to our buffer and start over with a clean state machine.

@@ -1,0 +1,571 @@
+"""The ring's bookkeeping (plain bytes, no I/O) and the Trio waiting on top of it."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
+
+from buffers import (
+    COMMITTED,
+    IN_FLIGHT,
+    RELEASED,
+    RESERVED,
+    Overloaded,
+    RingBuffer,
+    RingFull,
+    SlotStateError,
+    WaitingRing,
+)
+
+# -- the state table -----------------------------------------------------------
+
+_ALLOWED = {
+    (RESERVED, "commit"): COMMITTED,
+    (RESERVED, "release"): RELEASED,
+    (COMMITTED, "hand_off"): IN_FLIGHT,
+    (COMMITTED, "release"): RELEASED,
+    (IN_FLIGHT, "release"): RELEASED,
+}
+
+
+def _slot_in(ring: RingBuffer, state: str):
+    slot = ring.reserve(10)
+    if state in (COMMITTED, IN_FLIGHT):
+        ring.commit(slot, 10)
+    if state == IN_FLIGHT:
+        ring.hand_off(slot)
+    if state == RELEASED:
+        ring.release(slot)
+    assert slot.state == state
+    return slot
+
+
+def _act(ring: RingBuffer, slot, action: str) -> None:
+    if action == "commit":
+        ring.commit(slot, slot.size)
+    elif action == "hand_off":
+        ring.hand_off(slot)
+    else:
+        ring.release(slot)
+
+
+@pytest.mark.parametrize("state", [RESERVED, COMMITTED, IN_FLIGHT, RELEASED])
+@pytest.mark.parametrize("action", ["commit", "hand_off", "release"])
+def test_state_table(state, action):
+    ring = RingBuffer(100)
+    slot = _slot_in(ring, state)
+    expected = _ALLOWED.get((state, action))
+    if expected is None:
+        with pytest.raises(SlotStateError):
+            _act(ring, slot, action)
+        assert slot.state == state
+    else:
+        _act(ring, slot, action)
+        assert slot.state == expected
+
+
+def test_slot_of_another_ring_is_refused():
+    ring, other = RingBuffer(100), RingBuffer(100)
+    slot = other.reserve(10)
+    for action in ("commit", "hand_off", "release"):
+        with pytest.raises(SlotStateError):
+            _act(ring, slot, action)
+    assert other.live == 1 and ring.live == 0
+
+
+def test_double_release_is_refused_and_counts_once():
+    ring = RingBuffer(100)
+    a = ring.reserve(10)
+    b = ring.reserve(10)
+    ring.release(b)
+    with pytest.raises(SlotStateError):
+        ring.release(b)
+    assert ring.live == 1
+    ring.release(a)
+    assert ring.live == 0 and ring.used == 0
+
+
+@pytest.mark.parametrize("size", [0, -1, 101])
+def test_reserve_size_out_of_range(size):
+    ring = RingBuffer(100)
+    with pytest.raises(ValueError):
+        ring.reserve(size)
+    assert ring.used == 0 and ring.live == 0
+
+
+@pytest.mark.parametrize("nbytes", [-1, 11])
+def test_commit_outside_the_slot(nbytes):
+    ring = RingBuffer(100)
+    slot = ring.reserve(10)
+    with pytest.raises(ValueError):
+        ring.commit(slot, nbytes)
+    assert slot.state == RESERVED and len(slot.view) == 10
+
+
+def test_ring_capacity_must_be_positive():
+    with pytest.raises(ValueError):
+        RingBuffer(0)
+
+
+# -- bookkeeping -------------------------------------------------------------
+
+def test_reserve_hands_out_contiguous_slots_in_order():
+    ring = RingBuffer(100)
+    a, b, c = ring.reserve(30), ring.reserve(50), ring.reserve(20)
+    assert [(s.offset, s.size, len(s.view)) for s in (a, b, c)] == [(0, 30, 30), (30, 50, 50), (80, 20, 20)]
+    assert ring.used == 100 and ring.live == 3
+    assert not ring.can_reserve(1)
+    with pytest.raises(RingFull):
+        ring.reserve(1)
+
+
+def test_views_are_the_rings_memory():
+    ring = RingBuffer(64)
+    ring.reserve(5)
+    slot = ring.reserve(10)
+    assert slot.view.obj is ring.buffer
+    assert not slot.view.readonly
+    slot.view[:] = b"0123456789"
+    assert ring.buffer[slot.offset:slot.offset + 10] == b"0123456789"
+    narrowed = ring.commit(slot, 4)
+    assert narrowed.obj is ring.buffer and narrowed is slot.view
+    assert bytes(narrowed) == b"0123"
+    narrowed[0:1] = b"X"
+    assert ring.buffer[slot.offset:slot.offset + 1] == b"X"
+
+
+def test_release_in_any_order_reclaims_only_when_older_are_released():
+    ring = RingBuffer(90)
+    a, b, c = ring.reserve(30), ring.reserve(30), ring.reserve(30)
+    ring.release(b)
+    ring.release(c)
+    assert ring.live == 1
+    assert ring.used == 90  # b and c wait for a
+    assert not ring.can_reserve(1)
+    ring.release(a)
+    assert ring.used == 0 and ring.live == 0
+    assert ring.reserve(90).offset == 0
+
+
+def test_released_middle_slot_is_reclaimed_with_the_oldest():
+    ring = RingBuffer(90)
+    a, b, c = ring.reserve(30), ring.reserve(30), ring.reserve(30)
+    ring.release(b)
+    ring.release(a)  # a and b both reclaimed; c still live
+    assert ring.used == 30 and ring.live == 1
+    assert ring.can_reserve(60) and not ring.can_reserve(61)
+    d = ring.reserve(60)
+    assert d.offset == 0
+    ring.release(c)
+    assert ring.used == 60
+    ring.release(d)
+    assert ring.used == 0
+
+
+def test_wrap_around_skips_the_short_end_until_reclaimed():
+    ring = RingBuffer(100)
+    a, b = ring.reserve(40), ring.reserve(40)
+    ring.release(a)
+    # 20 bytes left at the end, 40 free at the start: 30 goes to the start.
+    c = ring.reserve(30)
+    assert c.offset == 0
+    assert ring.used == 40 + 20 + 30  # the skipped end stays pinned behind b
+    assert ring.can_reserve(10) and not ring.can_reserve(11)
+    d = ring.reserve(10)
+    assert d.offset == 30
+    ring.release(b)
+    assert ring.used == 40  # b and the end it skipped came back
+    e = ring.reserve(60)
+    assert e.offset == 40
+    for slot in (c, d, e):
+        ring.release(slot)
+    assert ring.used == 0 and ring.live == 0
+
+
+def test_wrapped_reservation_exactly_fills_the_gap():
+    ring = RingBuffer(100)
+    a, b = ring.reserve(60), ring.reserve(40)
+    ring.release(a)
+    c = ring.reserve(60)
+    assert c.offset == 0 and ring.used == 100
+    assert not ring.can_reserve(1)
+    ring.release(b)
+    assert ring.used == 60 and ring.can_reserve(40)
+
+
+def test_commit_of_newest_slot_gives_the_unused_tail_back():
+    ring = RingBuffer(100)
+    slot = ring.reserve(100)
+    ring.commit(slot, 10)
+    assert slot.size == 10 and len(slot.view) == 10
+    assert ring.used == 10
+    nxt = ring.reserve(90)
+    assert nxt.offset == 10
+
+
+def test_commit_of_older_slot_keeps_its_tail_until_release():
+    ring = RingBuffer(100)
+    a, b = ring.reserve(50), ring.reserve(50)
+    ring.commit(a, 10)
+    assert a.size == 10 and len(a.view) == 10
+    assert ring.used == 100 and not ring.can_reserve(1)
+    ring.release(a)
+    assert ring.used == 50
+    assert ring.reserve(50).offset == 0
+    ring.release(b)
+
+
+def test_commit_to_zero_bytes_of_newest_slot():
+    ring = RingBuffer(100)
+    a = ring.reserve(30)
+    b = ring.reserve(70)
+    ring.commit(b, 0)
+    assert ring.used == 30 and len(b.view) == 0
+    assert ring.reserve(70).offset == 30
+    ring.release(a)
+    ring.release(b)
+
+
+def test_statistics_and_largest_free_agree_with_can_reserve():
+    ring = RingBuffer(100)
+    assert ring.statistics() == {"capacity": 100, "used": 0, "live_slots": 0, "largest_free": 100}
+    a, b = ring.reserve(30), ring.reserve(50)
+    ring.release(a)
+    stats = ring.statistics()
+    assert stats["used"] == 50 and stats["live_slots"] == 1
+    assert stats["largest_free"] == 30  # 20 at the end, 30 at the start
+    assert ring.can_reserve(30) and not ring.can_reserve(31)
+    ring.release(b)
+
+
+def test_largest_free_with_only_an_empty_newest_slot_left():
+    ring = RingBuffer(100)
+    a = ring.reserve(40)
+    b = ring.reserve(60)
+    ring.release(a)
+    ring.commit(b, 0)  # gives all 60 back: nothing is pinned any more
+    assert ring.used == 0 and ring.live == 1
+    assert ring.statistics()["largest_free"] == 60
+    assert ring.can_reserve(60) and not ring.can_reserve(61)
+    ring.release(b)
+
+
+def test_ring_empties_to_offset_zero():
+    ring = RingBuffer(100)
+    a = ring.reserve(70)
+    ring.release(a)
+    assert ring.reserve(100).offset == 0
+
+
+# -- properties --------------------------------------------------------------
+
+class RingMachine(RuleBasedStateMachine):
+    """Random reserve / commit / hand-off / release against a small ring.
+
+    Every reservation is filled with its own byte; the model remembers what
+    each live slot's bytes must be, so an overlap or a view that is not the
+    ring's memory shows up as changed bytes.
+    """
+
+    slots = Bundle("slots")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ring = RingBuffer(97)
+        self.live = {}  # slot -> expected bytes
+        self.fill = 0
+
+    @rule(target=slots, size=st.integers(1, 97))
+    def reserve(self, size):
+        ring = self.ring
+        fits = ring.can_reserve(size)
+        stats = ring.statistics()
+        try:
+            slot = ring.reserve(size)
+        except RingFull:
+            assert not fits
+            assert size > stats["largest_free"]
+            return None
+        assert fits and size <= stats["largest_free"]
+        assert 0 <= slot.offset and slot.offset + size <= ring.capacity
+        assert slot.view.obj is ring.buffer and len(slot.view) == size
+        self.fill = self.fill % 255 + 1
+        pattern = bytes([self.fill]) * size
+        slot.view[:] = pattern
+        assert ring.buffer[slot.offset:slot.offset + size] == pattern
+        self.live[slot] = pattern
+        return slot
+
+    @rule(slot=slots, data=st.data())
+    def commit(self, slot, data):
+        if slot is None or slot.state != RESERVED:
+            return
+        nbytes = data.draw(st.integers(0, slot.size))
+        view = self.ring.commit(slot, nbytes)
+        assert len(view) == nbytes and slot.size == nbytes
+        self.live[slot] = self.live[slot][:nbytes]
+
+    @rule(slot=slots)
+    def hand_off(self, slot):
+        if slot is None or slot.state != COMMITTED:
+            return
+        self.ring.hand_off(slot)
+
+    @rule(slot=consumes(slots))
+    def release(self, slot):
+        if slot is None or slot not in self.live:
+            return  # refused, or released by release_everything
+        self.ring.release(slot)
+        del self.live[slot]
+        assert len(slot.view) == 0
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def release_everything(self, data):
+        order = data.draw(st.permutations(list(self.live)))
+        for slot in order:
+            self.ring.release(slot)
+        self.live.clear()
+        assert self.ring.used == 0
+        full = self.ring.reserve(self.ring.capacity)
+        self.ring.release(full)
+
+    @invariant()
+    def live_slices_are_intact_and_disjoint(self):
+        ring = self.ring
+        spans = []
+        for slot, expected in self.live.items():
+            assert slot.state in (RESERVED, COMMITTED, IN_FLIGHT)
+            assert bytes(slot.view) == expected
+            assert ring.buffer[slot.offset:slot.offset + len(expected)] == expected
+            assert 0 <= slot.offset <= slot.offset + slot.size <= ring.capacity
+            if slot.size:
+                spans.append((slot.offset, slot.offset + slot.size))
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            assert end <= start
+
+    @invariant()
+    def accounting(self):
+        ring = self.ring
+        assert ring.live == len(self.live)
+        assert sum(len(v) for v in self.live.values()) <= ring.used <= ring.capacity
+        if not self.live:
+            assert ring.used == 0
+            assert ring.can_reserve(ring.capacity)
+        stats = ring.statistics()
+        assert stats["used"] == ring.used and stats["live_slots"] == ring.live
+        largest = stats["largest_free"]
+        assert 0 <= largest <= ring.capacity - ring.used
+        if largest:
+            assert ring.can_reserve(largest)
+        if largest < ring.capacity:
+            assert not ring.can_reserve(largest + 1)
+
+    def teardown(self):
+        for slot in list(self.live):
+            self.ring.release(slot)
+        assert self.ring.used == 0 and self.ring.live == 0
+        assert self.ring.can_reserve(self.ring.capacity)
+
+
+RingMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestRingMachine = RingMachine.TestCase
+
+
+# -- WaitingRing ---------------------------------------------------------------
+
+async def _reserve_into(wring: WaitingRing, size: int, out: list, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    out.append(await wring.reserve(size))
+
+
+async def test_waiting_reserve_is_immediate_when_space_is_free():
+    wring = WaitingRing(RingBuffer(100), max_wait=1.0)
+    slot = await wring.reserve(40)
+    assert slot.offset == 0 and wring.statistics()["waits"] == 0
+    wring.release(slot)
+    assert wring.ring.used == 0
+
+
+async def test_waiters_are_woken_in_fifo_order():
+    wring = WaitingRing(RingBuffer(100), max_wait=60)
+    a, b = wring.ring.reserve(50), wring.ring.reserve(50)
+    first, second = [], []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_reserve_into, wring, 50, first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(_reserve_into, wring, 50, second)
+        await trio.testing.wait_all_tasks_blocked()
+        assert wring.statistics()["waiting"] == 2
+        wring.release(a)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(first) == 1 and not second
+        assert first[0].offset == 0
+        wring.release(b)
+    assert second[0].offset == 50
+    assert wring.statistics()["waits"] == 2 and wring.statistics()["waiting"] == 0
+    wring.release(first[0])
+    wring.release(second[0])
+    assert wring.ring.used == 0
+
+
+async def test_one_release_wakes_every_waiter_that_now_fits():
+    wring = WaitingRing(RingBuffer(100), max_wait=60)
+    hold = wring.ring.reserve(100)
+    got = [[], [], [], []]
+    async with trio.open_nursery() as nursery:
+        for i, size in enumerate((30, 30, 30, 20)):
+            nursery.start_soon(_reserve_into, wring, size, got[i])
+            await trio.testing.wait_all_tasks_blocked()
+        wring.release(hold)
+        await trio.testing.wait_all_tasks_blocked()
+        # Granted in queue order while they fit; the fourth waits its turn.
+        assert [slot.offset for (slot,) in got[:3]] == [0, 30, 60]
+        assert got[3] == [] and wring.statistics()["waiting"] == 1
+        wring.release(got[0][0])
+    assert got[3][0].offset == 0
+    assert wring.ring.live == 3
+
+
+async def test_large_waiter_is_not_starved_by_later_small_ones():
+    wring = WaitingRing(RingBuffer(100), max_wait=60)
+    a, b = wring.ring.reserve(60), wring.ring.reserve(40)
+    big, small = [], []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_reserve_into, wring, 80, big)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(_reserve_into, wring, 10, small)
+        await trio.testing.wait_all_tasks_blocked()
+        wring.release(a)  # 60 free: the small one would fit, but queues behind
+        await trio.testing.wait_all_tasks_blocked()
+        assert not big and not small
+        assert wring.ring.can_reserve(10)
+        with pytest.raises(RingFull):
+            wring.reserve_nowait(10)
+        late = []
+        nursery.start_soon(_reserve_into, wring, 10, late)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not late and wring.statistics()["waiting"] == 3
+        wring.release(b)
+    assert big[0].offset == 0 and big[0].size == 80
+    assert {small[0].offset, late[0].offset} == {80, 90}
+    for slot in big + small + late:
+        wring.release(slot)
+    assert wring.ring.used == 0
+
+
+async def test_max_wait_expiry_raises_overloaded_and_leaves_the_ring_consistent(autojump_clock):
+    wring = WaitingRing(RingBuffer(100), max_wait=1.5)
+    hold = wring.ring.reserve(100)
+    start = trio.current_time()
+    with pytest.raises(Overloaded):
+        await wring.reserve(10)
+    assert trio.current_time() - start >= 1.5
+    assert isinstance(Overloaded("x"), RingFull)
+    stats = wring.statistics()
+    assert stats["waiting"] == 0 and stats["overloads"] == 1 and stats["waits"] == 1
+    assert wring.ring.live == 1
+    wring.release(hold)
+    assert wring.ring.used == 0
+    slot = wring.reserve_nowait(100)
+    wring.release(slot)
+
+
+async def test_expired_head_of_queue_lets_the_next_waiter_in(autojump_clock):
+    wring = WaitingRing(RingBuffer(100), max_wait=1.0)
+    a, b = wring.ring.reserve(50), wring.ring.reserve(50)
+    small = []
+    outcome = []
+
+    async def big():
+        try:
+            await wring.reserve(100)
+        except Overloaded:
+            outcome.append("overloaded")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(big)
+        await trio.sleep(0.25)
+        nursery.start_soon(_reserve_into, wring, 50, small)
+        await trio.sleep(0.25)
+        wring.release(a)  # 50 free at the start; the big one still does not fit
+        await trio.sleep(0.25)
+        assert not small
+    assert outcome == ["overloaded"]
+    # Granted when the big one gave up, before its own wait ran out.
+    assert small[0].offset == 0
+    wring.release(small[0])
+    wring.release(b)
+    assert wring.ring.used == 0 and wring.statistics()["waiting"] == 0
+
+
+async def test_cancelling_a_waiter_just_granted_gives_the_space_back():
+    wring = WaitingRing(RingBuffer(100), max_wait=60)
+    hold = wring.ring.reserve(100)
+    scope = trio.CancelScope()
+    outcome = []
+
+    async def waiter():
+        with scope:
+            outcome.append(await wring.reserve(60))
+        outcome.append("cancelled" if scope.cancelled_caught else "done")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        # In one step, with no checkpoint between: the waiter is cancelled,
+        # then a release grants it the space before it gets to run.
+        scope.cancel()
+        wring.release(hold)
+        assert wring.ring.live == 1  # granted to the cancelled waiter
+    assert outcome == ["cancelled"]
+    assert wring.ring.live == 0 and wring.ring.used == 0
+    assert wring.statistics()["waiting"] == 0
+    slot = wring.reserve_nowait(100)
+    wring.release(slot)
+
+
+async def test_cancelled_waiter_lets_the_waiter_behind_it_in():
+    wring = WaitingRing(RingBuffer(100), max_wait=60)
+    a, b = wring.ring.reserve(50), wring.ring.reserve(50)
+    scope = trio.CancelScope()
+    small = []
+
+    async def big():
+        with scope:
+            await wring.reserve(100)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(big)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(_reserve_into, wring, 50, small)
+        await trio.testing.wait_all_tasks_blocked()
+        wring.release(a)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not small
+        scope.cancel()
+    assert small[0].offset == 0
+    wring.release(small[0])
+    wring.release(b)
+    assert wring.ring.used == 0
+
+
+@pytest.mark.parametrize("size", [0, 101])
+async def test_waiting_reserve_refuses_impossible_sizes_even_while_others_wait(size):
+    wring = WaitingRing(RingBuffer(100), max_wait=5)
+    hold = wring.ring.reserve(100)
+    got = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_reserve_into, wring, 10, got)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(ValueError):
+            await wring.reserve(size)
+        wring.release(hold)
+    assert got[0].size == 10
+    wring.release(got[0])
+    assert wring.statistics()["waiting"] == 0 and wring.ring.used == 0
