@@ -44,7 +44,8 @@ async def _serve(config: _config.Config) -> None:
     async with trio.open_nursery() as nursery:
         host, port = (await nursery.start(_serve_until_drained, gateway, listener, nursery.cancel_scope))[:2]
         shown = "[%s]" % host if ":" in host else host
-        sink = config.sink if config.sink != "file" else "file (%s)" % os.path.abspath(config.data_dir)
+        sink = gateway.sink.describe() if config.sink != "file" else "file (%s)" % os.path.abspath(
+            config.data_dir)
         print("sluice: listening on http://%s:%d, sink %s, access control off (no --redis)" % (
             shown, port, sink), file=sys.stderr, flush=True)
         nursery.start_soon(_watch_signals, gateway)
@@ -115,8 +116,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _config.ConfigError as exc:
         print("sluice: error: %s" % exc, file=sys.stderr)
         return 2
-    trio.run(_serve, config)
+    try:
+        trio.run(_serve, config)
+    except Exception as exc:
+        # A setting found wrong while starting (e.g. no AWS region), maybe
+        # inside the nurseries' exception groups.
+        found = _config_error(exc)
+        if found is None:
+            raise
+        print("sluice: error: %s" % found, file=sys.stderr)
+        return 2
     return 0
+
+
+def _config_error(exc: BaseException) -> Optional[_config.ConfigError]:
+    if isinstance(exc, _config.ConfigError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _config_error(inner)
+        if found is not None:
+            return found
+    return None
 
 
 def entry_point() -> None:  # pragma: no cover - console script

@@ -15,6 +15,16 @@ import dataclasses
 import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from sinks.keys import parse_key_setting
+from sinks.limits import (
+    KINESIS_LARGE_MAX_RECORD_BYTES,
+    NAME_PATTERN,
+    PUT_RECORDS_LARGE_MAX_REQUEST_BYTES,
+    PUT_RECORDS_MAX_RECORDS,
+    STREAM_ARN_MAX_CHARS,
+    STREAM_NAME_MAX_CHARS,
+)
+
 from .envelope import MAX_ENVELOPE_BYTES
 from .http import DEFAULT_MAX_HEAD
 
@@ -80,6 +90,27 @@ def _int(text: str) -> int:
         raise ValueError("not a whole number: %r" % text) from None
 
 
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]*$")
+
+
+def _header_name(text: str) -> str:
+    if not _HEADER_NAME.match(text):
+        raise ValueError("not a header name: %r" % text)
+    return text
+
+
+_STREAM = re.compile(r"^(?:%s|arn:aws\S*:(?:kinesis|firehose):\S+)$" % NAME_PATTERN)
+
+
+def _stream_name(text: str) -> str:
+    """A stream name or ARN (empty: not set)."""
+    if text and (not _STREAM.match(text) or len(text) > STREAM_ARN_MAX_CHARS
+                 or (not text.startswith("arn:") and len(text) > STREAM_NAME_MAX_CHARS)):
+        raise ValueError("not a stream name (1 to %d of [a-zA-Z0-9_.-]) or ARN: %r"
+                         % (STREAM_NAME_MAX_CHARS, text))
+    return text
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """One configurable value."""
@@ -89,6 +120,7 @@ class Setting:
     default: str
     help: str
     minimum: Optional[float] = None
+    maximum: Optional[float] = None
 
     @property
     def flag(self) -> str:
@@ -102,8 +134,9 @@ class Setting:
 SETTINGS: List[Setting] = [
     Setting("listen", parse_listen, "127.0.0.1:8080",
             "address to listen on, HOST:PORT (port 0 picks a free port)"),
-    Setting("sink", _choice("file", "null"), "file",
-            "where records go: file (segment files in --data-dir) or null (dropped)"),
+    Setting("sink", _choice("file", "null", "kinesis", "firehose"), "file",
+            "where records go: file (segment files in --data-dir), kinesis (--stream), "
+            "firehose (--delivery-stream) or null (dropped)"),
     Setting("data_dir", str, "./sluice-data", "directory of the file sink's segments"),
     Setting("ring_size", parse_size, "32MiB",
             "bytes preallocated for bodies in flight; at least twice the largest record",
@@ -135,6 +168,42 @@ SETTINGS: List[Setting] = [
             minimum=64 * KiB),
     Setting("flush_interval", parse_duration, "50ms",
             "file sink: queued records are written at least this often", minimum=0.001),
+    # Kinesis and Firehose sinks.  Bounds: sinks/limits.py.
+    Setting("stream", _stream_name, "", "kinesis sink: the data stream's name or ARN"),
+    Setting("delivery_stream", _stream_name, "", "firehose sink: the delivery stream's name"),
+    Setting("region", str, "",
+            "kinesis/firehose: AWS region (default: botocore's chain, e.g. AWS_DEFAULT_REGION or "
+            "the profile)"),
+    Setting("endpoint_url", str, "",
+            "kinesis/firehose: endpoint URL (default: botocore's, e.g. AWS_ENDPOINT_URL_KINESIS)"),
+    Setting("ack", _choice("kinesis", "received"), "kinesis",
+            "kinesis/firehose: answer 202 once the service stored the record (kinesis) or once "
+            "it is in memory (received)"),
+    Setting("partition_key", parse_key_setting, "random",
+            "kinesis: partition key: random (the record id), tenant, or header:NAME"),
+    Setting("explicit_hash_key_header", _header_name, "",
+            "kinesis: request header whose value is sent as ExplicitHashKey"),
+    Setting("max_record_size", parse_size, "1MiB",
+            "kinesis/firehose: largest record (envelope + body + partition key); larger gets 413 "
+            "(Kinesis: 1MiB unless the stream allows up to 10MiB; Firehose: 1000KiB at most)",
+            minimum=1 * KiB, maximum=KINESIS_LARGE_MAX_RECORD_BYTES),
+    Setting("batch_records", _int, str(PUT_RECORDS_MAX_RECORDS),
+            "kinesis/firehose: records per request (service limit: 500)",
+            minimum=1, maximum=PUT_RECORDS_MAX_RECORDS),
+    Setting("batch_bytes", parse_size, "5MiB",
+            "kinesis/firehose: bytes per request (Kinesis: 5MiB, 10MiB for large records; "
+            "Firehose: 4MiB at most)", minimum=1 * KiB, maximum=PUT_RECORDS_LARGE_MAX_REQUEST_BYTES),
+    Setting("linger", parse_duration, "10ms",
+            "kinesis/firehose: how long a batch that is not full waits for more records", minimum=0),
+    Setting("max_in_flight", _int, "4",
+            "kinesis/firehose: requests in progress at once (each holds a preallocated body)",
+            minimum=1, maximum=64),
+    Setting("retry_deadline", parse_duration, "30s",
+            "kinesis/firehose: a record not stored this long after arrival is given up (503) "
+            "(Kinesis Producer Library RecordTtl: 30s)", minimum=0.001),
+    Setting("call_timeout", parse_duration, "6s",
+            "kinesis/firehose: connect and read timeout of one request, then it is retried "
+            "(Kinesis Producer Library RequestTimeout: 6s)", minimum=0.001),
 ]
 
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -158,6 +227,20 @@ class Config:
     shutdown_timeout: float
     segment_size: int
     flush_interval: float
+    stream: str = ""
+    delivery_stream: str = ""
+    region: str = ""
+    endpoint_url: str = ""
+    ack: str = "kinesis"
+    partition_key: str = "random"
+    explicit_hash_key_header: str = ""
+    max_record_size: int = 1 * MiB
+    batch_records: int = PUT_RECORDS_MAX_RECORDS
+    batch_bytes: int = 5 * MiB
+    linger: float = 0.010
+    max_in_flight: int = 4
+    retry_deadline: float = 30.0
+    call_timeout: float = 6.0
 
     @property
     def max_record(self) -> int:
@@ -168,7 +251,13 @@ class Config:
         """One line for the startup message."""
         host, port = self.listen
         where = "[%s]" % host if ":" in host else host
-        sink = self.sink if self.sink != "file" else "file (%s)" % self.data_dir
+        sink = self.sink
+        if sink == "file":
+            sink = "file (%s)" % self.data_dir
+        elif sink == "kinesis":
+            sink = "kinesis (stream %s)" % self.stream
+        elif sink == "firehose":
+            sink = "firehose (delivery stream %s)" % self.delivery_stream
         return "listening on http://%s:%d, sink %s" % (where, port, sink)
 
 
@@ -199,6 +288,8 @@ def load(flags: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Conf
             raise ConfigError("%s: %s" % (source, exc)) from None
         if setting.minimum is not None and value < setting.minimum:  # type: ignore[operator]
             raise ConfigError("%s: must be at least %s, got %r" % (source, setting.minimum, text))
+        if setting.maximum is not None and value > setting.maximum:  # type: ignore[operator]
+            raise ConfigError("%s: must be at most %s, got %r" % (source, setting.maximum, text))
         values[setting.name] = value
     config = Config(**values)  # type: ignore[arg-type]
     _check(config)
@@ -206,6 +297,13 @@ def load(flags: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Conf
 
 
 def _check(config: Config) -> None:
+    if config.sink == "kinesis" and not config.stream:
+        raise ConfigError("--stream: required with --sink kinesis (the data stream to put records to)")
+    if config.sink == "firehose" and not config.delivery_stream:
+        raise ConfigError("--delivery-stream: required with --sink firehose "
+                          "(the delivery stream to put records to)")
+    if config.sink == "firehose" and config.delivery_stream.startswith("arn:"):
+        raise ConfigError("--delivery-stream: give the delivery stream's name, not its ARN")
     if config.ring_size < 2 * config.max_record:
         raise ConfigError(
             "--ring-size: must hold at least two of the largest records (2 x %d bytes for "

@@ -8,7 +8,8 @@ connection is one task running :meth:`Gateway.handle_connection` over a
 :class:`~gateway.http.HTTPConnection`, and this module only moves bytes and
 applies time limits.
 
-An ingest request goes: head parsed and checked (route, length, framing) ->
+An ingest request goes: head parsed and checked (route, length, framing, the
+sink's record keys and record size limit) ->
 envelope written into a freshly reserved ring slot -> ``100 Continue`` if the
 client waits for it -> body received straight into the slot -> slot committed
 and handed to the sink -> ``202``.  Any :class:`~gateway.errors.RequestError`
@@ -22,9 +23,13 @@ let the sink store or give back what it holds.
 
 from __future__ import annotations
 
+import codecs
+import errno
 import json
 import socket as _stdlib_socket
+import sys
 import time
+import traceback
 from typing import List, Optional, Set, Tuple
 
 import trio
@@ -53,6 +58,20 @@ LINGER_BYTES = 4 * 1024 * 1024
 #: are in progress at once, beyond that the accept loop waits.
 MAX_REFUSING = 64
 LISTEN_BACKLOG = 1024
+#: Unexpected errors in a connection are printed with their traceback this
+#: many times; after that only counted, so a repeating bug cannot flood logs.
+MAX_REPORTED_ERRORS = 10
+#: ``accept`` failures that mean "out of file descriptors or memory for now":
+#: wait this long for connections to close, then accept again, rather than
+#: stop serving (trio.serve_listeners: the same errors, 0.1 s).
+ACCEPT_CAPACITY_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
+ACCEPT_BACKOFF = 0.1
+
+# Trio names each worker thread with ``name.encode("ascii", "replace")``, and
+# PyPy imports that codec on first use.  If the first use falls while file
+# descriptors are exhausted (EMFILE), the import fails, the worker thread dies
+# and the file sink's write never returns: load the codec now.
+codecs.lookup("ascii")
 
 _JSON = [(b"content-type", b"application/json")]
 _ROUTES = {
@@ -63,12 +82,18 @@ _ROUTES = {
 _ALLOW = {path: b", ".join(sorted(methods)) for path, methods in _ROUTES.items()}
 
 
-def make_sink(config: Config, release) -> Sink:
-    """The sink named by ``config.sink``."""
+def make_sink(config: Config, ring: WaitingRing) -> Sink:
+    """The sink named by ``config.sink``, storing records that live in ``ring``."""
+    release = ring.release
     if config.sink == "null":
         from sinks.null import NullSink
 
         return NullSink(release)
+    if config.sink in ("kinesis", "firehose"):
+        from sinks.kinesis import StreamOptions, StreamSink
+
+        # The sink encodes records straight from the ring's buffer.
+        return StreamSink(release, ring.ring.buffer, StreamOptions.from_config(config))
     from sinks.file import FileSink
 
     return FileSink(release, config.data_dir, segment_bytes=config.segment_size,
@@ -95,7 +120,7 @@ class Gateway:
     def __init__(self, config: Config, sink: Optional[Sink] = None) -> None:
         self.config = config
         self.ring = WaitingRing(RingBuffer(config.ring_size), max_wait=config.ring_wait)
-        self.sink = sink if sink is not None else make_sink(config, self.ring.release)
+        self.sink = sink if sink is not None else make_sink(config, self.ring)
         self.pool = BufferPool(config.max_head + READAHEAD, keep=64)
         self.ids = RecordIds()
         self.connections = 0
@@ -107,6 +132,7 @@ class Gateway:
         self.requests = 0
         self.accepted = 0
         self.errors = 0
+        self.internal_errors = 0
 
     # -- serving ---------------------------------------------------------
 
@@ -155,7 +181,13 @@ class Gateway:
     async def _accept_loop(self, listener, connections: trio.Nursery) -> None:
         limit = self.config.max_connections
         while True:
-            sock, _ = await listener.accept()
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRORS:
+                    raise
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
             try:
                 sock.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
             except OSError:
@@ -182,6 +214,8 @@ class Gateway:
             conn = HTTPConnection(bytearray(self.config.max_head), max_head=self.config.max_head)
             with trio.move_on_after(LINGER_SECONDS):
                 await self._answer_error(conn, transport, error)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the client went away before reading the refusal
         finally:
             transport.close()
             self._refusing -= 1
@@ -197,6 +231,12 @@ class Gateway:
                 pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away; nothing it sent is half-accepted
+        except Exception:
+            # A bug met by one connection must not stop the others: report it
+            # and drop this connection (its unfinished record was released).
+            self.internal_errors += 1
+            if self.internal_errors <= MAX_REPORTED_ERRORS:
+                traceback.print_exc(file=sys.stderr)
         finally:
             transport.close()
             self.pool.give_back(buffer)
@@ -255,6 +295,9 @@ class Gateway:
             return await self._ingest(head, conn, transport)
         if head.content_length or head.chunked:
             raise errors.BadRequest("%s takes no body" % head.path.decode())
+        # Close the (empty) request body in h11 too, or the connection could
+        # not carry another request after this answer.
+        conn.finish_body()
         if action == "healthz":
             return 200, b'{"status":"ok"}'
         ready, reason = self.readiness()
@@ -286,10 +329,20 @@ class Gateway:
                 raise errors.BadRequest("header value longer than %d bytes" % MAX_FIELD_BYTES)
         now_ms = int(time.time() * 1000)
         record_id = self.ids.next(now_ms)
+        partition_key, hash_key, key_bytes = self.sink.record_keys(record_id, None, head.header)
         meta = envelope(record_id, None, now_ms, head.content_type, head.content_encoding)
         offset = len(meta)
+        room = config.max_body
+        limit = self.sink.max_record_bytes
+        if limit is not None:
+            # The sink's limit counts the envelope line and the partition key too.
+            room = max(0, min(room, limit - offset - key_bytes))
+            if length is not None and length > room:
+                raise errors.PayloadTooLarge(
+                    "record of %d bytes (envelope %d + body %d + partition key %d) exceeds the "
+                    "%d-byte limit" % (offset + length + key_bytes, offset, length, key_bytes, limit))
         try:
-            slot = await self.ring.reserve(offset + (length if length is not None else config.max_body))
+            slot = await self.ring.reserve(offset + (length if length is not None else room))
         except RingOverloaded as exc:
             raise errors.Overloaded(str(exc), retry_after=max(1.0, config.ring_wait)) from exc
         ring = self.ring.ring
@@ -307,7 +360,8 @@ class Gateway:
                 raise errors.RequestTimeout("body not received in %gs" % config.body_timeout)
             ring.commit(slot, offset + filled)
             ring.hand_off(slot)
-            extra = await self.sink.put(Record(record_id, slot))
+            extra = await self.sink.put(Record(record_id, slot, partition_key=partition_key,
+                                               explicit_hash_key=hash_key))
         except BaseException:
             self.ring.release(slot)
             raise
@@ -357,6 +411,7 @@ class Gateway:
             "requests": self.requests,
             "accepted": self.accepted,
             "errors": self.errors,
+            "internal_errors": self.internal_errors,
             "ring": self.ring.statistics(),
             "sink": self.sink.statistics(),
             "receive_buffers": self.pool.statistics(),

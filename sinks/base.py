@@ -5,7 +5,13 @@ server hands each record to :meth:`Sink.put`; from then on the sink owns the
 slot and gives it back through the ``release`` callable it was built with, once
 it no longer needs the bytes (written, stored, or given up).  ``put`` returns
 when the record is held as firmly as the sink promises; a sink that cannot take
-records raises :class:`~gateway.errors.SinkUnavailable`.
+records raises :class:`~gateway.errors.SinkUnavailable`.  When ``put`` raises,
+the slot is still the caller's to release.
+
+Before a request's body is read, the server asks the sink for the record's
+keys (:meth:`Sink.record_keys`, which may refuse the request) and checks the
+record against :attr:`Sink.max_record_bytes`, so a record the sink could not
+store is refused before it is uploaded.
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ import trio
 
 from buffers import Slot
 
-__all__ = ["Record", "Sink", "Release"]
+__all__ = ["Record", "Sink", "Release", "RecordKeys", "HeaderLookup"]
 
 Release = Callable[[Slot], None]
+#: ``(partition key, explicit hash key, bytes the key adds to the record)``.
+RecordKeys = Tuple[Optional[str], Optional[str], int]
+#: A request head's header lookup: lower-case name -> first value or None.
+HeaderLookup = Callable[[bytes], Optional[bytes]]
 
 
 class Record:
@@ -46,8 +56,20 @@ class Sink:
 
     name = "sink"
 
+    #: Largest record (envelope line + body + partition key, in bytes) the
+    #: sink can store, or None when only ``--max-body`` applies.
+    max_record_bytes: Optional[int] = None
+
     def __init__(self, release: Release) -> None:
         self._release = release
+
+    def record_keys(self, record_id: str, tenant: Optional[bytes], header: HeaderLookup) -> RecordKeys:
+        """Keys of the record a request head announces; raise a RequestError to refuse it."""
+        return None, None, 0
+
+    def describe(self) -> str:
+        """What the startup message says about the sink."""
+        return self.name
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Background work (batching, flushing) until :meth:`aclose`."""
