@@ -1,0 +1,485 @@
+"""Access control for every request: API key, rate limits, monthly quotas.
+
+Theory of operation
+-------------------
+:meth:`AccessControl.check` answers from its caches when it can and otherwise
+queues the request's script call (see :mod:`gateway.limiter`) on a bounded
+channel.  :meth:`AccessControl.run` takes whatever has queued (up to
+``batch_max_checks``) as one batch and sends it as one pipeline per Redis
+node from a worker thread (:class:`gateway.keystore.RedisEdge`: sync
+redis-py, since ``redis.asyncio`` does not run under trio).  While a batch is
+in flight the next one fills up, so under load one round trip carries many
+checks, and at low load a check waits only for its own round trip.  At most
+``max_concurrent_batches`` pipelines are in flight.
+
+Caches, both bounded, both filled from what Redis said last:
+
+* key hash -> tenant, key id, limits and validity.  Unknown, revoked and
+  disabled keys are refused without Redis for ``key_cache_ttl`` seconds (so
+  re-enabling a tenant shows within it).  A valid key still goes to Redis on
+  every request, so a revocation shows on the next one that does.
+* tenant -> its last rate or quota refusal, until the retry time (quotas at
+  most ``key_cache_ttl``): a throttled tenant is refused without Redis.
+
+Redis states: ``starting`` (no answer yet), ``ok``, ``down``.  A pipeline that
+fails on the connection, or a check that times out while a pipeline has been
+out for over half of ``check_timeout``, makes the state ``down``; a recovery
+task then probes (connect, PING, SCRIPT LOAD) with exponential backoff and
+sets ``ok`` again.  While not ``ok``, checks do not touch Redis: with
+``on_redis_failure="closed"`` they raise AccessUnavailable; with ``"open"``,
+keys that Redis confirmed within ``stale_key_ttl`` are admitted by a
+:class:`~gateway.limiter.LocalLimiter` at the tenant's rate divided by
+``instance_count`` (monthly quotas are not enforced meanwhile), and the usage
+so admitted is added to Redis as soon as it answers again.  A batch lost with
+its connection may have been counted by Redis already: such usage is counted
+twice rather than not at all.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+
+import trio
+
+from . import keystore
+from .errors import AccessUnavailable, Unauthorized
+from .keystore import EdgeUnavailable, RedisEdge
+from .limiter import (
+    ADMITTED,
+    QUOTA,
+    RATE,
+    Admission,
+    Decision,
+    LocalLimiter,
+    ParsedKey,
+    ScriptCall,
+    UsageDelta,
+    check_call,
+    decide,
+    parse_api_key,
+)
+
+__all__ = [
+    "STARTING",
+    "OK",
+    "DOWN",
+    "AccessConfig",
+    "Backoff",
+    "AccessStatistics",
+    "Edge",
+    "AccessControl",
+]
+
+STARTING = "starting"
+OK = "ok"
+DOWN = "down"
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """Settings of :class:`AccessControl`; each bound with its reason."""
+
+    redis_url: str = keystore.DEFAULT_REDIS_URL
+    # Also implied by a redis+cluster:// or rediss+cluster:// URL.
+    redis_cluster: bool = False
+    # Revocations, disabled tenants and raised quotas take effect within this.
+    key_cache_ttl: float = 5.0
+    # Fail-open admits only keys Redis confirmed this recently: a short outage
+    # keeps known agents flowing, a forged key is never admitted.
+    stale_key_ttl: float = 3600.0
+    # About 300 bytes an entry: some 20 MB when full, far above the live keys
+    # one gateway sees; the oldest entries go first.
+    key_cache_size: int = 65536
+    # A check script takes 10-20 us of Redis time, so a batch of 256 is a few
+    # ms: its last check does not wait long on its first.
+    batch_max_checks: int = 256
+    # Checks waiting for a batch; past it, check() waits (up to check_timeout)
+    # for room.  16 full batches is tens of ms of Redis work.
+    max_queued_checks: int = 4096
+    # Two pipelines in flight hide the thread hand-off of one behind the other;
+    # more would only split batches.
+    max_concurrent_batches: int = 2
+    # Extra time a batch waits to fill; 0 batches only what queued meanwhile,
+    # which keeps low-load latency at one round trip.
+    batch_linger: float = 0.0
+    # Longest a check waits on Redis: well above a pipelined round trip (about
+    # a millisecond), short enough that a stalled Redis costs a request a
+    # quarter second, not its client's timeout.
+    check_timeout: float = 0.25
+    # A stuck worker thread is freed after this; must exceed check_timeout.
+    socket_timeout: float = 1.0
+    on_redis_failure: str = "closed"
+    # Gateways sharing the Redis: each admits 1/n of a tenant's rate when open.
+    instance_count: int = 1
+    # Reconnect backoff: fast first retry (a failover takes about a second),
+    # capped so a long outage is probed every couple of seconds.
+    backoff_initial: float = 0.05
+    backoff_max: float = 2.0
+    # Retry-After for AccessUnavailable.
+    unavailable_retry_after: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.on_redis_failure not in ("closed", "open"):
+            raise ValueError("on_redis_failure must be 'closed' or 'open'")
+        for name in ("batch_max_checks", "max_queued_checks", "max_concurrent_batches",
+                     "instance_count", "key_cache_size"):
+            if getattr(self, name) < 1:
+                raise ValueError("%s must be at least 1" % name)
+        if self.socket_timeout <= 0 or self.check_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect delays: ``delay`` now, :meth:`next` for the one after."""
+
+    initial: float
+    maximum: float
+    attempt: int = 0
+
+    @property
+    def delay(self) -> float:
+        return min(self.maximum, self.initial * (2 ** min(self.attempt, 30)))
+
+    def next(self) -> Backoff:
+        return Backoff(self.initial, self.maximum, self.attempt + 1)
+
+
+@dataclass(frozen=True)
+class AccessStatistics:
+    """Counters since start, plus the queue and Redis state right now.
+
+    ``pipelines`` counts node round trips (a batch to three cluster masters
+    is three, sent in parallel); ``redis_checks`` the scripts they carried.
+    """
+
+    redis_state: str
+    checks: int
+    admitted: int
+    admitted_local: int
+    refused: int
+    unavailable: int
+    key_cache_hits: int
+    refusal_cache_hits: int
+    redis_checks: int
+    batches: int
+    pipelines: int
+    script_loads: int
+    timeouts: int
+    redis_failures: int
+    queued: int
+    pending_usage_records: int
+    pending_usage_bytes: int
+
+
+class Edge(Protocol):
+    """What AccessControl needs of Redis; sync, called from worker threads.
+
+    :class:`gateway.keystore.RedisEdge` is the real one.  Failures to reach
+    Redis raise :class:`gateway.keystore.EdgeUnavailable`.
+    """
+
+    def probe(self) -> None:
+        """Connect if needed, check the server answers, load the script."""
+
+    def run_checks(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]]
+                   ) -> Tuple[List[object], int, int]:
+        """Replies (or exceptions) per call, pipelines sent, scripts loaded."""
+
+    def close(self) -> None:
+        """Drop connections; :meth:`probe` may connect again."""
+
+
+class _KeyEntry:
+    __slots__ = ("decision", "checked_at")
+
+    def __init__(self, decision: Decision, checked_at: float) -> None:
+        self.decision = decision
+        self.checked_at = checked_at
+
+
+class _Pending:
+    """One queued check; ``event`` is set once ``decision`` or ``failed`` is."""
+
+    __slots__ = ("key", "call", "now", "event", "decision", "failed", "abandoned",
+                 "local_usage")
+
+    def __init__(self, key: ParsedKey, call: ScriptCall, now: float) -> None:
+        self.key = key
+        self.call = call
+        self.now = now
+        self.event = trio.Event()
+        self.decision: Optional[Decision] = None
+        self.failed = False
+        self.abandoned = False
+        self.local_usage: Optional[UsageDelta] = None
+
+
+class AccessControl:
+    """Decides whether each request may go on; see the module docstring.
+
+    ``clock`` is the wall clock given to the script and the caches (unix
+    seconds); waits and timeouts use trio's clock.
+    """
+
+    def __init__(self, config: AccessConfig = AccessConfig(), *, edge: Optional[Edge] = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        url, cluster = keystore.split_redis_url(config.redis_url, config.redis_cluster)
+        self._edge: Edge = edge if edge is not None else RedisEdge(
+            url, cluster=cluster, socket_timeout=config.socket_timeout)
+        self._clock = clock
+        self._send, self._receive = trio.open_memory_channel(config.max_queued_checks)
+        self._batch_slots = trio.Semaphore(config.max_concurrent_batches)
+        self._threads = trio.CapacityLimiter(config.max_concurrent_batches + 1)
+        self._state = STARTING
+        self._need_recovery = trio.Event()
+        self._inflight: Dict[int, float] = {}  # pipeline id -> trio time sent
+        self._keys: Dict[str, _KeyEntry] = {}
+        self._refusals: Dict[str, Tuple[Decision, int, float]] = {}
+        self._local = LocalLimiter(config.instance_count, config.key_cache_size)
+        self._counts = dict.fromkeys(
+            ("checks", "admitted", "admitted_local", "refused", "unavailable",
+             "key_cache_hits", "refusal_cache_hits", "redis_checks", "batches",
+             "pipelines", "script_loads", "timeouts", "redis_failures"), 0)
+
+    # -- readiness and statistics -------------------------------------------
+
+    @property
+    def redis_state(self) -> str:
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        """Whether requests can be served (fail-open serves without Redis)."""
+        return self._state == OK or self.config.on_redis_failure == "open"
+
+    def statistics(self) -> AccessStatistics:
+        records, nbytes = self._local.pending_usage()
+        return AccessStatistics(redis_state=self._state, queued=self._receive.statistics()
+                                .current_buffer_used, pending_usage_records=records,
+                                pending_usage_bytes=nbytes, **self._counts)
+
+    # -- the check ----------------------------------------------------------
+
+    async def check(self, api_key: Optional[bytes], body_bytes: int) -> Admission:
+        """Admit a request of ``body_bytes`` or raise the error to answer with."""
+        counts = self._counts
+        counts["checks"] += 1
+        now = self._clock()
+        if not api_key:
+            counts["refused"] += 1
+            raise Unauthorized("missing API key")
+        key = parse_api_key(api_key)
+        if key is None:
+            counts["refused"] += 1
+            raise Unauthorized("malformed API key")
+        entry = self._keys.get(key.key_hash)
+        if entry is not None and now - entry.checked_at < self.config.key_cache_ttl:
+            if entry.decision.outcome not in (ADMITTED, RATE, QUOTA):
+                counts["key_cache_hits"] += 1
+                counts["refused"] += 1
+                raise entry.decision.error(now)
+            refusal = self._refusals.get(key.tenant)
+            if refusal is not None and now < refusal[2] and body_bytes >= refusal[1]:
+                counts["refusal_cache_hits"] += 1
+                counts["refused"] += 1
+                raise refusal[0].error(now)
+        if self._state != OK:
+            return self._unavailable(key, entry, body_bytes, now)
+        pending = _Pending(key, check_call(key, body_bytes, now), now)
+        with trio.move_on_after(self.config.check_timeout):
+            await self._send.send(pending)
+            await pending.event.wait()
+        if pending.decision is None:
+            if not pending.failed:
+                pending.abandoned = True
+                counts["timeouts"] += 1
+                if self._redis_stalled():
+                    self._mark_down()
+            return self._unavailable(key, entry, body_bytes, now, pending)
+        return self._apply(key, pending.decision, body_bytes)
+
+    def _apply(self, key: ParsedKey, decision: Decision, body_bytes: int) -> Admission:
+        self._remember(key.key_hash, decision)
+        if decision.admitted:
+            self._counts["admitted"] += 1
+            return decision.admission()
+        self._counts["refused"] += 1
+        if decision.outcome in (RATE, QUOTA):
+            # A refusal for bytes holds only for bodies at least as large.
+            cost = 0 if decision.which in ("requests", "monthly_records") else body_bytes
+            until = decision.until
+            if decision.outcome == QUOTA:
+                # A quota raised by an admin must show within the key cache ttl.
+                until = min(until, decision.now + self.config.key_cache_ttl)
+            self._bounded_put(self._refusals, key.tenant, (decision, cost, until))
+        raise decision.error()
+
+    def _remember(self, key_hash: str, decision: Decision) -> None:
+        self._bounded_put(self._keys, key_hash, _KeyEntry(decision, decision.now))
+
+    def _redis_stalled(self) -> bool:
+        """Whether a pipeline has been out for over half a check's budget.
+
+        A check can also time out because this process is overloaded, which
+        is no reason to call Redis down; a pipeline that took most of the
+        budget by itself is.
+        """
+        started = self._inflight.values()
+        return bool(started) and (
+            min(started) <= trio.current_time() - self.config.check_timeout / 2)
+
+    def _bounded_put(self, cache: Dict[str, Any], key: str, value: Any) -> None:
+        if key not in cache and len(cache) >= self.config.key_cache_size:
+            del cache[next(iter(cache))]
+        cache[key] = value
+
+    def _unavailable(self, key: ParsedKey, entry: Optional[_KeyEntry], body_bytes: int,
+                     now: float, pending: Optional[_Pending] = None) -> Admission:
+        """Answer without Redis: 503, or the local limiter when failing open."""
+        config = self.config
+        known = entry.decision if entry is not None else None
+        if (config.on_redis_failure == "open" and entry is not None and known is not None
+                and known.outcome in (ADMITTED, RATE, QUOTA) and known.limits is not None
+                and now - entry.checked_at < config.stale_key_ttl):
+            decision = self._local.check(key.tenant, known.key_id, known.limits, body_bytes, now)
+            if decision.admitted:
+                self._counts["admitted_local"] += 1
+                if pending is not None:
+                    pending.local_usage = UsageDelta.for_request(key.tenant, body_bytes, now)
+                return decision.admission("local")
+            self._counts["refused"] += 1
+            raise decision.error(now)
+        self._counts["unavailable"] += 1
+        raise AccessUnavailable("access control unavailable",
+                                retry_after=config.unavailable_retry_after)
+
+    # -- the background loop ------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run batches and reconnects until cancelled; ready after one probe."""
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._probe()
+                if self._state != OK:
+                    self._mark_down()
+                nursery.start_soon(self._recovery_loop)
+                task_status.started()
+                await self._batch_loop(nursery)
+        finally:
+            self._edge.close()
+
+    async def _batch_loop(self, nursery: trio.Nursery) -> None:
+        config = self.config
+        while True:
+            await self._batch_slots.acquire()
+            try:
+                batch = [await self._receive.receive()]
+                if config.batch_linger > 0:
+                    with trio.move_on_after(config.batch_linger):
+                        while len(batch) < config.batch_max_checks:
+                            batch.append(await self._receive.receive())
+                while len(batch) < config.batch_max_checks:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+            except BaseException:
+                self._batch_slots.release()
+                raise
+            nursery.start_soon(self._run_batch, batch)
+
+    async def _run_batch(self, batch: List[_Pending]) -> None:
+        try:
+            await self._execute([p for p in batch if not p.abandoned])
+        finally:
+            self._batch_slots.release()
+
+    async def _execute(self, live: List[_Pending]) -> None:
+        """One pipeline: the checks of ``live`` plus any usage counted locally."""
+        if self._state != OK:
+            self._fail(live)
+            return
+        usage = self._local.take_usage()
+        if not live and not usage:
+            return
+        now = self._clock()
+        # TTLs, not EXPIREAT: Redis's own clock need not agree with ours.
+        usage_ttls = [(d, max(1, int(d.expire_at - now))) for d in usage]
+        token = id(live)
+        self._inflight[token] = trio.current_time()
+        try:
+            results, pipelines, loads = await trio.to_thread.run_sync(
+                self._edge.run_checks, [p.call for p in live], usage_ttls,
+                abandon_on_cancel=True, limiter=self._threads)
+        except EdgeUnavailable:
+            for delta in usage:
+                self._local.add_usage(delta)
+            self._counts["redis_failures"] += 1
+            self._mark_down()
+            self._fail(live)
+            return
+        finally:
+            del self._inflight[token]
+        counts = self._counts
+        counts["batches"] += 1
+        counts["pipelines"] += pipelines
+        counts["script_loads"] += loads
+        counts["redis_checks"] += len(live)
+        for p, reply in zip(live, results):
+            self._settle(p, reply)
+
+    def _settle(self, p: _Pending, reply: object) -> None:
+        try:
+            if isinstance(reply, Exception):
+                raise ValueError("check script failed")
+            p.decision = decide(reply, p.key.tenant, p.now)  # type: ignore[arg-type]
+        except ValueError:
+            p.failed = True
+        if p.abandoned and p.local_usage is not None and p.decision is not None \
+                and p.decision.admitted:
+            # Redis counted it after all: take back the local count.
+            self._local.add_usage(p.local_usage.negated())
+        p.event.set()
+
+    @staticmethod
+    def _fail(batch: Sequence[_Pending]) -> None:
+        for p in batch:
+            p.failed = True
+            p.event.set()
+
+    def _mark_down(self) -> None:
+        if self._state == DOWN:
+            return
+        self._state = DOWN
+        self._need_recovery.set()
+
+    async def _probe(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self._edge.probe, abandon_on_cancel=True,
+                                          limiter=self._threads)
+        except EdgeUnavailable:
+            self._counts["redis_failures"] += 1
+            return
+        self._counts["script_loads"] += 1
+        self._state = OK
+
+    async def _recovery_loop(self) -> None:
+        config = self.config
+        while True:
+            await self._need_recovery.wait()
+            backoff = Backoff(config.backoff_initial, config.backoff_max)
+            while True:
+                # Jitter keeps a fleet of gateways from reconnecting in step.
+                await trio.sleep(backoff.delay * (0.5 + random.random() / 2))
+                await self._probe()
+                if self._state == OK:
+                    break
+                backoff = backoff.next()
+            self._need_recovery = trio.Event()
+            # Hand over what fail-open mode counted without waiting for traffic.
+            await self._execute([])
