@@ -14,7 +14,7 @@ import trio
 
 from gateway.config import from_args
 from gateway.server import Gateway
-from gateway.transport import MemoryTransport, Transport
+from gateway.transport import MemoryTransport
 from sinks.base import Record, Sink
 
 __all__ = [
@@ -100,7 +100,7 @@ async def serve(gateway: Gateway, pieces: Iterable[bytes], *, eof: bool = True) 
     return transport
 
 
-class ContinueClient(Transport):
+class ContinueClient(MemoryTransport):
     """A client that sends ``head`` and holds ``body`` back until the server
     has sent ``100 Continue``; then it sends the body and finishes sending.
     """
@@ -108,34 +108,18 @@ class ContinueClient(Transport):
     CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
     def __init__(self, head: bytes, body: Sequence[bytes]) -> None:
-        self._pieces: List[bytes] = [head]
+        super().__init__([head])
         self._body = [piece for piece in body if piece]
         self._continued = trio.Event()
-        self.sent = bytearray()
-        self.write_closed = False
-        self.closed = False
 
     async def recv_into(self, view: memoryview) -> int:
-        await trio.lowlevel.checkpoint()
         if not self._pieces and self._body:
             await self._continued.wait()
             self._pieces, self._body = self._body, []
-        if not self._pieces:
-            return 0
-        piece = self._pieces[0]
-        count = min(len(piece), len(view))
-        view[:count] = piece[:count]
-        if count == len(piece):
-            self._pieces.pop(0)
-        else:
-            self._pieces[0] = piece[count:]
-        return count
+        return await super().recv_into(view)
 
     async def send_all(self, data) -> None:
-        await trio.lowlevel.checkpoint()
-        if self.closed or self.write_closed:
-            raise trio.BrokenResourceError("send on a closed transport")
-        self.sent += data
+        await super().send_all(data)
         if self.sent.startswith(self.CONTINUE):
             self._continued.set()
 
