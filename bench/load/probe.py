@@ -1,0 +1,164 @@
+"""Run ``sluice serve`` with a GC probe: ``python -m bench.load.probe serve FLAGS...``.
+
+The probe records every garbage-collector pause of the gateway process with
+its wall-clock time, and on exit writes one JSON document to the path in
+``SLUICE_BENCH_PROBE``: the pauses, ``Gateway.statistics()``, and the marks
+taken on SIGUSR1 (the harness sends one when its measured window starts and
+one when it ends).  With ``SLUICE_BENCH_TRACEMALLOC=1`` on CPython,
+``tracemalloc`` runs too and each mark carries the traced memory.
+
+Pause sources: CPython's ``gc.callbacks`` (a start/stop pair per
+collection); PyPy's ``gc.hooks``, where one ``on_gc_minor`` or
+``on_gc_collect_step`` call may cover ``count`` events and reports their total
+and longest duration (a major collection is the sum of its steps).
+
+The gateway itself is not changed: the probe wraps ``gateway.cli.Gateway`` to
+keep a reference to the instance, then calls ``gateway.cli.main``.  On PyPy it
+sets ``PYPY_GC_NURSERY`` as ``sluice serve`` would (unless already set).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from array import array
+from typing import Any, Dict, List, Optional
+
+__all__ = ["main", "PROBE_ENV", "TRACEMALLOC_ENV", "MAX_PAUSES"]
+
+PROBE_ENV = "SLUICE_BENCH_PROBE"
+TRACEMALLOC_ENV = "SLUICE_BENCH_TRACEMALLOC"
+#: Pauses kept (four doubles each); later ones are only counted.  Two million
+#: is minutes of minor collections at the highest rates seen here.
+MAX_PAUSES = 2_000_000
+
+_PYPY = platform.python_implementation() == "PyPy"
+# kind codes in the pause log
+_MINOR, _STEP, _GEN0, _GEN1, _GEN2 = 0, 1, 2, 3, 4
+_KIND_NAMES = {_MINOR: "minor", _STEP: "major_step", _GEN0: "gen0", _GEN1: "gen1", _GEN2: "gen2"}
+
+
+class _Probe:
+    def __init__(self) -> None:
+        # flat log: time, duration (total), kind, count, max duration
+        self.log = array("d")
+        self.dropped = 0
+        self.gateway: Any = None
+        self.marks: List[Dict[str, Any]] = []
+        self._started = 0.0
+
+    def add(self, t: float, duration: float, kind: int, count: int, longest: float) -> None:
+        if len(self.log) < 5 * MAX_PAUSES:
+            self.log.extend((t, duration, float(kind), float(count), longest))
+        else:
+            self.dropped += count
+
+    # CPython
+    def callback(self, phase: str, info: Dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            duration = time.perf_counter() - self._started
+            self.add(time.time(), duration, _GEN0 + info.get("generation", 0), 1, duration)
+
+    # PyPy
+    def on_gc_minor(self, stats: Any) -> None:
+        self.add(time.time(), stats.duration, _MINOR, stats.count, stats.duration_max)
+
+    def on_gc_collect_step(self, stats: Any) -> None:
+        self.add(time.time(), stats.duration, _STEP, stats.count, stats.duration_max)
+
+    def mark(self, *_: Any) -> None:
+        mark: Dict[str, Any] = {"time": time.time(), "pauses": len(self.log) // 5}
+        if self.gateway is not None:
+            mark["requests"] = self.gateway.requests
+        if not _PYPY:
+            mark["gc_stats"] = gc.get_stats()
+            import tracemalloc
+
+            if tracemalloc.is_tracing():
+                mark["traced_current"], mark["traced_peak"] = tracemalloc.get_traced_memory()
+                tracemalloc.reset_peak()
+        self.marks.append(mark)
+
+    def document(self) -> Dict[str, Any]:
+        log = self.log
+        pauses = [[log[i], log[i + 1], _KIND_NAMES[int(log[i + 2])], int(log[i + 3]), log[i + 4]]
+                  for i in range(0, len(log), 5)]
+        doc: Dict[str, Any] = {
+            "implementation": platform.python_implementation(),
+            "python": platform.python_version(),
+            "pypy_gc_nursery": os.environ.get("PYPY_GC_NURSERY"),
+            "pause_fields": ["time", "duration_s", "kind", "count", "max_duration_s"],
+            "pauses": pauses,
+            "pauses_dropped": self.dropped,
+            "marks": self.marks,
+            "statistics": None,
+        }
+        if self.gateway is not None:
+            try:
+                doc["statistics"] = self.gateway.statistics()
+            except Exception as exc:  # a snapshot that cannot be taken is reported, not fatal
+                doc["statistics_error"] = repr(exc)
+        return doc
+
+
+def _install(probe: _Probe) -> None:
+    if _PYPY:
+        hooks = gc.hooks  # type: ignore[attr-defined]
+        hooks.on_gc_minor = probe.on_gc_minor
+        hooks.on_gc_collect_step = probe.on_gc_collect_step
+    else:
+        gc.callbacks.append(probe.callback)
+        if os.environ.get(TRACEMALLOC_ENV) == "1":
+            import tracemalloc
+
+            tracemalloc.start(1)
+    signal.signal(signal.SIGUSR1, probe.mark)
+
+
+def _uninstall(probe: _Probe) -> None:
+    if _PYPY:
+        gc.hooks.on_gc_minor = None  # type: ignore[attr-defined]
+        gc.hooks.on_gc_collect_step = None  # type: ignore[attr-defined]
+    elif probe.callback in gc.callbacks:
+        gc.callbacks.remove(probe.callback)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    if _PYPY and "PYPY_GC_NURSERY" not in os.environ:
+        # Mirrors gateway.cli._tune_pypy_gc without the re-exec; the value
+        # must be in the environment before the interpreter starts.
+        from gateway import cli as _cli
+
+        os.environ["PYPY_GC_NURSERY"] = _cli.PYPY_NURSERY
+        os.execv(sys.executable, [sys.executable, "-m", "bench.load.probe"] + sys.argv[1:])
+    from gateway import cli
+
+    probe = _Probe()
+    base = cli.Gateway
+
+    class _ProbedGateway(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            probe.gateway = self
+
+    cli.Gateway = _ProbedGateway  # type: ignore[misc]
+    _install(probe)
+    try:
+        return cli.main(argv if argv is not None else sys.argv[1:])
+    finally:
+        _uninstall(probe)
+        path = os.environ.get(PROBE_ENV)
+        if path:
+            with open(path + ".tmp", "w") as out:
+                json.dump(probe.document(), out)
+            os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Figures of one case from its raw measurements, and the Markdown table of a run."""
+from __future__ import annotations
+
+import statistics
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["gc_summary", "rss_summary", "allocation_per_request", "markdown"]
+
+_UNITS = {"kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "b": 1}
+
+
+def _size(text: Optional[str]) -> Optional[int]:
+    """PyPy's reading of ``PYPY_GC_NURSERY`` ("4MB" is 4 * 1024 * 1024 there)."""
+    if not text:
+        return None
+    t = text.strip().lower()
+    for suffix in ("gb", "mb", "kb", "g", "m", "k", "b"):
+        if t.endswith(suffix):
+            power = " kmg".index(suffix[0]) if suffix[0] in "kmg" else 0
+            return int(float(t[: -len(suffix)]) * 1024 ** power)
+    return int(t)
+
+
+def _pick(values: Sequence[float], q: float) -> Optional[float]:
+    if not values:
+        return None
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def gc_summary(probe: Optional[Dict[str, Any]], window: Tuple[float, float]) -> Optional[Dict[str, Any]]:
+    """Pauses inside ``window`` (wall-clock): count, p99, max, and total seconds."""
+    if not probe:
+        return None
+    start, end = window
+    events = 0
+    durations: List[float] = []
+    longest = 0.0
+    total = 0.0
+    for t, duration, _kind, count, longest_one in probe["pauses"]:
+        if start <= t < end:
+            events += count
+            total += duration
+            # A hook call covering `count` events is taken as `count` pauses of its mean length.
+            durations.extend([duration / max(1, count)] * min(count, 1000))
+            longest = max(longest, longest_one)
+    durations.sort()
+    return {"count": events, "p99_s": _pick(durations, 0.99), "max_s": longest if events else None,
+            "total_s": total, "share": total / (end - start) if end > start else None}
+
+
+def rss_summary(samples: Sequence[Tuple[float, int]], window: Tuple[float, float]) -> Dict[str, Any]:
+    start, end = window
+    inside = [rss for t, rss in samples if start + (end - start) / 2 <= t < end]
+    return {"peak_bytes": max((rss for _, rss in samples), default=None),
+            "steady_bytes": statistics.median(inside) if inside else None}
+
+
+def allocation_per_request(probe: Optional[Dict[str, Any]],
+                           window: Tuple[float, float]) -> Optional[Dict[str, Any]]:
+    """PyPy: nursery bytes per request (minor collections x nursery size).
+    CPython with tracemalloc: traced memory growth and peak over the window, per request."""
+    if not probe or len(probe.get("marks", [])) < 2:
+        return None
+    first, last = probe["marks"][0], probe["marks"][-1]
+    requests = last.get("requests", 0) - first.get("requests", 0)
+    if requests <= 0:
+        return None
+    if probe["implementation"] == "PyPy":
+        nursery = _size(probe.get("pypy_gc_nursery"))
+        minors = sum(p[3] for p in probe["pauses"] if p[2] == "minor" and window[0] <= p[0] < window[1])
+        if not nursery:
+            return None
+        return {"kind": "pypy nursery bytes/request", "bytes": minors * nursery / requests}
+    if "traced_current" in last:
+        return {"kind": "cpython tracemalloc retained bytes/request",
+                "bytes": (last["traced_current"] - first["traced_current"]) / requests,
+                "traced_peak_bytes": last["traced_peak"]}
+    gen0 = last["gc_stats"][0]["collections"] - first["gc_stats"][0]["collections"]
+    return {"kind": "cpython gen0 collections per 1k requests", "bytes": None,
+            "gen0_per_1k": 1000 * gen0 / requests}
+
+
+def _ms(x: Optional[float]) -> str:
+    return "–" if x is None else ("%.2f" % (x * 1e3) if x < 0.1 else "%.0f" % (x * 1e3))
+
+
+def _mb(x: Optional[float]) -> str:
+    return "–" if x is None else "%.0f" % (x / 1e6)
+
+
+def markdown(cases: List[Dict[str, Any]]) -> str:
+    """One row per case; ``×sluice`` is requests/s against Sluice's in the same mode and mix."""
+    base = {(c["mode"], c["mix"]): c["load"]["requests_per_s"]
+            for c in cases if c["server"].startswith("sluice")}
+    head = ("| server | mode | mix | req/s | ×sluice | MB/s | p50 ms | p99 ms | p99.9 ms | max ms | CPU % "
+            "| RSS peak MB | RSS steady MB | GC pauses | GC p99 ms | GC max ms | alloc/req | errors |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for c in cases:
+        load, lat = c["load"], c["load"]["latency_s"]
+        ref = base.get((c["mode"], c["mix"]))
+        ratio = "%.2f" % (load["requests_per_s"] / ref) if ref else "–"
+        gc = c.get("gc") or {}
+        alloc = c.get("allocation") or {}
+        if alloc.get("bytes") is not None:
+            alloc_text = "%.0f B (%s)" % (alloc["bytes"], alloc["kind"].split()[0])
+        elif alloc.get("gen0_per_1k") is not None:
+            alloc_text = "%.1f gen0/1k" % alloc["gen0_per_1k"]
+        else:
+            alloc_text = "–"
+        mode = c["mode"] + (" %g/s" % load["rate"] if load.get("rate") else " c%d" % load["connections"])
+        errors = sum(load["errors"].values())
+        row = "| %s" * 3 + " | %.0f | %s | %.1f" + " | %s" * 4 + " | %.0f" + " | %s" * 6 + " | %d |"
+        rows.append(row % (
+            c["server"], mode, c["mix"], load["requests_per_s"], ratio, load["mb_per_s"], _ms(lat["p50"]),
+            _ms(lat["p99"]), _ms(lat["p99.9"]), _ms(lat["max"]), c["cpu_percent"],
+            _mb(c["rss"]["peak_bytes"]), _mb(c["rss"]["steady_bytes"]),
+            gc.get("count", "–"), _ms(gc.get("p99_s")), _ms(gc.get("max_s")), alloc_text, errors))
+    return "\n".join(rows) + "\n"

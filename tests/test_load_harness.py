@@ -1,0 +1,63 @@
+"""Smoke test of the end-to-end load harness (bench/load): it runs and reports; no speed is asserted."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.load import bodies, report
+from bench.load.stubs import check_put_records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_mix_is_fixed_and_bounded() -> None:
+    mix = bodies.sizes_for("mix")
+    assert len(mix) == 100 and max(mix) == 1_000_000 and mix.count(1024) == 80
+    assert mix == bodies.sizes_for("mix")
+    assert len(bodies.body(65536)) == 65536
+
+
+def test_put_records_limits() -> None:
+    ok = b'{"StreamName":"s","Records":[' + b",".join([b'{"Data":"eHg=","PartitionKey":"k"}'] * 500) + b"]}"
+    assert check_put_records(ok) == (500, None)
+    too_many = ok.replace(b"]}", b',{"Data":"eHg=","PartitionKey":"k"}]}')
+    assert check_put_records(too_many)[1] is not None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="the harness reads /proc")
+def test_smoke_run_writes_report(tmp_path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.load", "--python", sys.executable, "--sink", "null", "--sizes", "1k",
+         "--modes", "open,closed", "--generator", "python", "--rate", "200", "--connections", "4",
+         "--duration", "1.5", "--warmup", "0.5", "--peers", "discard", "--redis", "off", "--no-plots",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["meta"]["sink"] == "null"
+    names = {(c["server"].split("-")[0], c["mode"]) for c in doc["cases"]}
+    assert names == {("sluice", "open"), ("sluice", "closed"), ("discard", "open"), ("discard", "closed")}
+    for case in doc["cases"]:
+        load = case["load"]
+        assert load["completed"] > 0 and load["requests_per_s"] > 0
+        assert set(load["latency_s"]) >= {"p50", "p99", "p99.9", "max"}
+        assert load["latency_s"]["p50"] <= load["latency_s"]["max"]
+        assert case["rss"]["peak_bytes"] > 0 and case["cpu_percent"] >= 0
+        if case["server"].startswith("sluice"):
+            assert case["gc"] is not None and case["gc"]["count"] >= 0
+            assert case["gateway_statistics"]["requests"] >= load["completed"]
+    table = (out / "results.md").read_text().strip().splitlines()
+    rows = [line for line in table if line.startswith("|")]
+    assert len(rows) == 2 + 4 and all(r.count("|") == rows[0].count("|") for r in rows)
+
+
+def test_gc_summary_counts_only_the_window() -> None:
+    probe = {"pauses": [[1.0, 0.002, "gen0", 1, 0.002], [5.0, 0.004, "minor", 2, 0.003],
+                        [9.0, 1.0, "gen2", 1, 1.0]]}
+    summary = report.gc_summary(probe, (2.0, 8.0))
+    assert summary is not None and summary["count"] == 2 and summary["max_s"] == 0.003
