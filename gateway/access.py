@@ -33,6 +33,13 @@ keys that Redis confirmed within ``stale_key_ttl`` are admitted by a
 so admitted is added to Redis as soon as it answers again.  A batch lost with
 its connection may have been counted by Redis already: such usage is counted
 twice rather than not at all.
+
+Usage known only after the check (:meth:`AccessControl.add_usage`: the size
+of a chunked body, or a request admitted and then not stored, taken back)
+goes with the next pipeline, or within ``usage_flush_interval`` when no
+check comes; :meth:`AccessControl.aclose` hands over what is left.
+State changes of Redis (down, answering again) go to ``report`` as one line
+each; nothing is reported per request, and no key or password ever is.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import trio
 
@@ -61,6 +68,9 @@ from .limiter import (
     decide,
     parse_api_key,
 )
+
+if TYPE_CHECKING:
+    from .config import Config
 
 __all__ = [
     "STARTING",
@@ -120,6 +130,21 @@ class AccessConfig:
     backoff_max: float = 2.0
     # Retry-After for AccessUnavailable.
     unavailable_retry_after: float = 1.0
+    # Usage counted after a check (chunked body sizes, refunds) waits at most
+    # this long for a pipeline to carry it.
+    usage_flush_interval: float = 1.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> AccessConfig:
+        """The access settings of ``sluice serve`` (``--redis`` and its group)."""
+        return cls(
+            redis_url=config.redis, redis_cluster=config.redis_cluster,
+            key_cache_ttl=config.key_cache_ttl, stale_key_ttl=config.stale_key_ttl,
+            check_timeout=config.redis_timeout,
+            # Well past the check's bound, so a slow reply is still read and
+            # its connection reused rather than dropped.
+            socket_timeout=max(1.0, 4 * config.redis_timeout),
+            on_redis_failure=config.on_redis_failure, instance_count=config.instance_count)
 
     def __post_init__(self) -> None:
         if self.on_redis_failure not in ("closed", "open"):
@@ -226,8 +251,13 @@ class AccessControl:
     """
 
     def __init__(self, config: AccessConfig = AccessConfig(), *, edge: Optional[Edge] = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 report: Optional[Callable[[str], None]] = None) -> None:
         self.config = config
+        self._report = report
+        self._run_scope: Optional[trio.CancelScope] = None
+        self._closed = False
+        self._last_failure = ""
         url, cluster = keystore.split_redis_url(config.redis_url, config.redis_cluster)
         self._edge: Edge = edge if edge is not None else RedisEdge(
             url, cluster=cluster, socket_timeout=config.socket_timeout)
@@ -299,7 +329,7 @@ class AccessControl:
                 pending.abandoned = True
                 counts["timeouts"] += 1
                 if self._redis_stalled():
-                    self._mark_down()
+                    self._mark_down("no answer within %gs" % self.config.check_timeout)
             return self._unavailable(key, entry, body_bytes, now, pending)
         return self._apply(key, pending.decision, body_bytes)
 
@@ -358,20 +388,54 @@ class AccessControl:
         raise AccessUnavailable("access control unavailable",
                                 retry_after=config.unavailable_retry_after)
 
+    def add_usage(self, tenant: str, records: int, body_bytes: int) -> None:
+        """Add usage to ``tenant``'s month (negative: take back) with the next pipeline.
+
+        For what a check could not know: a chunked body's size, or a request
+        that was admitted (and counted) but then not stored.
+        """
+        now = self._clock()
+        delta = UsageDelta.for_request(tenant, body_bytes, now)
+        self._local.add_usage(UsageDelta(delta.tenant, delta.month, records, delta.bytes,
+                                         delta.expire_at))
+
     # -- the background loop ------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Run batches and reconnects until cancelled; ready after one probe."""
+        """Run batches and reconnects until :meth:`aclose` or cancelled; ready after one probe."""
         try:
-            async with trio.open_nursery() as nursery:
-                await self._probe()
-                if self._state != OK:
-                    self._mark_down()
-                nursery.start_soon(self._recovery_loop)
-                task_status.started()
-                await self._batch_loop(nursery)
+            with trio.CancelScope() as scope:
+                self._run_scope = scope
+                async with trio.open_nursery() as nursery:
+                    await self._probe()
+                    if self._state != OK:
+                        self._mark_down(self._last_failure)
+                    nursery.start_soon(self._recovery_loop)
+                    nursery.start_soon(self._flush_loop)
+                    task_status.started()
+                    if self._closed:
+                        scope.cancel()
+                    await self._batch_loop(nursery)
         finally:
             self._edge.close()
+
+    async def aclose(self) -> None:
+        """Hand the usage still counted here to Redis (bounded), then stop :meth:`run`.
+
+        Call once no more checks come (the gateway's connections are done).
+        """
+        if self._state == OK and self._local.pending_usage() != (0, 0):
+            with trio.move_on_after(self.config.socket_timeout):
+                await self._execute([])
+        self._closed = True
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.usage_flush_interval)
+            if self._state == OK and self._local.pending_usage() != (0, 0):
+                await self._execute([])
 
     async def _batch_loop(self, nursery: trio.Nursery) -> None:
         config = self.config
@@ -416,11 +480,11 @@ class AccessControl:
             results, pipelines, loads = await trio.to_thread.run_sync(
                 self._edge.run_checks, [p.call for p in live], usage_ttls,
                 abandon_on_cancel=True, limiter=self._threads)
-        except EdgeUnavailable:
+        except EdgeUnavailable as exc:
             for delta in usage:
                 self._local.add_usage(delta)
             self._counts["redis_failures"] += 1
-            self._mark_down()
+            self._mark_down(str(exc))
             self._fail(live)
             return
         finally:
@@ -452,18 +516,26 @@ class AccessControl:
             p.failed = True
             p.event.set()
 
-    def _mark_down(self) -> None:
+    def _mark_down(self, cause: str) -> None:
         if self._state == DOWN:
             return
         self._state = DOWN
         self._need_recovery.set()
+        if self._report is not None:
+            if self.config.on_redis_failure == "open":
+                then = ("admitting keys it confirmed within %gs at 1/%d of their rates"
+                        % (self.config.stale_key_ttl, self.config.instance_count))
+            else:
+                then = "ingest requests get 503 until it answers"
+            self._report("Redis unreachable (%s); %s" % (cause or "no answer", then))
 
     async def _probe(self) -> None:
         try:
             await trio.to_thread.run_sync(self._edge.probe, abandon_on_cancel=True,
                                           limiter=self._threads)
-        except EdgeUnavailable:
+        except EdgeUnavailable as exc:
             self._counts["redis_failures"] += 1
+            self._last_failure = str(exc)
             return
         self._counts["script_loads"] += 1
         self._state = OK
@@ -481,5 +553,7 @@ class AccessControl:
                     break
                 backoff = backoff.next()
             self._need_recovery = trio.Event()
+            if self._report is not None:
+                self._report("Redis answers again")
             # Hand over what fail-open mode counted without waiting for traffic.
             await self._execute([])

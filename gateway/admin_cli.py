@@ -7,8 +7,10 @@ gateway.admin_cli ...`` runs the same commands on their own (:func:`main`).
 
 Every command takes ``--redis URL`` (default ``$SLUICE_REDIS_URL``, else
 ``redis://127.0.0.1:6379/0``; ``rediss://`` for TLS with options such as
-``?ssl_ca_certs=/path/ca.pem``) and ``--redis-cluster`` for Redis Cluster,
-which the URL forms ``redis+cluster://`` / ``rediss+cluster://`` also select.
+``?ssl_ca_certs=/path/ca.pem``) and ``--redis-cluster`` (default
+``$SLUICE_REDIS_CLUSTER``) for Redis Cluster, which the URL forms
+``redis+cluster://`` / ``rediss+cluster://`` also select: the same
+variables ``sluice serve`` reads.
 
 ``keys create`` prints the new key once, alone on the last line; nothing
 else ever prints a key.  ``keys revoke -`` reads the key from stdin, which
@@ -24,16 +26,16 @@ import os
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from . import keystore
 from .limiter import TenantLimits, valid_tenant
 
-__all__ = ["REDIS_URL_ENV", "add_admin_commands", "build_parser", "run", "main"]
+__all__ = ["REDIS_URL_ENV", "REDIS_CLUSTER_ENV", "add_admin_commands", "build_parser", "run", "main"]
 
 REDIS_URL_ENV = "SLUICE_REDIS_URL"
+REDIS_CLUSTER_ENV = "SLUICE_REDIS_CLUSTER"
 
 _LIMIT_OPTIONS = (
     ("--requests-per-second", "requests_per_second", float, "request rate (0: unlimited)"),
@@ -67,7 +69,10 @@ def _redis_options() -> argparse.ArgumentParser:
                         default=os.environ.get(REDIS_URL_ENV, keystore.DEFAULT_REDIS_URL),
                         help="Redis URL (default: $%s)" % REDIS_URL_ENV)
     common.add_argument("--redis-cluster", action="store_true",
-                        help="the URL names a node of a Redis Cluster")
+                        default=os.environ.get(REDIS_CLUSTER_ENV, "").strip().lower()
+                        in ("1", "true", "yes", "on"),
+                        help="the URL names a node of a Redis Cluster (default: $%s)"
+                        % REDIS_CLUSTER_ENV)
     return common
 
 
@@ -119,16 +124,6 @@ def add_admin_commands(subparsers: Any) -> None:
     p.set_defaults(func=tenants_show)
     p = tenants_sub.add_parser("list", parents=[common], help="tenant names")
     p.set_defaults(func=tenants_list)
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc="%s:***@%s" % (user, netloc)))
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -284,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         return args.func(args)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
             redis.exceptions.RedisClusterException) as exc:
-        print("error: cannot reach Redis at %s (%s)" % (_safe_url(args.redis),
+        print("error: cannot reach Redis at %s (%s)" % (keystore.redacted_url(args.redis),
                                                         type(exc).__name__), file=sys.stderr)
         return 1
     except ValueError as exc:

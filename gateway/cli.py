@@ -1,4 +1,5 @@
-"""The ``sluice`` command: ``serve`` runs the gateway, ``read`` shows stored records."""
+"""The ``sluice`` command: ``serve`` runs the gateway, ``read`` shows stored records,
+``keys`` and ``tenants`` manage API keys and limits in Redis (:mod:`gateway.admin_cli`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Optional, Sequence
 
 import trio
 
+from . import admin_cli
 from . import config as _config
 from .server import Gateway, open_listener
 
@@ -31,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     read.add_argument("directory", help="the file sink's --data-dir")
     read.add_argument("--body", action="store_true",
                       help="print each record whole (metadata line, then the body, then a newline)")
+    admin_cli.add_admin_commands(commands)
     return parser
 
 
@@ -46,10 +49,21 @@ async def _serve(config: _config.Config) -> None:
         shown = "[%s]" % host if ":" in host else host
         sink = gateway.sink.describe() if config.sink != "file" else "file (%s)" % os.path.abspath(
             config.data_dir)
-        print("sluice: listening on http://%s:%d, sink %s, access control off (no --redis)" % (
-            shown, port, sink), file=sys.stderr, flush=True)
+        print("sluice: listening on http://%s:%d, sink %s, %s" % (
+            shown, port, sink, _describe_access(config)), file=sys.stderr, flush=True)
         nursery.start_soon(_watch_signals, gateway)
     print("sluice: stopped", file=sys.stderr, flush=True)
+
+
+def _describe_access(config: _config.Config) -> str:
+    """The startup line's part about access control; never shows a password."""
+    if not config.access_control:
+        return "access control off (no --redis)"
+    from .keystore import redacted_url, split_redis_url
+
+    _, cluster = split_redis_url(config.redis, config.redis_cluster)
+    return "access control on (Redis%s %s, on failure %s)" % (
+        " Cluster" if cluster else "", redacted_url(config.redis), config.on_redis_failure)
 
 
 async def _serve_until_drained(gateway: Gateway, listener, done: trio.CancelScope, *,
@@ -111,6 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "read":
         return _read(args.directory, args.body)
+    if args.command in ("keys", "tenants"):
+        return admin_cli.run(args)
     try:
         config = _config.load(vars(args), os.environ)
     except _config.ConfigError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -28,7 +29,8 @@ from sinks.limits import (
 from .envelope import MAX_ENVELOPE_BYTES
 from .http import DEFAULT_MAX_HEAD
 
-__all__ = ["Config", "ConfigError", "SETTINGS", "load", "add_arguments", "parse_size", "parse_duration"]
+__all__ = ["Config", "ConfigError", "SETTINGS", "ACCESS_SETTINGS", "load", "add_arguments", "parse_size",
+           "parse_duration", "parse_switch", "parse_redis_url"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -111,9 +113,56 @@ def _stream_name(text: str) -> str:
     return text
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def parse_switch(text: str) -> bool:
+    """A yes/no setting: ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("must be true or false, not %r" % text)
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://", "unix://")
+#: Query parameters of a Redis URL that name files the TLS setup reads.
+_REDIS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
+
+
+def parse_redis_url(text: str) -> str:
+    """A Redis URL as redis-py reads it, or empty (access control off).
+
+    Error messages never repeat the URL: it may hold a password.
+    """
+    text = text.strip()
+    if not text:
+        return ""
+    if not text.startswith(_REDIS_SCHEMES):
+        raise ValueError("must start with one of %s" % ", ".join(_REDIS_SCHEMES))
+    from redis.connection import parse_url
+
+    try:
+        options = parse_url(text.replace("+cluster", "", 1))
+    except ValueError as exc:
+        raise ValueError("not a Redis URL (%s)" % exc) from None
+    for name in _REDIS_FILE_OPTIONS:
+        path = options.get(name)
+        if isinstance(path, str) and not os.path.exists(path):
+            raise ValueError("%s: no such file or directory: %s" % (name, path))
+    return text
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One configurable value."""
+    """One configurable value.
+
+    A ``switch`` is a flag without a value (``--redis-cluster``); its
+    environment twin takes ``true``/``false``.  ``env_name`` overrides the
+    ``SLUICE_<NAME>`` twin where another name is already established.
+    """
 
     name: str
     parse: Callable[[str], object]
@@ -121,6 +170,8 @@ class Setting:
     help: str
     minimum: Optional[float] = None
     maximum: Optional[float] = None
+    switch: bool = False
+    env_name: str = ""
 
     @property
     def flag(self) -> str:
@@ -128,7 +179,7 @@ class Setting:
 
     @property
     def env(self) -> str:
-        return "SLUICE_" + self.name.upper()
+        return self.env_name or "SLUICE_" + self.name.upper()
 
 
 SETTINGS: List[Setting] = [
@@ -204,7 +255,36 @@ SETTINGS: List[Setting] = [
     Setting("call_timeout", parse_duration, "6s",
             "kinesis/firehose: connect and read timeout of one request, then it is retried "
             "(Kinesis Producer Library RequestTimeout: 6s)", minimum=0.001),
+    # Access control (gateway/access.py).  Off unless --redis is given; the
+    # other settings of this group need it.  SLUICE_REDIS_URL is also what the
+    # keys and tenants commands read, so one variable serves both.
+    Setting("redis", parse_redis_url, "",
+            "Redis holding API keys, limits and usage: turns access control on (redis://, "
+            "rediss:// for TLS, redis+cluster:// or --redis-cluster for Redis Cluster)",
+            env_name="SLUICE_REDIS_URL"),
+    Setting("redis_cluster", parse_switch, "false",
+            "the --redis URL names one node of a Redis Cluster", switch=True),
+    Setting("on_redis_failure", _choice("closed", "open"), "closed",
+            "while Redis cannot answer: closed (503 for every ingest request) or open (keys "
+            "Redis confirmed within --stale-key-ttl are admitted at the rate limit divided by "
+            "--instance-count; usage is added to Redis once it is back)"),
+    Setting("redis_timeout", parse_duration, "250ms",
+            "longest an access check waits for Redis, then 503 (or the open-mode answer); a "
+            "pipelined check takes about a millisecond", minimum=0.001, maximum=30.0),
+    Setting("key_cache_ttl", parse_duration, "5s",
+            "unknown, revoked and disabled keys are refused from memory this long; revocations, "
+            "re-enabled tenants and raised quotas show within it", minimum=0, maximum=3600.0),
+    Setting("stale_key_ttl", parse_duration, "1h",
+            "open mode: during an outage, keys Redis confirmed within this long are admitted",
+            minimum=0),
+    Setting("instance_count", _int, "1",
+            "open mode: gateways sharing the Redis; each admits 1/N of a tenant's rates during "
+            "an outage", minimum=1, maximum=10000),
 ]
+
+#: Settings that mean nothing without --redis: giving one alone is a mistake.
+ACCESS_SETTINGS = ("redis_cluster", "on_redis_failure", "redis_timeout", "key_cache_ttl",
+                   "stale_key_ttl", "instance_count")
 
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
 
@@ -241,6 +321,19 @@ class Config:
     max_in_flight: int = 4
     retry_deadline: float = 30.0
     call_timeout: float = 6.0
+    # Out of repr: the URL may hold a password.
+    redis: str = dataclasses.field(default="", repr=False)
+    redis_cluster: bool = False
+    on_redis_failure: str = "closed"
+    redis_timeout: float = 0.25
+    key_cache_ttl: float = 5.0
+    stale_key_ttl: float = 3600.0
+    instance_count: int = 1
+
+    @property
+    def access_control(self) -> bool:
+        """Whether requests need an API key (``--redis`` given)."""
+        return bool(self.redis)
 
     @property
     def max_record(self) -> int:
@@ -264,15 +357,19 @@ class Config:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add a flag for every setting; defaults stay None so env can fill in."""
     for setting in SETTINGS:
-        parser.add_argument(
-            setting.flag, dest=setting.name, default=None, metavar=setting.name.split("_")[-1].upper(),
-            help="%s (env %s, default %s)" % (setting.help, setting.env, setting.default),
-        )
+        text = "%s (env %s, default %s)" % (setting.help, setting.env, setting.default or "none")
+        if setting.switch:
+            parser.add_argument(setting.flag, dest=setting.name, default=None, action="store_const",
+                                const="true", help=text)
+        else:
+            parser.add_argument(setting.flag, dest=setting.name, default=None,
+                                metavar=setting.name.split("_")[-1].upper(), help=text)
 
 
 def load(flags: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config:
     """The configuration from flag values (by setting name) and the environment."""
     values: Dict[str, object] = {}
+    given: Dict[str, str] = {}  # setting name -> where it was given
     for setting in SETTINGS:
         text = flags.get(setting.name)
         source = setting.flag
@@ -282,6 +379,8 @@ def load(flags: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Conf
         if text is None:
             text = setting.default
             source = setting.flag
+        else:
+            given[setting.name] = source
         try:
             value = setting.parse(text)
         except ValueError as exc:
@@ -293,7 +392,21 @@ def load(flags: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Conf
         values[setting.name] = value
     config = Config(**values)  # type: ignore[arg-type]
     _check(config)
+    _check_access(config, given)
     return config
+
+
+def _check_access(config: Config, given: Mapping[str, str]) -> None:
+    if not config.redis:
+        # Access control would be silently off: refuse rather than serve
+        # without API keys when the operator evidently meant to require them.
+        for name in ACCESS_SETTINGS:
+            if name in given:
+                raise ConfigError("%s: needs --redis (SLUICE_REDIS_URL); access control is off "
+                                  "without it" % given[name])
+        return
+    if config.redis.startswith("unix://") and (config.redis_cluster or "+cluster" in config.redis):
+        raise ConfigError("--redis-cluster: Redis Cluster needs a redis:// or rediss:// URL")
 
 
 def _check(config: Config) -> None:

@@ -35,6 +35,7 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -62,6 +63,7 @@ __all__ = [
     "DEFAULT_REDIS_URL",
     "LIMIT_FIELDS",
     "split_redis_url",
+    "redacted_url",
     "connect",
     "new_api_key",
     "CreatedKey",
@@ -102,6 +104,23 @@ def split_redis_url(url: str, cluster: bool = False) -> Tuple[str, bool]:
         if url.startswith(scheme):
             return url.replace("+cluster", "", 1), True
     return url, cluster
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with any password (user info or query parameter) shown as ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "(unreadable URL)"
+    if password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc="%s:***@%s" % (parts.username or "", host))
+    if "password" in parts.query.lower():
+        query = [(k, "***" if "password" in k.lower() else v)
+                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="*/"))
+    return urlunsplit(parts)
 
 
 def connect(url: str = DEFAULT_REDIS_URL, *, cluster: bool = False,
@@ -367,6 +386,10 @@ class RedisEdge:
             client.script_load(CHECK_SCRIPT)
         except _EDGE_ERRORS as exc:
             raise EdgeUnavailable(type(exc).__name__) from exc
+        except redis.exceptions.ResponseError as exc:
+            # Redis answered but refused (an ACL without EVALSHA, a missing
+            # database): the reply says why and holds no secret.
+            raise EdgeUnavailable("%s: %s" % (type(exc).__name__, exc)) from exc
 
     def run_checks(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]] = ()
                    ) -> Tuple[List[object], int, int]:

@@ -8,8 +8,10 @@ connection is one task running :meth:`Gateway.handle_connection` over a
 :class:`~gateway.http.HTTPConnection`, and this module only moves bytes and
 applies time limits.
 
-An ingest request goes: head parsed and checked (route, length, framing, the
-sink's record keys and record size limit) ->
+An ingest request goes: head parsed and checked (route, length, framing) ->
+access control when ``--redis`` is on (API key, tenant status, rate limits and
+monthly quotas, all decided from the head: :mod:`gateway.access`) -> the
+sink's record keys and record size limit ->
 envelope written into a freshly reserved ring slot -> ``100 Continue`` if the
 client waits for it -> body received straight into the slot -> slot committed
 and handed to the sink -> ``202``.  Any :class:`~gateway.errors.RequestError`
@@ -24,13 +26,14 @@ let the sink store or give back what it holds.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import errno
 import json
 import socket as _stdlib_socket
 import sys
 import time
 import traceback
-from typing import List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, List, Optional, Set, Tuple
 
 import trio
 
@@ -42,7 +45,12 @@ from . import errors
 from .config import Config
 from .envelope import MAX_FIELD_BYTES, RecordIds, envelope
 from .http import CLOSED, NEED_DATA, HTTPConnection, RequestHead
+from .limiter import api_key_from_headers
+from .telemetry import Telemetry
 from .transport import SocketTransport, Transport
+
+if TYPE_CHECKING:
+    from .access import AccessControl
 
 __all__ = ["Gateway", "make_sink", "open_listener"]
 
@@ -100,6 +108,20 @@ def make_sink(config: Config, ring: WaitingRing) -> Sink:
                     flush_interval=config.flush_interval)
 
 
+def _report_access(line: str) -> None:
+    """Access control's rare state changes (Redis down, back): one stderr line each."""
+    print("sluice: access control: %s" % line, file=sys.stderr, flush=True)
+
+
+def make_access(config: Config) -> Optional[AccessControl]:
+    """The access control ``config`` asks for (``--redis``), or None when it is off."""
+    if not config.access_control:
+        return None
+    from .access import AccessConfig, AccessControl
+
+    return AccessControl(AccessConfig.from_config(config), report=_report_access)
+
+
 async def open_listener(host: str, port: int) -> trio.socket.SocketType:
     """A listening Trio socket bound to ``host:port``."""
     family = _stdlib_socket.AF_INET6 if ":" in host else _stdlib_socket.AF_INET
@@ -117,10 +139,13 @@ async def open_listener(host: str, port: int) -> trio.socket.SocketType:
 class Gateway:
     """One gateway process: ring, sink, connections."""
 
-    def __init__(self, config: Config, sink: Optional[Sink] = None) -> None:
+    def __init__(self, config: Config, sink: Optional[Sink] = None, *,
+                 access: Optional[AccessControl] = None) -> None:
         self.config = config
         self.ring = WaitingRing(RingBuffer(config.ring_size), max_wait=config.ring_wait)
         self.sink = sink if sink is not None else make_sink(config, self.ring)
+        #: None while access control is off (no ``--redis``): no API keys.
+        self.access = access if access is not None else make_access(config)
         self.pool = BufferPool(config.max_head + READAHEAD, keep=64)
         self.ids = RecordIds()
         self.connections = 0
@@ -133,6 +158,7 @@ class Gateway:
         self.accepted = 0
         self.errors = 0
         self.internal_errors = 0
+        self.telemetry = Telemetry()
 
     # -- serving ---------------------------------------------------------
 
@@ -141,9 +167,13 @@ class Gateway:
         """Serve until :meth:`drain`; ``task_status.started`` gets the bound address."""
         if listeners is None:
             listeners = [await open_listener(*self.config.listen)]
+        self.telemetry.install()
         try:
             async with trio.open_nursery() as sink_nursery:
                 await sink_nursery.start(self.sink.run)
+                if self.access is not None:
+                    # Returns after one probe of Redis, answered or not.
+                    await sink_nursery.start(self.access.run)
                 async with trio.open_nursery() as connections:
                     self._conn_scope = connections.cancel_scope
                     with trio.CancelScope() as accept_scope:
@@ -156,8 +186,11 @@ class Gateway:
                             task_status.started(listeners[0].getsockname())
                     for listener in listeners:
                         listener.close()
+                if self.access is not None:
+                    await self.access.aclose()
                 await self.sink.aclose()
         finally:
+            self.telemetry.uninstall()
             for listener in listeners:
                 listener.close()
 
@@ -248,13 +281,16 @@ class Gateway:
             if head is None:
                 return False
             self.requests += 1
+            parsed = time.perf_counter()
             status, body = await self._route(head, conn, transport)
+            routed = time.perf_counter()
         except errors.RequestError as exc:
             self.errors += 1
             await self._answer_error(conn, transport, exc)
             return False
         close = self.draining
         await transport.send_all(conn.respond(status, _JSON, body, close=close))
+        self.telemetry.answered(status, parsed, routed, time.perf_counter())
         return not close and conn.next_cycle()
 
     async def _read_head(self, conn: HTTPConnection, transport: Transport) -> Optional[RequestHead]:
@@ -301,14 +337,19 @@ class Gateway:
         if action == "healthz":
             return 200, b'{"status":"ok"}'
         ready, reason = self.readiness()
-        if ready:
-            return 200, b'{"status":"ready"}'
-        return 503, json.dumps({"status": "not_ready", "reason": reason}).encode()
+        doc = {"status": "ready"} if ready else {"status": "not_ready", "reason": reason}
+        if self.access is not None:
+            doc["redis"] = self.access.redis_state
+        return (200 if ready else 503), json.dumps(doc, separators=(",", ":")).encode()
 
     def readiness(self) -> Tuple[bool, str]:
         """Whether this process takes records now, and why not."""
         if self.draining:
             return False, "shutting down"
+        access = self.access
+        if access is not None and not access.ready:
+            return False, "access control: Redis %s (--on-redis-failure closed)" % (
+                "unreachable" if access.redis_state == "down" else "not reached yet")
         ready, reason = self.sink.ready()
         if not ready:
             return False, "sink: " + reason
@@ -318,6 +359,7 @@ class Gateway:
 
     async def _ingest(self, head: RequestHead, conn: HTTPConnection,
                       transport: Transport) -> Tuple[int, bytes]:
+        parsed = time.perf_counter()
         config = self.config
         head.require_body_framing()
         length = head.content_length
@@ -327,10 +369,31 @@ class Gateway:
         for value in (head.content_type, head.content_encoding):
             if value is not None and len(value) > MAX_FIELD_BYTES:
                 raise errors.BadRequest("header value longer than %d bytes" % MAX_FIELD_BYTES)
+        access = self.access
+        if access is None:
+            return await self._store(head, conn, transport, None, parsed)
+        # Decided from the head alone, before a ring slot is reserved and
+        # before 100 Continue: a refused client uploads nothing.  The cost is
+        # the declared Content-Length; a chunked body costs 0 bytes here and
+        # its size is added to the month's usage once it is stored.
+        admission = await access.check(api_key_from_headers(head.headers), length or 0)
+        try:
+            return await self._store(head, conn, transport, admission.tenant, parsed)
+        except BaseException:
+            # Not stored: take back the record and bytes the check counted.
+            access.add_usage(admission.tenant, -1, -(length or 0))
+            raise
+
+    async def _store(self, head: RequestHead, conn: HTTPConnection, transport: Transport,
+                     tenant_name: Optional[str], parsed: float) -> Tuple[int, bytes]:
+        """Reserve a ring slot, receive the body into it, hand the record to the sink."""
+        config = self.config
+        length = head.content_length
+        tenant = tenant_name.encode("ascii") if tenant_name is not None else None
         now_ms = int(time.time() * 1000)
         record_id = self.ids.next(now_ms)
-        partition_key, hash_key, key_bytes = self.sink.record_keys(record_id, None, head.header)
-        meta = envelope(record_id, None, now_ms, head.content_type, head.content_encoding)
+        partition_key, hash_key, key_bytes = self.sink.record_keys(record_id, tenant, head.header)
+        meta = envelope(record_id, tenant, now_ms, head.content_type, head.content_encoding)
         offset = len(meta)
         room = config.max_body
         limit = self.sink.max_record_bytes
@@ -359,13 +422,17 @@ class Gateway:
             if scope.cancelled_caught:
                 raise errors.RequestTimeout("body not received in %gs" % config.body_timeout)
             ring.commit(slot, offset + filled)
+            received, used = time.perf_counter(), ring.used
             ring.hand_off(slot)
-            extra = await self.sink.put(Record(record_id, slot, partition_key=partition_key,
+            extra = await self.sink.put(Record(record_id, slot, tenant, partition_key=partition_key,
                                                explicit_hash_key=hash_key))
+            self.telemetry.ingested(parsed, received, time.perf_counter(), used)
         except BaseException:
             self.ring.release(slot)
             raise
         self.accepted += 1
+        if tenant_name is not None and length is None and self.access is not None:
+            self.access.add_usage(tenant_name, 0, filled)
         if extra:
             doc = {"id": record_id}
             doc.update(extra)
@@ -405,8 +472,8 @@ class Gateway:
                 discarded += count
 
     def statistics(self) -> dict:
-        """A snapshot of the gateway's counters."""
-        return {
+        """A snapshot of the gateway's counters and telemetry (see README, Telemetry)."""
+        return self.telemetry.add_statistics({
             "connections": self.connections,
             "requests": self.requests,
             "accepted": self.accepted,
@@ -415,4 +482,5 @@ class Gateway:
             "ring": self.ring.statistics(),
             "sink": self.sink.statistics(),
             "receive_buffers": self.pool.statistics(),
-        }
+            "access": dataclasses.asdict(self.access.statistics()) if self.access is not None else None,
+        })

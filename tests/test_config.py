@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from gateway.config import (
+    ACCESS_SETTINGS,
     SETTINGS,
     Config,
     ConfigError,
@@ -15,7 +16,9 @@ from gateway.config import (
     from_args,
     parse_duration,
     parse_listen,
+    parse_redis_url,
     parse_size,
+    parse_switch,
 )
 from gateway.envelope import MAX_ENVELOPE_BYTES
 from gateway.http import DEFAULT_MAX_HEAD
@@ -46,9 +49,11 @@ def test_defaults():
 def test_every_setting_has_a_flag_and_an_env_var():
     names = {s.name for s in SETTINGS}
     assert names == set(Config.__dataclass_fields__)
+    # The Redis URL's variable is the one the keys and tenants commands read too.
+    renamed = {"redis": "SLUICE_REDIS_URL"}
     for setting in SETTINGS:
         assert setting.flag == "--" + setting.name.replace("_", "-")
-        assert setting.env == "SLUICE_" + setting.name.upper()
+        assert setting.env == renamed.get(setting.name, "SLUICE_" + setting.name.upper())
 
 
 def test_environment_sets_values():
@@ -224,3 +229,61 @@ def test_config_is_frozen():
     config = from_args([], {})
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.ring_size = 1  # type: ignore[misc]
+
+
+# -- access control ------------------------------------------------------------------
+
+
+def test_access_control_is_off_by_default():
+    config = from_args([], {})
+    assert not config.access_control and config.redis == ""
+    assert (config.on_redis_failure, config.redis_timeout, config.key_cache_ttl) == ("closed", 0.25, 5.0)
+
+
+def test_access_settings_from_flags_and_environment():
+    config = from_args(["--redis", "redis://:pw@10.0.0.5:6380/2", "--redis-cluster",
+                        "--on-redis-failure", "open", "--redis-timeout", "100ms",
+                        "--key-cache-ttl", "2s", "--stale-key-ttl", "10m", "--instance-count", "4"], {})
+    assert config.access_control and config.redis_cluster
+    assert (config.on_redis_failure, config.redis_timeout, config.key_cache_ttl,
+            config.stale_key_ttl, config.instance_count) == ("open", 0.1, 2.0, 600.0, 4)
+    assert "pw" not in repr(config)
+    config = from_args([], {"SLUICE_REDIS_URL": "rediss+cluster://127.0.0.1:7000",
+                            "SLUICE_REDIS_CLUSTER": "false", "SLUICE_INSTANCE_COUNT": "2"})
+    assert config.redis == "rediss+cluster://127.0.0.1:7000"
+    assert not config.redis_cluster and config.instance_count == 2
+
+
+@pytest.mark.parametrize("name", ACCESS_SETTINGS)
+def test_access_settings_without_redis_are_refused(name):
+    setting = {s.name: s for s in SETTINGS}[name]
+    value = "true" if setting.switch else setting.default
+    with pytest.raises(ConfigError) as info:
+        from_args([], {setting.env: value})
+    assert str(info.value).startswith(setting.env + ": needs --redis")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1", True), ("true", True), ("YES", True), ("on", True),
+    ("0", False), ("false", False), ("No", False), ("off", False), ("", False),
+])
+def test_parse_switch(text, expected):
+    assert parse_switch(text) is expected
+
+
+@pytest.mark.parametrize("text", [
+    "redis://127.0.0.1:6379/0", "rediss://user:pw@redis.internal:6380/1",
+    "redis+cluster://127.0.0.1:7000", "unix:///run/redis.sock?db=1", "",
+])
+def test_parse_redis_url(text):
+    assert parse_redis_url(text) == text
+
+
+@pytest.mark.parametrize("text", [
+    "http://127.0.0.1", "127.0.0.1:6379", "redis://:secret@host:port/0",
+    "redis://h/0?socket_timeout=soon", "rediss://h/0?ssl_ca_certs=/no/such/file.pem",
+])
+def test_parse_redis_url_refuses_without_repeating_the_url(text):
+    with pytest.raises(ValueError) as info:
+        parse_redis_url(text)
+    assert "secret" not in str(info.value)

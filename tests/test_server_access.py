@@ -1,0 +1,200 @@
+"""The server's use of access control, without sockets or Redis.
+
+A :class:`FakeEdge` stands in for Redis behind a real
+:class:`~gateway.access.AccessControl`: it answers each check the way the
+check script would (a reply per key) and keeps the usage handed to it.
+Connections are memory transports, so each test sees exactly what the server
+sent, and whether a ``100 Continue`` went out before a refusal.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple
+
+import pytest
+import trio
+
+from gateway import keystore
+from gateway.access import AccessConfig, AccessControl
+from gateway.config import from_args
+from gateway.keystore import EdgeUnavailable
+from gateway.limiter import ScriptCall, UsageDelta, parse_api_key
+from gateway.server import Gateway
+from sinks.base import HeaderLookup, Record, RecordKeys
+from sinks.keys import KeyPolicy
+from tests.support.units import (
+    SMALL_FLAGS,
+    ContinueClient,
+    RecordingSink,
+    chunked,
+    parse_responses,
+    post,
+    serve,
+    split_record,
+)
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+KEY = keystore.new_api_key("ACME")
+NO_LIMITS = b"0 0 0 0 0 0"
+#: Script replies by outcome (see gateway.limiter.CHECK_SCRIPT).
+REPLIES = {
+    "ok": [b"ok", b"k1", NO_LIMITS, 0, b"0", 1, 10],
+    "unknown": [b"unknown"],
+    "revoked": [b"revoked", b"k1"],
+    "disabled": [b"disabled", b"k1"],
+    "rate": [b"rate", b"k1", b"2 5 0 0 0 0", b"requests", b"0.4", 0, b"2.5"],
+    "quota": [b"quota", b"k1", b"0 0 0 0 10 0", b"monthly_records", 10, 10, 0],
+}
+
+
+class FakeEdge:
+    """Redis as the access layer sees it: one canned reply for every check."""
+
+    def __init__(self, outcome: str = "ok", *, down: bool = False) -> None:
+        self.outcome = outcome
+        self.down = down
+        self.calls: List[ScriptCall] = []
+        self.usage: List[UsageDelta] = []
+
+    def probe(self) -> None:
+        if self.down:
+            raise EdgeUnavailable("ConnectionError")
+
+    def run_checks(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]] = ()
+                   ) -> Tuple[List[object], int, int]:
+        if self.down:
+            raise EdgeUnavailable("ConnectionError")
+        self.calls.extend(calls)
+        self.usage.extend(delta for delta, _ in usage)
+        return [list(REPLIES[self.outcome]) for _ in calls], 1, 0
+
+    def close(self) -> None:
+        pass
+
+    def usage_total(self) -> Tuple[int, int]:
+        return sum(d.records for d in self.usage), sum(d.bytes for d in self.usage)
+
+
+class TenantKeySink(RecordingSink):
+    """A recording sink that keys records as the Kinesis sink does with ``--partition-key tenant``."""
+
+    def __init__(self, release) -> None:
+        super().__init__(release)
+        self.policy = KeyPolicy("tenant")
+        self.tenants: List[Optional[bytes]] = []
+        self.keys: List[Optional[str]] = []
+        self.on_put = self._seen
+
+    def record_keys(self, record_id: str, tenant: Optional[bytes], header: HeaderLookup) -> RecordKeys:
+        return self.policy.keys(record_id, tenant, header)
+
+    def _seen(self, record: Record) -> None:
+        self.tenants.append(record.tenant)
+        self.keys.append(record.partition_key)
+
+
+@asynccontextmanager
+async def gateway_with(edge: FakeEdge, **options) -> AsyncIterator[Tuple[Gateway, TenantKeySink]]:
+    config = from_args(list(SMALL_FLAGS), {})
+    holder: Dict[str, Gateway] = {}
+    sink = TenantKeySink(lambda slot: holder["gateway"].ring.release(slot))
+    access = AccessControl(AccessConfig(redis_url="redis://127.0.0.1:1/0", **options), edge=edge)
+    gateway = holder["gateway"] = Gateway(config, sink, access=access)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(access.run)
+        yield gateway, sink
+        await access.aclose()
+
+
+def with_key(body: bytes, *, expect: bool = False, key: str = KEY) -> bytes:
+    headers = [(b"Authorization", b"Bearer " + key.encode())]
+    if expect:
+        headers.append((b"Expect", b"100-continue"))
+    return post(body, headers=headers)
+
+
+async def test_admitted_record_names_its_tenant_in_envelope_record_and_partition_key():
+    edge = FakeEdge()
+    async with gateway_with(edge) as (gateway, sink):
+        request = with_key(b"hello", expect=True)
+        transport = ContinueClient(request[:-5], [b"hello"])
+        await gateway.handle_connection(transport)
+    assert [r.status for r in parse_responses(transport.sent)] == [100, 202]
+    meta, body = split_record(sink.records[0])
+    assert (meta["tenant"], body) == ("ACME", b"hello")
+    assert sink.tenants == [b"ACME"] and sink.keys == ["ACME"]
+    parsed = parse_api_key(KEY)
+    assert parsed is not None and edge.calls[0].args[1] == "5"  # charged the Content-Length
+    assert edge.calls[0].keys[0].endswith(parsed.key_hash)
+
+
+@pytest.mark.parametrize("outcome, status", [
+    ("unknown", 401), ("revoked", 401), ("disabled", 403), ("rate", 429), ("quota", 429),
+])
+async def test_refusals_are_answered_before_100_continue(outcome, status):
+    async with gateway_with(FakeEdge(outcome)) as (gateway, sink):
+        # The head alone: an admitted request would get 100 Continue and wait.
+        transport = await serve(gateway, [with_key(b"never sent", expect=True)[:-10]])
+        assert gateway.ring.ring.statistics()["used"] == 0
+    responses = parse_responses(transport.sent)
+    assert [r.status for r in responses] == [status]
+    assert CONTINUE not in bytes(transport.sent)
+    assert sink.records == []
+    if outcome == "rate":
+        headers = dict(responses[0].headers)
+        assert (headers[b"retry-after"], headers[b"ratelimit-limit"],
+                headers[b"ratelimit-remaining"], headers[b"ratelimit-reset"]) == (b"1", b"5", b"0", b"3")
+    assert KEY.encode() not in bytes(transport.sent)
+
+
+async def test_missing_key_never_reaches_redis():
+    edge = FakeEdge()
+    async with gateway_with(edge) as (gateway, _):
+        transport = await serve(gateway, [post(b"x")])
+    assert [r.status for r in parse_responses(transport.sent)] == [401]
+    assert edge.calls == []
+
+
+async def test_usage_of_a_request_not_stored_is_given_back():
+    edge = FakeEdge()
+    async with gateway_with(edge) as (gateway, sink):
+        transport = await serve(gateway, [with_key(b"0123456789")[:-4]])  # body cut short
+    assert [r.status for r in parse_responses(transport.sent)] == [400]
+    assert sink.records == []
+    # The check charged 1 record and 10 bytes in Redis; the flush at close takes them back.
+    assert edge.usage_total() == (-1, -10)
+
+
+async def test_chunked_body_is_charged_its_size_after_it_is_stored():
+    edge = FakeEdge()
+    headers = [(b"Authorization", b"Bearer " + KEY.encode())]
+    async with gateway_with(edge) as (gateway, sink):
+        transport = await serve(gateway, [chunked([b"abc", b"defgh"], headers=headers)])
+    assert [r.status for r in parse_responses(transport.sent)] == [202]
+    assert edge.calls[0].args[1] == "0"  # unknown at the check
+    assert edge.usage_total() == (0, 8)
+
+
+async def test_chunked_usage_reaches_redis_without_further_requests():
+    edge = FakeEdge()
+    headers = [(b"Authorization", b"Bearer " + KEY.encode())]
+    async with gateway_with(edge, usage_flush_interval=0.01) as (gateway, _):
+        await serve(gateway, [chunked([b"abcd"], headers=headers)])
+        with trio.fail_after(5):
+            while edge.usage_total() != (0, 4):
+                await trio.sleep(0.01)
+
+
+async def test_redis_down_in_closed_mode_answers_503_and_is_not_ready():
+    edge = FakeEdge(down=True)
+    async with gateway_with(edge, backoff_initial=10.0) as (gateway, _):
+        transport = await serve(gateway, [with_key(b"x")])
+        assert gateway.readiness() == (
+            False, "access control: Redis unreachable (--on-redis-failure closed)")
+        readyz = await serve(gateway, [b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n"])
+    (response,) = parse_responses(transport.sent)
+    assert response.status == 503 and response.json()["error"] == "access_unavailable"
+    assert response.header(b"retry-after") == b"1"
+    (ready,) = parse_responses(readyz.sent)
+    assert ready.status == 503 and ready.json()["redis"] == "down"
