@@ -282,7 +282,7 @@ class Gateway:
                 return False
             self.requests += 1
             parsed = time.perf_counter()
-            status, body = await self._route(head, conn, transport)
+            status, body = await self._route(head, conn, transport, parsed)
             routed = time.perf_counter()
         except errors.RequestError as exc:
             self.errors += 1
@@ -320,7 +320,7 @@ class Gateway:
         return head
 
     async def _route(self, head: RequestHead, conn: HTTPConnection,
-                     transport: Transport) -> Tuple[int, bytes]:
+                     transport: Transport, parsed: float) -> Tuple[int, bytes]:
         methods = _ROUTES.get(head.path)
         if methods is None:
             raise errors.NotFound("no route %s" % head.path.decode("latin-1"))
@@ -328,7 +328,7 @@ class Gateway:
         if action is None:
             raise errors.MethodNotAllowed(_ALLOW[head.path], "use %s" % _ALLOW[head.path].decode())
         if action == "ingest":
-            return await self._ingest(head, conn, transport)
+            return await self._ingest(head, conn, transport, parsed)
         if head.content_length or head.chunked:
             raise errors.BadRequest("%s takes no body" % head.path.decode())
         # Close the (empty) request body in h11 too, or the connection could
@@ -358,8 +358,7 @@ class Gateway:
         return True, "ok"
 
     async def _ingest(self, head: RequestHead, conn: HTTPConnection,
-                      transport: Transport) -> Tuple[int, bytes]:
-        parsed = time.perf_counter()
+                      transport: Transport, parsed: float) -> Tuple[int, bytes]:
         config = self.config
         head.require_body_framing()
         length = head.content_length
