@@ -28,6 +28,15 @@ def test_put_records_limits() -> None:
     assert check_put_records(too_many)[1] is not None
 
 
+def test_put_records_stub_counts_what_the_sink_sends() -> None:
+    from sinks.putrecords import PutRecordsBatch
+
+    batch = PutRecordsBatch("logs")
+    for i in range(3):
+        batch.add(b"x" * (100 * i), "k%d" % i)
+    assert check_put_records(bytes(batch.body())) == (3, None)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="the harness reads /proc")
 def test_smoke_run_writes_report(tmp_path) -> None:
     out = tmp_path / "results"

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--redis", choices=("auto", "off"), default="auto",
                    help="auto: access control with a real redis-server when the gateway has --redis")
     p.add_argument("--tracemalloc", action="store_true", help="CPython gateway: run tracemalloc (slower)")
+    p.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for sluice serve, repeatable (e.g. --gateway-arg=--ack=received)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--cache", default=os.path.join(servers.ROOT, ".bench-peers"))
     p.add_argument("--out", default=None, help="results directory (default bench/results/TIMESTAMP)")
@@ -127,7 +129,7 @@ def _start(name: str, label: str, python: str, args: argparse.Namespace, case_di
     if name == label:
         return servers.start_gateway(python, args.sink, case_dir, probe_file=probe_file,
                                      tracemalloc=args.tracemalloc, kinesis_url=kinesis_url,
-                                     redis_url=redis_url)
+                                     redis_url=redis_url, extra=args.gateway_arg)
     return servers.start_peer(name, case_dir, args.cache)
 
 

@@ -38,13 +38,15 @@ def check_put_records(body: bytes) -> Tuple[int, Optional[str]]:
         return 0, "request over 5 MiB"
     count, pos = 0, 0
     while count <= MAX_RECORDS:
-        start = body.find(b'"Data":"', pos)
-        if start < 0:
+        # botocore (and Sluice) write '"Data": "'; other encoders drop the space.
+        key = body.find(b'"Data":', pos)
+        if key < 0:
             break
-        end = body.find(b'"', start + 8)
+        start = body.find(b'"', key + 7)
+        end = body.find(b'"', start + 1) if start >= 0 else -1
         if end < 0:
             return count, "unterminated Data"
-        if (end - start - 8) * 3 // 4 > MAX_RECORD:
+        if (end - start - 1) * 3 // 4 > MAX_RECORD:
             return count, "record over 1 MiB"
         count += 1
         pos = end + 1
