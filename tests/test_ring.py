@@ -569,3 +569,40 @@ async def test_waiting_reserve_refuses_impossible_sizes_even_while_others_wait(s
     assert got[0].size == 10
     wring.release(got[0])
     assert wring.statistics()["waiting"] == 0 and wring.ring.used == 0
+
+
+def test_a_ring_that_never_empties_keeps_writing_the_same_pages() -> None:
+    # Records held for a while (a sink batching) keep the ring from ever
+    # emptying; it still goes back to offset 0 once the first WRAP_AT bytes
+    # are free, so the pages it makes resident stay near WRAP_AT.
+    from collections import deque
+
+    from buffers.ring import WRAP_AT
+
+    ring = RingBuffer(32 * 1024 * 1024)
+    held: deque = deque()
+    highest = 0
+    for i in range(20000):
+        slot = ring.reserve(1024 + (i * 7919) % 60000)
+        highest = max(highest, slot.offset + slot.size)
+        ring.commit(slot, slot.size)
+        ring.hand_off(slot)
+        held.append(slot)
+        if len(held) > 50:
+            ring.release(held.popleft())
+    assert ring.live == 50
+    assert highest <= WRAP_AT + 52 * 61024
+
+
+def test_after_an_early_wrap_a_burst_still_gets_the_whole_buffer() -> None:
+    from buffers.ring import WRAP_AT
+
+    ring = RingBuffer(4 * WRAP_AT)
+    first = ring.reserve(WRAP_AT)
+    second = ring.reserve(1024)
+    ring.release(first)
+    wrapped = ring.reserve(1024)  # the start is free: back to offset 0
+    assert wrapped.offset == 0
+    ring.release(second)
+    # The end of the buffer comes back once the slot before the wrap is gone.
+    assert ring.can_reserve(4 * WRAP_AT - 1024)
