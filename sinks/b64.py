@@ -214,7 +214,7 @@ class Base64Writer:
     ``"cffi"`` (raises `BackendUnavailable` if it cannot) or ``"python"``.
     """
 
-    def __init__(self, out: bytearray, *, backend: str = AUTO) -> None:
+    def __init__(self, out: Any, *, backend: str = AUTO) -> None:
         self.backend = _resolve(backend)
         self._out = Source(out, self.backend, writable=True)
         self.capacity = self._out.nbytes

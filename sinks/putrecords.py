@@ -31,6 +31,7 @@ classes, so the sender has one tree to decide on.
 from __future__ import annotations
 
 import json
+import mmap
 import re
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
@@ -200,7 +201,11 @@ class _Batch:
         per_record = len(_OPEN_NEXT) + max_record_tail + _B64_SLACK_PER_RECORD
         capacity = (len(head) + len(tail) + NUL_SLACK
                     + encoded_length(max_bytes) + max_records * per_record)
-        self._buf = bytearray(capacity)
+        # An anonymous mmap rather than a bytearray: a bytearray is zeroed,
+        # so every page of the largest possible request (megabytes, per
+        # batch in flight) would be resident from the start; the kernel gives
+        # an mmap's pages only as batches first reach them.
+        self._buf: Any = mmap.mmap(-1, capacity)
         self._view = memoryview(self._buf)
         self._writer = Base64Writer(self._buf, backend=backend)
         self.backend = self._writer.backend
@@ -247,7 +252,11 @@ class _Batch:
         return self._view[:end]
 
     def close(self) -> None:
-        """Release the body buffer's export."""
+        """Release the body buffer's export.
+
+        The buffer itself goes with the batch: a call abandoned on a timeout
+        may still hold a view of its body.
+        """
         self._writer.close()
 
     def _admit(self, size: int) -> bool:
