@@ -6,8 +6,11 @@ Theory of operation
 queues the request's script call (see :mod:`gateway.limiter`) on a bounded
 channel.  :meth:`AccessControl.run` takes whatever has queued (up to
 ``batch_max_checks``) as one batch and sends it as one pipeline per Redis
-node from a worker thread (:class:`gateway.keystore.RedisEdge`: sync
-redis-py, since ``redis.asyncio`` does not run under trio).  While a batch is
+node: for one server from the event loop
+(:class:`gateway.redis_async.AsyncRedisEdge`), for a cluster from a worker
+thread (:class:`gateway.keystore.RedisEdge`: sync redis-py, since
+``redis.asyncio`` does not run under trio).  Checks of one key in a batch
+are one script call (:meth:`AccessControl._execute`).  While a batch is
 in flight the next one fills up, so under load one round trip carries many
 checks, and at low load a check waits only for its own round trip.  At most
 ``max_concurrent_batches`` pipelines are in flight.
@@ -56,8 +59,11 @@ from .errors import AccessUnavailable, Unauthorized
 from .keystore import EdgeUnavailable, RedisEdge
 from .limiter import (
     ADMITTED,
+    DISABLED,
     QUOTA,
     RATE,
+    REVOKED,
+    UNKNOWN,
     Admission,
     Decision,
     LocalLimiter,
@@ -68,6 +74,8 @@ from .limiter import (
     decide,
     parse_api_key,
 )
+from .redis_async import AsyncRedisEdge
+from .telemetry import Histogram
 
 if TYPE_CHECKING:
     from .config import Config
@@ -81,11 +89,25 @@ __all__ = [
     "AccessStatistics",
     "Edge",
     "AccessControl",
+    "DECISIONS",
+    "REDIS_BATCH_BOUNDS",
 ]
 
 STARTING = "starting"
 OK = "ok"
 DOWN = "down"
+
+#: What :meth:`AccessControl.check` decided, counted in
+#: :meth:`AccessControl.decisions`: admitted by Redis, admitted by the local
+#: limiter (fail-open), or refused and why, or unavailable (503).
+DECISIONS = ("admitted", "admitted_local", "missing_key", "malformed_key", "unknown_key",
+             "revoked_key", "tenant_disabled", "rate_limited", "quota_exceeded", "unavailable")
+_DECISION_OF = {ADMITTED: "admitted", UNKNOWN: "unknown_key", REVOKED: "revoked_key",
+                DISABLED: "tenant_disabled", RATE: "rate_limited", QUOTA: "quota_exceeded"}
+#: Bucket bounds (seconds) of the Redis batch round-trip histogram: a
+#: pipelined check takes about a millisecond; the default --redis-timeout is
+#: 250 ms and the longest 30 s.
+REDIS_BATCH_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass(frozen=True)
@@ -229,18 +251,49 @@ class _KeyEntry:
 class _Pending:
     """One queued check; ``event`` is set once ``decision`` or ``failed`` is."""
 
-    __slots__ = ("key", "call", "now", "event", "decision", "failed", "abandoned",
+    __slots__ = ("key", "body_bytes", "now", "event", "decision", "failed", "abandoned",
                  "local_usage")
 
-    def __init__(self, key: ParsedKey, call: ScriptCall, now: float) -> None:
+    def __init__(self, key: ParsedKey, body_bytes: int, now: float) -> None:
         self.key = key
-        self.call = call
+        self.body_bytes = body_bytes
         self.now = now
         self.event = trio.Event()
         self.decision: Optional[Decision] = None
         self.failed = False
         self.abandoned = False
         self.local_usage: Optional[UsageDelta] = None
+
+
+def _by_key(live: Sequence[_Pending]) -> List[List[_Pending]]:
+    """``live`` grouped by API key, in order of first appearance."""
+    groups: Dict[str, List[_Pending]] = {}
+    for p in live:
+        group = groups.get(p.key.key_hash)
+        if group is None:
+            groups[p.key.key_hash] = [p]
+        else:
+            group.append(p)
+    return list(groups.values())
+
+
+def _group_call(group: Sequence[_Pending]) -> ScriptCall:
+    """One script call for every check in ``group`` (all of one key)."""
+    if len(group) == 1:
+        p = group[0]
+        return check_call(p.key, p.body_bytes, p.now)
+    return check_call(group[0].key, sum(p.body_bytes for p in group), max(p.now for p in group),
+                      records=len(group), strict=True)
+
+
+def _limited(reply: object) -> bool:
+    """Whether a script reply is a refusal for a rate or a quota."""
+    if isinstance(reply, Exception) or not isinstance(reply, (list, tuple)) or not reply:
+        return False
+    outcome = reply[0]
+    if isinstance(outcome, bytes):
+        outcome = outcome.decode("ascii", "replace")
+    return outcome in (RATE, QUOTA)
 
 
 class AccessControl:
@@ -259,22 +312,34 @@ class AccessControl:
         self._closed = False
         self._last_failure = ""
         url, cluster = keystore.split_redis_url(config.redis_url, config.redis_cluster)
-        self._edge: Edge = edge if edge is not None else RedisEdge(
-            url, cluster=cluster, socket_timeout=config.socket_timeout)
+        # One server: pipelines from the event loop.  A cluster: redis-py's
+        # slot map and connections, from worker threads.
+        if edge is not None:
+            self._edge: Any = edge
+        elif cluster:
+            self._edge = RedisEdge(url, cluster=True, socket_timeout=config.socket_timeout)
+        else:
+            self._edge = AsyncRedisEdge(url, socket_timeout=config.socket_timeout)
+        self._edge_is_async = bool(getattr(self._edge, "is_async", False))
         self._clock = clock
         self._send, self._receive = trio.open_memory_channel(config.max_queued_checks)
         self._batch_slots = trio.Semaphore(config.max_concurrent_batches)
         self._threads = trio.CapacityLimiter(config.max_concurrent_batches + 1)
         self._state = STARTING
         self._need_recovery = trio.Event()
-        self._inflight: Dict[int, float] = {}  # pipeline id -> trio time sent
+        self._inflight: Dict[object, float] = {}  # pipeline token -> trio time sent
         self._keys: Dict[str, _KeyEntry] = {}
+        #: presented key -> its parse, for keys that parse (bounded like _keys).
+        self._parsed: Dict[bytes, ParsedKey] = {}
         self._refusals: Dict[str, Tuple[Decision, int, float]] = {}
         self._local = LocalLimiter(config.instance_count, config.key_cache_size)
         self._counts = dict.fromkeys(
             ("checks", "admitted", "admitted_local", "refused", "unavailable",
              "key_cache_hits", "refusal_cache_hits", "redis_checks", "batches",
              "pipelines", "script_loads", "timeouts", "redis_failures"), 0)
+        self._decisions = dict.fromkeys(DECISIONS, 0)
+        #: Seconds from a batch of checks sent to Redis to all its answers back.
+        self.batch_seconds = Histogram(REDIS_BATCH_BOUNDS)
 
     # -- readiness and statistics -------------------------------------------
 
@@ -286,6 +351,10 @@ class AccessControl:
     def ready(self) -> bool:
         """Whether requests can be served (fail-open serves without Redis)."""
         return self._state == OK or self.config.on_redis_failure == "open"
+
+    def decisions(self) -> Dict[str, int]:
+        """Decisions since start, by outcome (:data:`DECISIONS`)."""
+        return dict(self._decisions)
 
     def statistics(self) -> AccessStatistics:
         records, nbytes = self._local.pending_usage()
@@ -302,25 +371,35 @@ class AccessControl:
         now = self._clock()
         if not api_key:
             counts["refused"] += 1
+            self._decisions["missing_key"] += 1
             raise Unauthorized("missing API key")
-        key = parse_api_key(api_key)
+        key = self._parsed.get(api_key)
+        if key is None:
+            # Hashing a key costs microseconds on PyPy; the presented bytes
+            # map to the same parse every time.
+            key = parse_api_key(api_key)
+            if key is not None:
+                self._bounded_put(self._parsed, bytes(api_key), key)
         if key is None:
             counts["refused"] += 1
+            self._decisions["malformed_key"] += 1
             raise Unauthorized("malformed API key")
         entry = self._keys.get(key.key_hash)
         if entry is not None and now - entry.checked_at < self.config.key_cache_ttl:
             if entry.decision.outcome not in (ADMITTED, RATE, QUOTA):
                 counts["key_cache_hits"] += 1
                 counts["refused"] += 1
+                self._decisions[_DECISION_OF[entry.decision.outcome]] += 1
                 raise entry.decision.error(now)
             refusal = self._refusals.get(key.tenant)
             if refusal is not None and now < refusal[2] and body_bytes >= refusal[1]:
                 counts["refusal_cache_hits"] += 1
                 counts["refused"] += 1
+                self._decisions[_DECISION_OF[refusal[0].outcome]] += 1
                 raise refusal[0].error(now)
         if self._state != OK:
             return self._unavailable(key, entry, body_bytes, now)
-        pending = _Pending(key, check_call(key, body_bytes, now), now)
+        pending = _Pending(key, body_bytes, now)
         with trio.move_on_after(self.config.check_timeout):
             await self._send.send(pending)
             await pending.event.wait()
@@ -335,6 +414,7 @@ class AccessControl:
 
     def _apply(self, key: ParsedKey, decision: Decision, body_bytes: int) -> Admission:
         self._remember(key.key_hash, decision)
+        self._decisions[_DECISION_OF[decision.outcome]] += 1
         if decision.admitted:
             self._counts["admitted"] += 1
             return decision.admission()
@@ -363,7 +443,7 @@ class AccessControl:
         return bool(started) and (
             min(started) <= trio.current_time() - self.config.check_timeout / 2)
 
-    def _bounded_put(self, cache: Dict[str, Any], key: str, value: Any) -> None:
+    def _bounded_put(self, cache: Dict[Any, Any], key: Any, value: Any) -> None:
         if key not in cache and len(cache) >= self.config.key_cache_size:
             del cache[next(iter(cache))]
         cache[key] = value
@@ -379,12 +459,15 @@ class AccessControl:
             decision = self._local.check(key.tenant, known.key_id, known.limits, body_bytes, now)
             if decision.admitted:
                 self._counts["admitted_local"] += 1
+                self._decisions["admitted_local"] += 1
                 if pending is not None:
                     pending.local_usage = UsageDelta.for_request(key.tenant, body_bytes, now)
                 return decision.admission("local")
             self._counts["refused"] += 1
+            self._decisions[_DECISION_OF[decision.outcome]] += 1
             raise decision.error(now)
         self._counts["unavailable"] += 1
+        self._decisions["unavailable"] += 1
         raise AccessUnavailable("access control unavailable",
                                 retry_after=config.unavailable_retry_after)
 
@@ -464,7 +547,15 @@ class AccessControl:
             self._batch_slots.release()
 
     async def _execute(self, live: List[_Pending]) -> None:
-        """One pipeline: the checks of ``live`` plus any usage counted locally."""
+        """One pipeline: the checks of ``live`` plus any usage counted locally.
+
+        Checks of one key are sent as one script call for all of them (their
+        records and bytes summed, see :func:`~gateway.limiter.check_call`'s
+        ``strict``).  Admitted, every one is admitted, as it would have been
+        one after the other; refused for a rate or quota, they are asked
+        again one by one, so a group never gets less than the requests alone
+        would have.
+        """
         if self._state != OK:
             self._fail(live)
             return
@@ -474,36 +565,67 @@ class AccessControl:
         now = self._clock()
         # TTLs, not EXPIREAT: Redis's own clock need not agree with ours.
         usage_ttls = [(d, max(1, int(d.expire_at - now))) for d in usage]
-        token = id(live)
-        self._inflight[token] = trio.current_time()
+        groups = _by_key(live)
+        results = await self._pipeline([_group_call(g) for g in groups], usage_ttls, live, usage)
+        if results is None:
+            return
+        again: List[_Pending] = []
+        for group, reply in zip(groups, results):
+            if len(group) > 1 and _limited(reply):
+                again.extend(group)
+            else:
+                self._settle(group, reply)
+        if again:
+            results = await self._pipeline([check_call(p.key, p.body_bytes, p.now) for p in again],
+                                            [], again, [])
+            if results is not None:
+                for p, reply in zip(again, results):
+                    self._settle((p,), reply)
+
+    async def _pipeline(self, calls: List[ScriptCall], usage_ttls: List[Tuple[UsageDelta, int]],
+                        live: List[_Pending], usage: Sequence[UsageDelta]) -> Optional[List[object]]:
+        """Replies to ``calls`` from one round trip, or None when Redis failed (then ``live`` failed)."""
+        token = object()
+        sent = self._inflight[token] = trio.current_time()
         try:
-            results, pipelines, loads = await trio.to_thread.run_sync(
-                self._edge.run_checks, [p.call for p in live], usage_ttls,
-                abandon_on_cancel=True, limiter=self._threads)
+            if self._edge_is_async:
+                results, pipelines, loads = await self._edge.run_checks(calls, usage_ttls)
+            else:
+                results, pipelines, loads = await trio.to_thread.run_sync(
+                    self._edge.run_checks, calls, usage_ttls,
+                    abandon_on_cancel=True, limiter=self._threads)
         except EdgeUnavailable as exc:
             for delta in usage:
                 self._local.add_usage(delta)
             self._counts["redis_failures"] += 1
             self._mark_down(str(exc))
             self._fail(live)
-            return
+            return None
         finally:
             del self._inflight[token]
+        self.batch_seconds.add(trio.current_time() - sent)
         counts = self._counts
         counts["batches"] += 1
         counts["pipelines"] += pipelines
         counts["script_loads"] += loads
-        counts["redis_checks"] += len(live)
-        for p, reply in zip(live, results):
-            self._settle(p, reply)
+        counts["redis_checks"] += len(calls)
+        return results
 
-    def _settle(self, p: _Pending, reply: object) -> None:
-        try:
-            if isinstance(reply, Exception):
-                raise ValueError("check script failed")
-            p.decision = decide(reply, p.key.tenant, p.now)  # type: ignore[arg-type]
-        except ValueError:
-            p.failed = True
+    def _settle(self, group: Sequence[_Pending], reply: object) -> None:
+        """Give every check of ``group`` (one key) the decision of ``reply``."""
+        decision: Optional[Decision] = None
+        if not isinstance(reply, Exception):
+            first = group[0]
+            try:
+                decision = decide(reply, first.key.tenant, max(p.now for p in group))  # type: ignore[arg-type]
+            except ValueError:
+                pass
+        for p in group:
+            self._settle_one(p, decision)
+
+    def _settle_one(self, p: _Pending, decision: Optional[Decision]) -> None:
+        p.decision = decision
+        p.failed = decision is None
         if p.abandoned and p.local_usage is not None and p.decision is not None \
                 and p.decision.admitted:
             # Redis counted it after all: take back the local count.
@@ -531,8 +653,11 @@ class AccessControl:
 
     async def _probe(self) -> None:
         try:
-            await trio.to_thread.run_sync(self._edge.probe, abandon_on_cancel=True,
-                                          limiter=self._threads)
+            if self._edge_is_async:
+                await self._edge.probe()
+            else:
+                await trio.to_thread.run_sync(self._edge.probe, abandon_on_cancel=True,
+                                              limiter=self._threads)
         except EdgeUnavailable as exc:
             self._counts["redis_failures"] += 1
             self._last_failure = str(exc)

@@ -200,7 +200,8 @@ class TenantLimits:
 
 
 # The check script.  KEYS: 1 key record, 2 tenant, 3 GCRA state, 4 this month's
-# usage.  ARGV: 1 now (unix s), 2 body bytes, 3 records, 4 usage TTL (s).
+# usage.  ARGV: 1 now (unix s), 2 body bytes, 3 records, 4 usage TTL (s),
+# 5 (optional) '1' for several requests at once: no allowance beyond the burst.
 # TTLs rather than EXPIREAT: the clock passed in is the only clock here.
 # Reply: {outcome, key_id, limits, a, b, c, d}; limits is the tenant's six
 # limit fields joined by spaces, a-d depend on the outcome (see decide()).
@@ -220,6 +221,7 @@ local limits = table.concat(t, ' ', 2, 7)
 local now = tonumber(ARGV[1])
 local nbytes = tonumber(ARGV[2])
 local nrec = tonumber(ARGV[3])
+local strict = ARGV[5] == '1'
 local rps, burst = tonumber(t[2]), tonumber(t[3])
 local bps, bburst = tonumber(t[4]), tonumber(t[5])
 local mrec, mbytes = tonumber(t[6]), tonumber(t[7])
@@ -245,7 +247,7 @@ local function gcra(tat, rate, cap, cost)
   if tat > now then base = tat end
   local new_tat = base + cost * e
   local ok, retry
-  if cost * e > tau then
+  if cost * e > tau and not strict then
     ok = base <= now
     retry = base - now
   else
@@ -293,15 +295,21 @@ class ScriptCall:
     args: Tuple[str, ...]
 
 
-def check_call(key: ParsedKey, body_bytes: int, now: float, records: int = 1) -> ScriptCall:
-    """KEYS and ARGV to check one request of ``body_bytes`` at ``now``."""
+def check_call(key: ParsedKey, body_bytes: int, now: float, records: int = 1,
+               strict: bool = False) -> ScriptCall:
+    """KEYS and ARGV to check ``records`` requests of ``body_bytes`` in all at ``now``.
+
+    ``strict`` is for several requests checked at once: a single request
+    larger than the burst is admitted when the bucket is full, several
+    together never are.
+    """
     tenant = key.tenant
     start, end, month = _month(now)
     keys = (key_record_name(tenant, key.key_hash), tenant_name(tenant),
             gcra_name(tenant), usage_name(tenant, month))
     ttl = end + USAGE_RETENTION - int(now)
-    return ScriptCall(keys, (repr(float(now)), str(int(body_bytes)), str(int(records)),
-                             str(ttl)))
+    args: Tuple[str, ...] = (repr(float(now)), str(int(body_bytes)), str(int(records)), str(ttl))
+    return ScriptCall(keys, args + ("1",) if strict else args)
 
 
 @dataclass(frozen=True)

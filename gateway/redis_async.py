@@ -1,0 +1,239 @@
+"""The check edge for one Redis server, on Trio sockets: no worker threads.
+
+Theory of operation
+-------------------
+:class:`AsyncRedisEdge` does for a single Redis server what
+:class:`gateway.keystore.RedisEdge` does from worker threads: one pipeline
+of check scripts (plus usage to add) per call, one round trip.  It speaks
+RESP2 through the sans-I/O :mod:`gateway.resp` on Trio streams, so a batch
+costs no thread hand-off; on PyPy the hand-off (and the interpreter lock it
+contends for with the event loop) cost more than the checks themselves.
+
+Connections are opened on demand, each used by one pipeline at a time and
+kept for the next (:data:`MAX_IDLE_CONNECTIONS`).  A connection that failed,
+timed out or was cancelled mid-pipeline is closed, never reused: replies may
+be left unread on it.  Failures to reach Redis raise
+:class:`~gateway.keystore.EdgeUnavailable`, as the thread edge's do.
+
+URLs are read by redis-py's own parser (``redis://``, ``rediss://`` with its
+``ssl_*`` query options, ``unix://``, user, password and database), so both
+edges accept the same URLs.  Redis Cluster stays on the thread edge.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import trio
+from redis.connection import parse_url
+
+from .keystore import EdgeUnavailable
+from .limiter import CHECK_SCRIPT, CHECK_SCRIPT_SHA, ScriptCall, UsageDelta, usage_name
+from .resp import NEED_DATA, ProtocolError, ReplyError, ReplyReader, pack_command
+
+__all__ = ["AsyncRedisEdge", "MAX_IDLE_CONNECTIONS", "RECEIVE_BYTES"]
+
+#: Connections kept open between pipelines; the access control runs at most
+#: a few pipelines at once (``max_concurrent_batches`` plus a usage flush).
+MAX_IDLE_CONNECTIONS = 4
+#: Largest single read from Redis; a batch of 256 check replies is ~40 KB.
+RECEIVE_BYTES = 64 * 1024
+#: Error replies that mean "this server cannot answer now", not "this check
+#: failed": the edge is unavailable (redis-py: BusyLoadingError and friends).
+_UNAVAILABLE_CODES = frozenset(("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY"))
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+class _Connection:
+    __slots__ = ("stream", "reader", "socket")
+
+    def __init__(self, stream: trio.abc.Stream, socket: Any) -> None:
+        self.stream = stream
+        self.reader = ReplyReader()
+        self.socket = socket
+
+    async def round_trip(self, out: bytearray, count: int) -> List[Any]:
+        await self.stream.send_all(out)
+        replies: List[Any] = []
+        reader = self.reader
+        while len(replies) < count:
+            reply = reader.next_reply()
+            if reply is NEED_DATA:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    raise EOFError("Redis closed the connection")
+                reader.feed(data)
+                continue
+            replies.append(reply)
+        return replies
+
+    def close(self) -> None:
+        # Synchronous on purpose: also used when a pipeline is cancelled.
+        self.socket.close()
+
+
+class AsyncRedisEdge:
+    """Pipelines of check scripts to one Redis server, from the event loop."""
+
+    is_async = True
+
+    def __init__(self, url: str, *, socket_timeout: float = 1.0) -> None:
+        try:
+            self._options: Dict[str, Any] = parse_url(url)
+        except ValueError as exc:
+            raise ValueError("not a Redis URL: %s" % exc) from None
+        self._timeout = socket_timeout
+        self._idle: List[_Connection] = []
+        self._busy: List[_Connection] = []
+        self._ssl: Optional[ssl.SSLContext] = None
+
+    # -- the Edge interface ------------------------------------------------
+
+    async def probe(self) -> None:
+        """Connect if needed, PING and load the script; raise EdgeUnavailable."""
+        out = bytearray()
+        pack_command(out, ("PING",))
+        pack_command(out, ("SCRIPT", "LOAD", CHECK_SCRIPT))
+        for reply in await self._pipeline(out, 2):
+            if isinstance(reply, ReplyError):
+                # Redis answered but refused (an ACL without EVALSHA): the
+                # reply says why and holds no secret.
+                raise EdgeUnavailable("ResponseError: %s" % reply.message)
+
+    async def run_checks(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]] = ()
+                         ) -> Tuple[List[object], int, int]:
+        """Replies to ``calls``; ``usage`` pairs a delta with its hash's TTL."""
+        out = bytearray()
+        for call in calls:
+            _pack_check(out, call)
+        for delta, ttl in usage:
+            name = usage_name(delta.tenant, delta.month)
+            pack_command(out, ("HINCRBY", name, "records", delta.records))
+            pack_command(out, ("HINCRBY", name, "bytes", delta.bytes))
+            pack_command(out, ("EXPIRE", name, ttl))
+        replies = await self._pipeline(out, len(calls) + 3 * len(usage))
+        pipelines, loads = 1, 0
+        missing = [i for i in range(len(calls))
+                   if isinstance(replies[i], ReplyError) and replies[i].code == "NOSCRIPT"]
+        if missing:
+            # Redis restarted or flushed its scripts: load it and ask again.
+            again = bytearray()
+            pack_command(again, ("SCRIPT", "LOAD", CHECK_SCRIPT))
+            for i in missing:
+                _pack_check(again, calls[i])
+            more = await self._pipeline(again, 1 + len(missing))
+            for i, reply in zip(missing, more[1:]):
+                replies[i] = reply
+            pipelines, loads = 2, 1
+        for reply in replies:
+            if isinstance(reply, ReplyError) and reply.code in _UNAVAILABLE_CODES:
+                raise EdgeUnavailable("ResponseError: %s" % reply.code)
+        return replies[:len(calls)], pipelines, loads
+
+    def close(self) -> None:
+        """Drop every connection; the next call connects again."""
+        for conn in self._idle + self._busy:
+            conn.close()
+        self._idle.clear()
+        self._busy.clear()
+
+    # -- connections -------------------------------------------------------
+
+    async def _pipeline(self, out: bytearray, count: int) -> List[Any]:
+        conn: Optional[_Connection] = None
+        try:
+            with trio.fail_after(self._timeout):
+                conn = self._idle.pop() if self._idle else await self._connect()
+                self._busy.append(conn)
+                replies = await conn.round_trip(out, count)
+        except BaseException as exc:
+            if conn is not None:
+                self._forget(conn)
+            if isinstance(exc, (OSError, EOFError, ProtocolError, trio.TooSlowError,
+                                trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)):
+                raise EdgeUnavailable(_reason(exc)) from exc
+            raise
+        self._busy.remove(conn)
+        if len(self._idle) < MAX_IDLE_CONNECTIONS:
+            self._idle.append(conn)
+        else:
+            conn.close()
+        return replies
+
+    def _forget(self, conn: _Connection) -> None:
+        conn.close()
+        if conn in self._busy:
+            self._busy.remove(conn)
+
+    async def _connect(self) -> _Connection:
+        options = self._options
+        path = options.get("path")
+        if path:
+            stream: trio.abc.Stream = await trio.open_unix_socket(path)
+            socket = stream.socket  # type: ignore[attr-defined]
+        else:
+            host = options.get("host", "localhost")
+            tcp = await trio.open_tcp_stream(host, int(options.get("port", 6379)))
+            socket = tcp.socket
+            stream = tcp
+            if options.get("connection_class") is not None and \
+                    options["connection_class"].__name__ == "SSLConnection":
+                tls = trio.SSLStream(tcp, self._ssl_context(), server_hostname=host)
+                try:
+                    await tls.do_handshake()
+                except BaseException:
+                    socket.close()
+                    raise
+                stream = tls
+        conn = _Connection(stream, socket)
+        try:
+            hello = bytearray()
+            count = 0
+            if options.get("password"):
+                user = options.get("username")
+                pack_command(hello, ("AUTH", user, options["password"]) if user
+                             else ("AUTH", options["password"]))
+                count += 1
+            if options.get("db"):
+                pack_command(hello, ("SELECT", int(options["db"])))
+                count += 1
+            if count:
+                for reply in await conn.round_trip(hello, count):
+                    if isinstance(reply, ReplyError):
+                        # WRONGPASS, NOAUTH, ERR DB index: never echoes the password.
+                        raise EdgeUnavailable("ResponseError: %s" % reply.message)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            options = self._options
+            context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"),
+                                                 capath=options.get("ssl_ca_path"))
+            reqs = options.get("ssl_cert_reqs", "required")
+            verify = _CERT_REQS.get(reqs, reqs) if isinstance(reqs, str) else reqs
+            context.check_hostname = bool(options.get("ssl_check_hostname", False)) \
+                and verify != ssl.CERT_NONE
+            context.verify_mode = verify  # type: ignore[assignment]
+            if options.get("ssl_certfile"):
+                context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"),
+                                        options.get("ssl_password"))
+            self._ssl = context
+        return self._ssl
+
+
+def _pack_check(out: bytearray, call: ScriptCall) -> None:
+    pack_command(out, ("EVALSHA", CHECK_SCRIPT_SHA, len(call.keys)) + call.keys + call.args)
+
+
+def _reason(exc: BaseException) -> str:
+    """What failed, without anything that could hold a secret."""
+    if isinstance(exc, trio.TooSlowError):
+        return "TimeoutError"
+    if isinstance(exc, ProtocolError):
+        return "ProtocolError"
+    # Refused, reset, closed, TLS failures: redis-py calls them all this.
+    return "ConnectionError"
