@@ -70,3 +70,12 @@ def test_gc_summary_counts_only_the_window() -> None:
                         [9.0, 1.0, "gen2", 1, 1.0]]}
     summary = report.gc_summary(probe, (2.0, 8.0))
     assert summary is not None and summary["count"] == 2 and summary["max_s"] == 0.003
+
+
+def test_put_records_stub_takes_five_mib_of_records() -> None:
+    from sinks.putrecords import PutRecordsBatch
+
+    batch = PutRecordsBatch("logs")
+    for i in range(5):
+        batch.add(b"x" * 1_000_000, "k%d" % i)
+    assert check_put_records(bytes(batch.body())) == (5, None)

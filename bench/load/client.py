@@ -43,7 +43,7 @@ RECV_SIZE = 65536
 
 
 class _Conn:
-    __slots__ = ("sock", "out", "inbuf", "due", "sent", "size", "measured")
+    __slots__ = ("sock", "out", "inbuf", "due", "sent", "size", "measured", "waiting")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -53,6 +53,7 @@ class _Conn:
         self.sent = 0.0
         self.size = 0
         self.measured = False
+        self.waiting = False  # a request sent, its answer not read yet
 
 
 class _Run:
@@ -63,6 +64,7 @@ class _Run:
         self.requests = {s: (request_head(s, host, args.token), body(s)) for s in set(self.sizes)}
         self.sel = selectors.DefaultSelector()
         self.idle: List[_Conn] = []
+        self.in_flight = 0  # requests sent and not answered (or failed) yet
         self.open_count = 0
         self.latencies = array("d")
         self.measured_bytes = 0
@@ -104,6 +106,8 @@ class _Run:
         conn.due, conn.size, conn.measured = due, size, measured
         conn.sent = time.perf_counter()
         conn.inbuf.clear()
+        conn.waiting = True
+        self.in_flight += 1
         self.flush(conn)
 
     def flush(self, conn: _Conn) -> None:
@@ -127,7 +131,14 @@ class _Run:
             self.sel.register(conn.sock, events, conn)
 
     def fail(self, conn: _Conn, kind: str) -> None:
-        self.error(kind)
+        if conn.waiting:
+            conn.waiting = False
+            self.in_flight -= 1
+            self.error(kind)
+        elif conn in self.idle:
+            # A server closing an idle keep-alive connection (uvicorn after
+            # 5 s, Sluice after --idle-timeout) is no failed request.
+            self.idle.remove(conn)
         conn.out.clear()
         self.close(conn)
 
@@ -161,6 +172,8 @@ class _Run:
             return False
         status = head[0].split(" ", 2)[1] if " " in head[0] else "?"
         now = time.perf_counter()
+        conn.waiting = False
+        self.in_flight -= 1
         if conn.measured:
             self.statuses[status] = self.statuses.get(status, 0) + 1
             if status.startswith("2"):
@@ -192,7 +205,6 @@ class _Run:
         interval = 1.0 / rate
         backlog: Deque[float] = deque()
         i = 0
-        busy = 0
         while True:
             now = time.perf_counter()
             if now >= end:
@@ -209,18 +221,14 @@ class _Run:
                     backlog.popleft()
                     continue
                 due = backlog.popleft()
-                busy += 1
                 self.send(conn, due, window <= due < end)
             wait = min(max(0.0, start + i * interval - time.perf_counter()), 0.01)
-            before = self.open_count
-            finished = self.events(wait)
-            busy -= len(finished) + (before - self.open_count)
-            self.idle.extend(finished)
+            self.idle.extend(self.events(wait))
         # Requests never sent because the server was too slow count as errors.
         for due in backlog:
             if window <= due < end:
                 self.error("not sent before the end (server too slow)")
-        self.drain(busy)
+        self.drain()
 
     def run_closed(self, start: float, window: float, end: float) -> None:
         while time.perf_counter() < start:
@@ -228,34 +236,25 @@ class _Run:
         conns = [c for c in (self.connect() for _ in range(self.args.connections)) if c]
         for conn in conns:
             self.send(conn, start, False)
-        busy = len(conns)
         while True:
             now = time.perf_counter()
             if now >= end:
                 break
-            before = self.open_count
-            finished = self.events(0.01)
-            busy -= len(finished) + (before - self.open_count)
-            for conn in finished:
+            for conn in self.events(0.01):
                 sent = time.perf_counter()
                 if sent < end:
-                    busy += 1
                     self.send(conn, sent, window <= sent)
             while self.open_count < self.args.connections and time.perf_counter() < end:
                 conn = self.connect()
                 if conn is None:
                     break
-                busy += 1
                 self.send(conn, time.perf_counter(), False)
-        self.drain(busy)
+        self.drain()
 
-    def drain(self, busy: int) -> None:
+    def drain(self) -> None:
         deadline = time.perf_counter() + DRAIN_TIMEOUT
-        while busy > 0 and time.perf_counter() < deadline:
-            before = self.open_count
-            finished = self.events(0.05)
-            busy -= len(finished) + (before - self.open_count)
-            self.idle.extend(finished)
+        while self.in_flight > 0 and time.perf_counter() < deadline:
+            self.idle.extend(self.events(0.05))
 
     def shutdown(self) -> None:
         for key in list(self.sel.get_map().values()):

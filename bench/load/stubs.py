@@ -34,9 +34,9 @@ _ENTRY = (b'{"SequenceNumber":"4959033827149025660855969253836157109592157598913
 
 def check_put_records(body: bytes) -> Tuple[int, Optional[str]]:
     """``(records, error)`` for a PutRecords body: the limits only, no JSON parse."""
-    if len(body) > MAX_REQUEST + 64 * 1024:  # JSON framing around 5 MiB of records
+    if len(body) > MAX_REQUEST * 4 // 3 + 64 * 1024:  # base64 and JSON framing around 5 MiB
         return 0, "request over 5 MiB"
-    count, pos = 0, 0
+    count, pos, total = 0, 0, 0
     while count <= MAX_RECORDS:
         # botocore (and Sluice) write '"Data": "'; other encoders drop the space.
         key = body.find(b'"Data":', pos)
@@ -46,8 +46,12 @@ def check_put_records(body: bytes) -> Tuple[int, Optional[str]]:
         end = body.find(b'"', start + 1) if start >= 0 else -1
         if end < 0:
             return count, "unterminated Data"
-        if (end - start - 1) * 3 // 4 > MAX_RECORD:
+        size = (end - start - 1) * 3 // 4
+        if size > MAX_RECORD:
             return count, "record over 1 MiB"
+        total += size
+        if total > MAX_REQUEST:
+            return count, "request over 5 MiB of records"
         count += 1
         pos = end + 1
     if count > MAX_RECORDS or count == 0:
