@@ -27,6 +27,7 @@ __all__ = [
     "PayloadTooLarge",
     "HeadersTooLarge",
     "NotImplementedFraming",
+    "VersionNotSupported",
     "RateLimited",
     "QuotaExceeded",
     "Overloaded",
@@ -151,6 +152,13 @@ class NotImplementedFraming(RequestError):
 
     status = 501
     reason = "not_implemented"
+
+
+class VersionNotSupported(RequestError):
+    """A request line naming an HTTP version other than 1.x (505)."""
+
+    status = 505
+    reason = "http_version_not_supported"
 
 
 class _RetryLater(RequestError):

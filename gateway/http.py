@@ -25,7 +25,6 @@ whether the connection may carry another request.
 
 from __future__ import annotations
 
-import re
 from http import HTTPStatus
 from typing import List, Optional, Tuple
 
@@ -38,6 +37,7 @@ from .errors import (
     NotImplementedFraming,
     PayloadTooLarge,
     RequestError,
+    VersionNotSupported,
 )
 
 __all__ = [
@@ -53,7 +53,6 @@ __all__ = [
 DEFAULT_MAX_HEAD = 16 * 1024
 
 _REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
-_BLANK_LINE = re.compile(rb"\n\r?\n")
 _LEADING_EOL = b"\r\n"
 
 
@@ -85,6 +84,18 @@ except ImportError:  # pragma: no cover - depends on h11's internals
     _CAN_SKIP_BODY = False
 
 
+# Responses written by :meth:`HTTPConnection.respond` itself: h11 is told of
+# them through its internal event processing (checked here, with h11.send as
+# the fallback), using events made and validated once.
+_STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status])
+                 for status in (200, 202, 503)}
+_SENT_KEEP_ALIVE = h11.Response(status_code=200, headers=[(b"content-length", b"0")])
+_SENT_CLOSE = h11.Response(status_code=200, headers=[(b"content-length", b"0"), (b"connection", b"close")])
+_SENT_END = h11.EndOfMessage()
+_CAN_TELL_STATE = callable(getattr(h11.Connection, "_process_event", None)) and hasattr(
+    getattr(h11.Connection(h11.SERVER), "_cstate", None), "keep_alive")
+
+
 class RequestHead:
     """What the server needs from one request head."""
 
@@ -100,6 +111,9 @@ class RequestHead:
         self.path: bytes = request.target if question < 0 else request.target[:question]
         self.headers = request.headers  # lower-cased names
         self.http_version: bytes = request.http_version
+        if not request.http_version.startswith(b"1."):
+            # h11 parses any digit.digit; PRI * HTTP/2.0 (an HTTP/2 preface) lands here.
+            raise VersionNotSupported("HTTP/%s is not supported" % request.http_version.decode("ascii"))
         self.content_length: Optional[int] = None
         self.chunked = False
         self.expect_continue = False
@@ -122,6 +136,10 @@ class RequestHead:
         if self.chunked and self.content_length is not None:
             # Both framings at once is how requests are smuggled past proxies.
             raise BadRequest("both Content-Length and Transfer-Encoding")
+        if self.chunked and request.http_version == b"1.0":
+            # RFC 9112 section 6.1: in HTTP/1.0 a Transfer-Encoding means the
+            # framing is faulty, whatever a proxy in front made of it.
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
 
     def header(self, name: bytes) -> Optional[bytes]:
         """The first value of header ``name`` (lower case), or None."""
@@ -195,14 +213,20 @@ class HTTPConnection:
             if self._eof:
                 return CLOSED
             return NEED_DATA
-        match = _BLANK_LINE.search(buf, self._start, min(self._end, self._start + self.max_head))
-        if match is None:
+        head_end = _head_end(buf, self._start, min(self._end, self._start + self.max_head))
+        if head_end < 0:
             if self._end - self._start >= self.max_head:
                 raise HeadersTooLarge("request head larger than %d bytes" % self.max_head)
             if self._eof:
                 raise BadRequest("connection closed in the middle of a request head")
             return NEED_DATA
-        head_end = match.end()
+        # A line of the head that starts with a space or tab: obsolete line
+        # folding.  h11 would join it to the line before; a proxy in front may
+        # not, and then the two disagree on the headers (and on the framing,
+        # if it is Transfer-Encoding or Content-Length).  RFC 9112 section 5.2
+        # allows rejecting it: we do.
+        if buf.find(b"\n ", self._start, head_end) >= 0 or buf.find(b"\n\t", self._start, head_end) >= 0:
+            raise BadRequest("obsolete line folding in the request head")
         try:
             self._h11.receive_data(self._view[self._start:head_end])  # type: ignore[arg-type]
             event = self._h11.next_event()
@@ -284,7 +308,36 @@ class HTTPConnection:
 
     def respond(self, status: int, headers: List[Tuple[bytes, bytes]], body: bytes,
                 *, close: bool = False) -> bytes:
-        """The bytes of a complete response."""
+        """The bytes of a complete response.
+
+        ``headers`` are the server's own constants (lower-case names, valid
+        values): once the request is read, they are written as given and only
+        h11's state machine is told, since building an ``h11.Response`` would
+        validate them again on every request.
+        """
+        conn = self._h11
+        if not _CAN_TELL_STATE or conn.our_state is not h11.SEND_RESPONSE \
+                or conn.their_state is not h11.DONE:
+            return self._respond_h11(status, headers, body, close=close)
+        keep_alive = conn._cstate.keep_alive and not close
+        line = _STATUS_LINES.get(status)
+        if line is None:
+            line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
+        parts = [line]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"content-length: %d\r\n" % len(body))
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if body and self._method != b"HEAD":
+            parts.append(body)
+        conn._process_event(h11.SERVER, _SENT_KEEP_ALIVE if keep_alive else _SENT_CLOSE)
+        conn._process_event(h11.SERVER, _SENT_END)
+        return b"".join(parts)
+
+    def _respond_h11(self, status: int, headers: List[Tuple[bytes, bytes]], body: bytes,
+                     close: bool) -> bytes:
         conn = self._h11
         headers = headers + [(b"content-length", b"%d" % len(body))]
         if close:
@@ -301,7 +354,7 @@ class HTTPConnection:
             # A response was already under way (or h11 gave up): answer on a
             # fresh state machine, as the last thing this connection sends.
             self._h11 = self._new_h11()
-        return self.respond(status, headers, body, close=True)
+        return self._respond_h11(status, headers, body, close=True)
 
     def discard_buffer(self) -> memoryview:
         """The whole receive buffer, to read and drop bytes into before closing."""
@@ -335,6 +388,19 @@ class HTTPConnection:
             self._start, self._end = 0, count + len(leftover)
         self._h11 = self._new_h11()
         self._chunked_h11_fed = False
+
+
+def _head_end(buf: bytearray, start: int, end: int) -> int:
+    """Index just past the blank line ending a head in ``buf[start:end]``, or -1.
+
+    ``bytearray.find`` rather than a regex: on PyPy a regex search allocates
+    a match object and more on every request.
+    """
+    crlf = buf.find(b"\n\r\n", start, end)
+    lf = buf.find(b"\n\n", start, end if crlf < 0 else crlf + 2)
+    if lf >= 0:
+        return lf + 2
+    return crlf + 3 if crlf >= 0 else -1
 
 
 def _translate(exc: h11.RemoteProtocolError) -> RequestError:

@@ -11,6 +11,8 @@ import json
 
 import h11
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway import errors
 from gateway.http import CLOSED, NEED_DATA, HTTPConnection, RequestHead
@@ -235,3 +237,50 @@ def test_errors_map_to_their_answers():
     assert json.loads(body) == {"error": "overloaded", "message": "full"}
     status, headers, _ = errors.response_for(errors.MethodNotAllowed(b"GET, HEAD"))
     assert status == 405 and (b"allow", b"GET, HEAD") in headers
+
+
+_RESPONSE_CASES = [
+    (b"POST /v1/logs HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc", 202, False),
+    (b"POST /v1/logs HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc", 202, True),
+    (b"POST /v1/logs HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 3\r\n\r\nabc", 202, False),
+    (b"POST /v1/logs HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc", 202, False),
+    (b"POST /v1/logs HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\nabc", 202, False),
+    (b"GET /readyz HTTP/1.1\r\nHost: a\r\n\r\n", 503, False),
+    (b"HEAD /healthz HTTP/1.1\r\nHost: a\r\n\r\n", 200, False),
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n", 299, False),
+]
+
+
+@pytest.mark.parametrize("request_bytes,status,close", _RESPONSE_CASES)
+def test_response_written_without_h11_matches_h11(request_bytes: bytes, status: int, close: bool) -> None:
+    # respond() writes the head itself and only tells h11's state machine;
+    # the bytes and what follows (keep-alive or not) must be h11's own.
+    outcomes = []
+    for through_h11 in (False, True):
+        conn = _conn()
+        _feed(conn, request_bytes)
+        head = conn.next_request()
+        assert isinstance(head, RequestHead)
+        if head.content_length:
+            _serve_length_body(conn, head)
+        else:
+            conn.finish_body()
+        headers = [(b"content-type", b"application/json")]
+        if through_h11:
+            out = conn._respond_h11(status, headers, b'{"ok":1}', close)
+        else:
+            out = conn.respond(status, headers, b'{"ok":1}', close=close)
+        outcomes.append((out, conn._h11.our_state, conn._h11.their_state, conn.next_cycle()))
+    assert outcomes[0] == outcomes[1]
+
+
+@given(st.binary(max_size=64).map(lambda b: b.replace(b"x", b"\n").replace(b"y", b"\r")),
+       st.integers(0, 8), st.integers(0, 70))
+def test_head_end_is_the_first_blank_line(data: bytes, start: int, end: int) -> None:
+    import re
+
+    from gateway.http import _head_end
+
+    end = min(end, len(data))
+    match = re.compile(rb"\n\r?\n").search(data, start, end)
+    assert _head_end(bytearray(data), start, end) == (match.end() if match else -1)
