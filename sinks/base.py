@@ -12,6 +12,22 @@ Before a request's body is read, the server asks the sink for the record's
 keys (:meth:`Sink.record_keys`, which may refuse the request) and checks the
 record against :attr:`Sink.max_record_bytes`, so a record the sink could not
 store is refused before it is uploaded.
+
+Behind the spool (``--ack spool``, :mod:`sinks.spooled`) a sink tells stored
+records from lost ones by its callables: ``release(slot)`` is called only
+once the record is stored (the file sink: written; the null sink: at once;
+the stream sinks without ``--ack kinesis``: stored by the service), and a
+sink that gives records up on its own (the stream sinks) takes a
+``given_up`` callable that it calls instead of ``release`` for them.
+
+At the shutdown deadline the server calls :meth:`Sink.stop_waiting`: every
+``put`` still waiting for its record to be stored raises
+:class:`~gateway.errors.SinkUnavailable`, so its client gets ``503`` rather
+than a ``202`` for a record that was not stored, or no answer at all.
+
+A sink that stops taking records for a while (a permanent service error, a
+failing disk) says so once, and once more when it takes them again, through
+its :data:`HealthReport` (by default :func:`log_health`, an event on stderr).
 """
 
 from __future__ import annotations
@@ -22,13 +38,26 @@ import trio
 
 from buffers import Slot
 
-__all__ = ["Record", "Sink", "Release", "RecordKeys", "HeaderLookup"]
+__all__ = ["Record", "Sink", "Release", "RecordKeys", "HeaderLookup", "HealthReport", "log_health"]
 
 Release = Callable[[Slot], None]
 #: ``(partition key, explicit hash key, bytes the key adds to the record)``.
 RecordKeys = Tuple[Optional[str], Optional[str], int]
 #: A request head's header lookup: lower-case name -> first value or None.
 HeaderLookup = Callable[[bytes], Optional[bytes]]
+#: ``(sink name, ready, reason)``: the sink stopped taking records (``ready``
+#: false, with the cause) or takes them again.  Called on changes only.
+HealthReport = Callable[[str, bool, str], None]
+
+
+def log_health(sink: str, ready: bool, reason: str) -> None:
+    """The default :data:`HealthReport`: a ``sink_not_ready`` or ``sink_ready`` event."""
+    from gateway import logs
+
+    if ready:
+        logs.emit("sink_ready", sink=sink, reason=reason)
+    else:
+        logs.emit("sink_not_ready", level="error", sink=sink, reason=reason)
 
 
 class Record:
@@ -82,6 +111,9 @@ class Sink:
     def ready(self) -> Tuple[bool, str]:
         """Whether the sink takes records now, with a short reason."""
         return True, "ok"
+
+    def stop_waiting(self) -> None:
+        """The shutdown deadline passed: waiting ``put`` calls raise SinkUnavailable now."""
 
     async def aclose(self) -> None:
         """Store or give back everything held, then refuse new records."""
