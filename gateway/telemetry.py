@@ -34,7 +34,9 @@ Hooks another component installed before are kept and called after ours
 Request stages are measured by the server with ``time.perf_counter``: head
 parsed -> body received (in the ring) -> sink accepted -> response sent.  The
 server keeps the marks in local variables and passes them in; nothing here
-holds per-request state.
+holds per-request state.  Answers are counted by route and status in a fixed
+table (:class:`RequestCounts`), and accepted body bytes in a plain int.
+``gateway.metrics`` reads all of this when metrics are scraped or published.
 """
 
 from __future__ import annotations
@@ -51,9 +53,13 @@ __all__ = [
     "GC_PAUSE_BOUNDS",
     "STAGE_BOUNDS",
     "RECENT_PAUSES",
+    "ROUTES",
+    "STATUSES",
+    "OTHER",
     "Histogram",
     "GcPauses",
     "Stages",
+    "RequestCounts",
     "Telemetry",
     "rss_bytes",
 ]
@@ -73,6 +79,17 @@ STAGE_BOUNDS: Tuple[float, ...] = (
 )
 #: GC pauses kept one by one for inspection (the newest overwrite the oldest).
 RECENT_PAUSES = 128
+#: Request paths counted one by one in :class:`RequestCounts`: the gateway's
+#: routes.  Any other path, and a request whose head could not be read, counts
+#: under :data:`OTHER`, so a client cannot grow the table (or a metric's label
+#: values) by inventing paths.
+ROUTES: Tuple[bytes, ...] = (b"/v1/logs", b"/healthz", b"/readyz", b"/metrics")
+#: The statuses the gateway answers with (gateway/errors.py, plus 200 and
+#: 202); any other counts under :data:`OTHER`.
+STATUSES: Tuple[int, ...] = (200, 202, 400, 401, 403, 404, 405, 408, 411, 413, 429, 431, 500, 501, 503,
+                             505)
+#: The route or status of a :class:`RequestCounts` cell outside those lists.
+OTHER = "other"
 
 _PYPY = sys.implementation.name == "pypy"
 
@@ -298,6 +315,10 @@ class GcPauses:
 
     # -- reading ---------------------------------------------------------------
 
+    def histograms(self) -> Tuple[Tuple[str, Histogram], ...]:
+        """``(kind, histogram)`` of each kind of pause, in :attr:`kinds` order."""
+        return tuple(zip(self.kinds, self._by_kind))
+
     def pauses(self) -> Histogram:
         """Every stop-the-world pause, whatever its kind, in one histogram."""
         merged = Histogram(GC_PAUSE_BOUNDS)
@@ -413,13 +434,55 @@ class Stages:
         return {name: getattr(self, name).snapshot() for name in self.NAMES}
 
 
+class RequestCounts:
+    """Answers sent, by route and status: one fixed table of counters.
+
+    Counting is two dict lookups and an array store; the table is sized
+    once, (routes + 1) x (statuses + 1) cells.
+    """
+
+    __slots__ = ("_rows", "_columns", "_other_row", "_other_column", "_width", "_counts")
+
+    def __init__(self) -> None:
+        self._rows: Dict[Optional[bytes], int] = {path: i for i, path in enumerate(ROUTES)}
+        self._columns = {status: i for i, status in enumerate(STATUSES)}
+        self._other_row = len(ROUTES)
+        self._other_column = len(STATUSES)
+        self._width = len(STATUSES) + 1
+        self._counts = array("q", bytes(8 * (len(ROUTES) + 1) * self._width))
+
+    def add(self, path: Optional[bytes], status: int) -> None:
+        """Count one answer on ``path`` (None: the head could not be read)."""
+        row = self._rows.get(path, self._other_row)
+        column = self._columns.get(status, self._other_column)
+        self._counts[row * self._width + column] += 1
+
+    def get(self, route: str, status: str) -> int:
+        """The count of one cell, by the labels :meth:`items` uses."""
+        for name, code, count in self.items():
+            if (name, code) == (route, status):
+                return count
+        return 0
+
+    def items(self) -> List[Tuple[str, str, int]]:
+        """``(route, status, count)`` of every cell counted at least once."""
+        routes = [path.decode("ascii") for path in ROUTES] + [OTHER]
+        statuses = [str(status) for status in STATUSES] + [OTHER]
+        width = self._width
+        return [(routes[i // width], statuses[i % width], n) for i, n in enumerate(self._counts) if n]
+
+
 class Telemetry:
-    """The gateway's GC, memory, ring and stage telemetry."""
+    """The gateway's GC, memory, ring, stage and request telemetry."""
 
     def __init__(self, *, recent_pauses: int = RECENT_PAUSES) -> None:
         self.gc = GcPauses(recent_pauses)
         self.stages = Stages()
         self.ring_peak = 0
+        #: Answers by route and status (:meth:`answered`, :meth:`answered_error`).
+        self.requests = RequestCounts()
+        #: Body bytes of accepted records.
+        self.body_bytes = 0
 
     def install(self) -> bool:
         """Start GC pause recording; False when the hooks are unavailable."""
@@ -431,18 +494,27 @@ class Telemetry:
 
     # -- the hot path: a few array stores per request ------------------------
 
-    def ingested(self, parsed: float, received: float, accepted: float, ring_used: int) -> None:
-        """A record went head parsed -> body received -> sink accepted."""
+    def ingested(self, parsed: float, received: float, accepted: float, ring_used: int,
+                 body_bytes: int = 0) -> None:
+        """A record of ``body_bytes`` went head parsed -> body received -> sink accepted."""
         self.stages.body.add(received - parsed)
         self.stages.sink.add(accepted - received)
+        self.body_bytes += body_bytes
         if ring_used > self.ring_peak:
             self.ring_peak = ring_used
 
-    def answered(self, status: int, parsed: float, routed: float, sent: float) -> None:
-        """A response went out; only accepted records (202) count in the stages."""
+    def answered(self, status: int, parsed: float, routed: float, sent: float,
+                 path: Optional[bytes] = None) -> None:
+        """A response to a request on ``path`` went out; only accepted records (202)
+        count in the stages."""
+        self.requests.add(path, status)
         if status == 202:
             self.stages.respond.add(sent - routed)
             self.stages.total.add(sent - parsed)
+
+    def answered_error(self, path: Optional[bytes], status: int) -> None:
+        """An error answer went out to a request on ``path`` (None: no head was read)."""
+        self.requests.add(path, status)
 
     # -- snapshots -------------------------------------------------------------
 

@@ -44,7 +44,7 @@ import heapq
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from sinks.aws_errors import ServiceError, ThrottledError, TransientError
+from sinks.aws_errors import MalformedResponse, ServiceError, ThrottledError, TransientError
 from sinks.putrecords import PutRecordsResult, RecordRejected, RecordResult
 from sinks.retry import GiveUp, RetryPolicy
 
@@ -61,6 +61,8 @@ __all__ = [
     "QueueFull",
     "EntryStateError",
     "DeadlinePassed",
+    "RETRY_REASONS",
+    "MAX_THROTTLE_CODES",
 ]
 
 QUEUED = "queued"
@@ -71,6 +73,16 @@ GIVEN_UP = "given_up"
 ABANDONED = "abandoned"
 
 _LIVE = (QUEUED, SENDING, BACKOFF)
+
+#: Why a record is sent again (`Delivery.retry_reasons`): the service
+#: throttled it, answered with an error (5xx, or a failed record in a 200),
+#: answered something unreadable, or did not answer (connection error,
+#: timeout).
+RETRY_REASONS = ("throttled", "service_error", "unreadable_answer", "no_answer")
+#: Throttling error codes counted one by one in `Delivery.throttles`; codes
+#: beyond this many distinct ones count as "other", so a service inventing
+#: codes cannot grow the table.  The services use about a dozen.
+MAX_THROTTLE_CODES = 16
 
 _TRANSITIONS: Dict[Tuple[str, str], str] = {
     (QUEUED, "send"): SENDING,
@@ -182,6 +194,10 @@ class Delivery:
         self.given_up = 0
         self.retries = 0
         self.abandoned = 0
+        #: Retries by reason (`RETRY_REASONS`); they add up to ``retries``.
+        self.retry_reasons: Dict[str, int] = dict.fromkeys(RETRY_REASONS, 0)
+        #: Throttled record attempts by the service's error code.
+        self.throttles: Dict[str, int] = {}
 
     # -- arrivals ----------------------------------------------------------
 
@@ -317,7 +333,7 @@ class Delivery:
                 self.stored += 1
                 settled.stored.append(entry)
             else:
-                self._failed(entry, outcome.error, now, rand, settled)
+                self._failed(entry, outcome.error, now, rand, settled, answered=True)
         return settled
 
     def fail(self, entries: List[Entry], error: ServiceError, now: float, rand: float,
@@ -384,6 +400,8 @@ class Delivery:
             "given_up": self.given_up,
             "retries": self.retries,
             "abandoned": self.abandoned,
+            "retry_reasons": dict(self.retry_reasons),
+            "throttles": dict(self.throttles),
         }
 
     # -- internals ---------------------------------------------------------
@@ -405,7 +423,12 @@ class Delivery:
         self._queued_bytes -= entry.size
 
     def _failed(self, entry: Entry, error: ServiceError, now: float, rand: float,
-                settled: Settled, retry_after: Optional[float] = None) -> None:
+                settled: Settled, retry_after: Optional[float] = None, *,
+                answered: bool = False) -> None:
+        """``answered``: the error is a failed record of a 200 answer."""
+        throttled = isinstance(error, ThrottledError)
+        if throttled:
+            self._count_throttle(error.code)
         if not error.retryable:
             entry.error = error
             self._give_up(entry)
@@ -413,8 +436,7 @@ class Delivery:
             if settled.permanent is None:
                 settled.permanent = error
             return
-        decision = entry.policy.decide(now, rand, throttled=isinstance(error, ThrottledError),
-                                       retry_after=retry_after)
+        decision = entry.policy.decide(now, rand, throttled=throttled, retry_after=retry_after)
         if isinstance(decision, GiveUp):
             entry.error = _deadline_error(error, decision.attempts)
             self._give_up(entry)
@@ -428,9 +450,16 @@ class Delivery:
         if deadline is not None and deadline < self._expiry_hint:
             self._expiry_hint = deadline
         self.retries += 1
+        self.retry_reasons[_retry_reason(error, answered)] += 1
         settled.retried.append(entry)
         if settled.resume_at is None or decision.at < settled.resume_at:
             settled.resume_at = decision.at
+
+    def _count_throttle(self, code: str) -> None:
+        throttles = self.throttles
+        if code not in throttles and len(throttles) >= MAX_THROTTLE_CODES - 1:
+            code = "other"
+        throttles[code] = throttles.get(code, 0) + 1
 
     def _give_up(self, entry: Entry) -> None:
         self._move(entry, "give_up")
@@ -443,6 +472,17 @@ class Delivery:
         if new is None:
             raise EntryStateError("cannot %s a %s entry" % (action, entry.state))
         entry.state = new
+
+
+def _retry_reason(error: ServiceError, answered: bool) -> str:
+    """Which of `RETRY_REASONS` a retried ``error`` is."""
+    if isinstance(error, ThrottledError):
+        return "throttled"
+    if isinstance(error, MalformedResponse):
+        return "unreadable_answer"
+    if answered or error.status is not None:
+        return "service_error"
+    return "no_answer"
 
 
 def _by_seq(entry: Entry) -> int:

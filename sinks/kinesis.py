@@ -49,13 +49,13 @@ import functools
 import json
 import random
 import re
-import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import trio
 
 from gateway.errors import SinkUnavailable
+from gateway.telemetry import Histogram
 from sinks.aws_errors import (
     MESSAGE_MAX_CHARS,
     CredentialsError,
@@ -65,7 +65,7 @@ from sinks.aws_errors import (
     error_class,
 )
 from sinks.aws_http import Endpoint, NoRegion, Reply, open_botocore_endpoint
-from sinks.base import HeaderLookup, Record, RecordKeys, Release, Sink
+from sinks.base import HeaderLookup, HealthReport, Record, RecordKeys, Release, Sink, log_health
 from sinks.delivery import STORED, Delivery, Entry, QueueFull, Settled
 from sinks.keys import NO_KEYS, KeyPolicy
 from sinks.limits import (
@@ -116,6 +116,13 @@ ENCODE_IN_THREAD_BYTES = 256 * 1024
 #: so the ring can never hold more records than its size over this; the
 #: sink's queue is bounded by the same number.
 _MIN_RECORD_BYTES = 100
+#: Bucket bounds of the per-call histograms (metrics): records per call up
+#: to the service's 500; bytes per call up to the 10 MiB of a large-record
+#: stream (5 MiB by default, Firehose 4 MiB); call latency from a quick
+#: answer to past the default 6 s --call-timeout.
+BATCH_RECORDS_BOUNDS = (1, 2, 5, 10, 25, 50, 100, 250, 500)
+BATCH_BYTES_BOUNDS = (1024, 4096, 16384, 65536, 262144, MIB, 2 * MIB, 4 * MIB, 5 * MIB, 10 * MIB)
+CALL_SECONDS_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 6.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -217,10 +224,6 @@ class _Builder:
         self.batch.close()
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
@@ -229,13 +232,18 @@ class StreamSink(Sink):
     """Delivers records to a Kinesis data stream or a Firehose delivery stream.
 
     ``buffer`` is the ring's buffer (every record's slot lies in it);
-    ``endpoint`` defaults to botocore's, resolved in `run`.
+    ``endpoint`` defaults to botocore's, resolved in `run`.  Without ``ack``,
+    a record given up is handed to ``given_up`` (default: ``release``), so
+    the spool can send it again.
     """
 
     def __init__(self, release: Release, buffer: Any, options: StreamOptions, *,
-                 endpoint: Optional[Endpoint] = None, log: Callable[[str], None] = _stderr,
-                 rng: Optional[random.Random] = None) -> None:
+                 endpoint: Optional[Endpoint] = None, report: HealthReport = log_health,
+                 rng: Optional[random.Random] = None, given_up: Optional[Release] = None) -> None:
         super().__init__(release)
+        self._given_up = given_up or release
+        #: Entries whose client waits in `put` (``ack``), for `stop_waiting`.
+        self._waiting: Set[Entry] = set()
         if options.service not in (KINESIS, FIREHOSE):
             raise ValueError("unknown stream service %r" % options.service)
         self.name = options.service
@@ -243,7 +251,7 @@ class StreamSink(Sink):
         self._kinesis = options.service == KINESIS
         self._buffer = buffer
         self._endpoint = endpoint
-        self._log = log
+        self._report = report
         self._rng = rng or random.Random()
         self._keys = (KeyPolicy(options.partition_key, options.explicit_hash_key_header)
                       if self._kinesis else None)
@@ -270,6 +278,11 @@ class StreamSink(Sink):
         self.calls = 0
         self.failed_calls = 0
         self.dropped = 0
+        #: Per call: records, bytes (data plus partition keys) and seconds
+        #: from sending to the answer read (signing included).
+        self.batch_records = Histogram(BATCH_RECORDS_BOUNDS)
+        self.batch_bytes = Histogram(BATCH_BYTES_BOUNDS)
+        self.call_seconds = Histogram(CALL_SECONDS_BOUNDS)
 
     # -- the Sink interface --------------------------------------------------
 
@@ -319,8 +332,12 @@ class StreamSink(Sink):
             self._kick.set()
         if waiter is None:
             return None
+        self._waiting.add(entry)
         try:
             await waiter.wait()
+            if entry.live:
+                raise SinkUnavailable("shutting down: the record was not stored within the shutdown "
+                                      "timeout", retry_after=1.0)
         except BaseException:
             encoding = entry.call
             if encoding is not None:
@@ -332,11 +349,17 @@ class StreamSink(Sink):
                 self._delivery.abandon(entry)
                 self._kick.set()
             raise
+        finally:
+            self._waiting.discard(entry)
         if entry.state == STORED:
             self._release(record.slot)
             return self._ack_fields(entry.result)
         raise SinkUnavailable("record not stored: %s" % (entry.error,),
                               retry_after=max(1.0, self._failure_until - trio.current_time()))
+
+    def stop_waiting(self) -> None:
+        for entry in list(self._waiting):
+            entry.waiter.set()
 
     def ready(self) -> Tuple[bool, str]:
         if self._closing:
@@ -481,8 +504,11 @@ class StreamSink(Sink):
                     entry.call = None
                 encoded.set()
             self.calls += 1
+            self.batch_records.add(len(entries))
+            self.batch_bytes.add(builder.bytes)
             result: Optional[PutRecordsResult] = None
             error: Optional[ServiceError] = None
+            sent = trio.current_time()
             try:
                 reply = await self._endpoint.call(batch.target, batch.body())
             except ServiceError as exc:
@@ -490,6 +516,7 @@ class StreamSink(Sink):
             else:
                 result, error = self._read(reply, len(entries))
             now = trio.current_time()
+            self.call_seconds.add(now - sent)
             rand = self._rng.random()
             if result is not None:
                 settled = self._delivery.settle(entries, result, now, rand)
@@ -530,7 +557,7 @@ class StreamSink(Sink):
             self._failure_until = float("-inf")
             if self._logged is not None:
                 self._logged = None
-                self._log("sluice: %s sink: delivering to %s again" % (self.name, self.options.stream))
+                self._report(self.name, True, "delivering to %s again" % self.options.stream)
 
     def _give_back(self, entries: List[Entry]) -> None:
         """Wake the clients of given-up entries, or release entries nobody waits for."""
@@ -539,7 +566,7 @@ class StreamSink(Sink):
                 entry.waiter.set()
             else:
                 self.dropped += 1
-                self._release(entry.record.slot)
+                self._given_up(entry.record.slot)
 
     def _trip(self, error: ServiceError) -> None:
         """A permanent error: refuse records for a while and say why, once."""
@@ -548,11 +575,11 @@ class StreamSink(Sink):
         self._give_back(self._delivery.give_up_all(error))
         if self._logged != error.code:
             self._logged = error.code
-            self._log("sluice: %s sink cannot deliver to %s%s: %s%s; answering 503 and trying "
-                      "again every %gs" % (
-                          self.name, self.options.stream,
-                          "" if self._endpoint is None else " at " + self._endpoint.url,
-                          error, _hint(error, self.name), self.options.failure_hold))
+            self._report(self.name, False, "cannot deliver to %s%s: %s%s; answering 503 and trying "
+                         "again every %gs" % (
+                             self.options.stream,
+                             "" if self._endpoint is None else " at " + self._endpoint.url,
+                             error, _hint(error, self.name), self.options.failure_hold))
 
     def _ack_fields(self, result: Optional[RecordResult]) -> Dict[str, Optional[str]]:
         assert result is not None

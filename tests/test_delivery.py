@@ -203,3 +203,38 @@ def test_mismatched_result_count_is_refused():
     sent, _ = take_all(d)
     with pytest.raises(ValueError):
         d.settle(sent, result(OK, OK), now=0.0, rand=0.0)
+
+
+def test_retries_are_counted_by_reason_and_throttles_by_code():
+    from sinks.aws_errors import MalformedResponse
+
+    d = delivery(max_records=10)
+    for i in range(4):
+        d.add(i, "k", None, 1, now=0.0)
+    sent, _ = take_all(d)
+    internal = RecordResult(error=TransientError("InternalFailure"))
+    d.settle(sent, result(failed(), failed("KMSThrottlingException"), internal, OK), now=0.0, rand=0.0)
+    d.wake(10.0)
+    sent, _ = take_all(d)
+    d.fail(sent[:1], TransientError("ConnectionClosedError"), now=10.0, rand=0.0)
+    d.fail(sent[1:2], TransientError("InternalFailure", status=500), now=10.0, rand=0.0)
+    d.fail(sent[2:], MalformedResponse("MalformedResponse"), now=10.0, rand=0.0)
+    stats = d.statistics()
+    assert stats["retry_reasons"] == {"throttled": 2, "service_error": 2, "unreadable_answer": 1,
+                                      "no_answer": 1}
+    assert sum(stats["retry_reasons"].values()) == stats["retries"] == 6
+    assert stats["throttles"] == {"ProvisionedThroughputExceededException": 1, "KMSThrottlingException": 1}
+
+
+def test_throttle_codes_are_bounded():
+    from sinks.delivery import MAX_THROTTLE_CODES
+
+    d = delivery(max_records=100, max_entries=1000)
+    codes = ["Code%d" % i for i in range(MAX_THROTTLE_CODES * 2)]
+    for code in codes:
+        d.add(code, "k", None, 1, now=0.0)
+    sent, _ = take_all(d)
+    d.settle(sent, result(*(failed(code) for code in codes)), now=0.0, rand=0.0)
+    throttles = d.statistics()["throttles"]
+    assert len(throttles) == MAX_THROTTLE_CODES and sum(throttles.values()) == len(codes)
+    assert throttles["other"] == len(codes) - (MAX_THROTTLE_CODES - 1)
