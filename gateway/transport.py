@@ -2,19 +2,27 @@
 
 A transport is the four calls the connection handler makes; nothing else in
 the server touches a socket.  :class:`SocketTransport` wraps a Trio socket so
-bodies land in ring slices through ``recv_into``; :class:`MemoryTransport`
-plays back scripted input (whole, byte by byte, any split) and records what the
-server sent, for tests without sockets.
+bodies land in ring slices through ``recv_into``; :class:`TLSTransport` runs
+TLS over one (``--tls-cert``), at the cost of one bounded copy of what it
+decrypts; :class:`MemoryTransport` plays back scripted input (whole, byte by
+byte, any split) and records what the server sent, for tests without sockets.
 """
 
 from __future__ import annotations
 
 import socket as _stdlib_socket
+import ssl
 from typing import Iterable, List
 
 import trio
 
-__all__ = ["Transport", "SocketTransport", "MemoryTransport"]
+__all__ = ["Transport", "SocketTransport", "TLSTransport", "TLSHandshakeFailed", "MemoryTransport",
+           "TLS_RECEIVE_BYTES"]
+
+#: Most plaintext one TLS record carries (RFC 8446 section 5.1): a receive
+#: yields at most one record's worth, so asking for more only makes the
+#: decrypted copy's buffer larger.
+TLS_RECEIVE_BYTES = 16 * 1024
 
 
 class Transport:
@@ -58,6 +66,62 @@ class SocketTransport(Transport):
             self.sock.shutdown(_stdlib_socket.SHUT_WR)
         except OSError:
             pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class TLSHandshakeFailed(Exception):
+    """The client did not complete a TLS handshake.
+
+    ``plain_http`` is true when it sent a plain HTTP request instead, which
+    the server answers in plain HTTP (as nginx does) on :attr:`TLSTransport.plain`.
+    """
+
+    def __init__(self, message: str, *, plain_http: bool = False) -> None:
+        super().__init__(message)
+        self.plain_http = plain_http
+
+
+class TLSTransport(Transport):
+    """A connected Trio socket carrying TLS (``trio.SSLStream``, server side).
+
+    :meth:`handshake` must run first.  ``recv_into`` copies what TLS decrypted
+    into ``view`` (up to :data:`TLS_RECEIVE_BYTES` at a time): the one extra
+    copy of a body on its way into the ring.  TLS cannot close one direction
+    only, so :meth:`shutdown_write` does nothing and :meth:`close` drops the
+    connection without a close_notify; clients find where answers end from
+    HTTP framing (``https_compatible``: a peer's missing close_notify is an
+    ordinary end of stream too).
+    """
+
+    __slots__ = ("sock", "stream", "plain")
+
+    def __init__(self, sock: trio.socket.SocketType, context: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.stream = trio.SSLStream(trio.SocketStream(sock), context, server_side=True,
+                                     https_compatible=True)
+        #: The same socket without TLS, for the answer to a plain HTTP request.
+        self.plain = SocketTransport(sock)
+
+    async def handshake(self) -> None:
+        """Complete the TLS handshake; raise :class:`TLSHandshakeFailed` if the peer does not."""
+        try:
+            await self.stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            reason = getattr(cause, "reason", None) if isinstance(cause, ssl.SSLError) else None
+            raise TLSHandshakeFailed("TLS handshake failed: %s" % (cause or exc),
+                                     plain_http=reason == "HTTP_REQUEST") from exc
+
+    async def recv_into(self, view: memoryview) -> int:
+        data = await self.stream.receive_some(min(len(view), TLS_RECEIVE_BYTES))
+        count = len(data)
+        view[:count] = data
+        return count
+
+    async def send_all(self, data) -> None:
+        await self.stream.send_all(data)
 
     def close(self) -> None:
         self.sock.close()

@@ -38,7 +38,7 @@ import trio
 from gateway.errors import SinkUnavailable
 
 from ._writev import writev
-from .base import Record, Release, Sink
+from .base import HealthReport, Record, Release, Sink, log_health
 
 __all__ = [
     "FileSink",
@@ -109,8 +109,9 @@ class FileSink(Sink):
 
     def __init__(self, release: Release, directory: str, *, segment_bytes: int = 128 * 2**20,
                  flush_interval: float = 0.05, batch_bytes: int = 4 * 2**20,
-                 retry_interval: float = 1.0) -> None:
+                 retry_interval: float = 1.0, report: HealthReport = log_health) -> None:
         super().__init__(release)
+        self._report = report
         self.directory = directory
         self.segment_bytes = segment_bytes
         self.flush_interval = flush_interval
@@ -199,11 +200,16 @@ class FileSink(Sink):
                 await trio.to_thread.run_sync(self._write_batch, batch)
             except OSError as exc:
                 self.write_errors += 1
+                if self._error is None:
+                    self._report(self.name, False, "write failed in %s: %s; writing again every %gs" % (
+                        self.directory, exc, self.retry_interval))
                 self._error = "write failed: %s" % (errno.errorcode.get(exc.errno or 0, exc),)
                 await trio.sleep(self.retry_interval)
                 continue
             break
-        self._error = None
+        if self._error is not None:
+            self._error = None
+            self._report(self.name, True, "writing to %s again" % self.directory)
         release = self._release
         for record in batch:
             release(record.slot)

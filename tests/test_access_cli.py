@@ -17,7 +17,7 @@ import pytest
 
 from gateway import keystore
 from tests.support.access import KEY_PATTERN, assert_no_key, post, sluice, wait_until
-from tests.support.gateway import RawConnection, get_request, running_gateway
+from tests.support.gateway import RawConnection, get_request, log_events, running_gateway
 from tests.support.redis import (
     RedisServer,
     free_port,
@@ -85,7 +85,9 @@ def test_one_environment_variable_serves_the_commands_and_the_gateway(redis_modu
     key = _ok(sluice("keys", "create", "--tenant", "ENV", env=env)).splitlines()[-1]
     assert "ENV" in _ok(sluice("tenants", "list", env=env))
     with running_gateway([], data_dir=str(tmp_path / "data"), env=env) as gateway:
-        assert "access control on (Redis %s, on failure closed)" % redis_module.url in gateway.stderr
+        assert gateway.started["access"] == "access control on (Redis %s, on failure closed)" % (
+            redis_module.url)
+        assert gateway.started["config"]["redis"] == redis_module.url
         assert post(gateway.address, b"e", key).status == 202
         assert post(gateway.address, b"e", None).status == 401
 
@@ -102,7 +104,9 @@ def test_startup_line_hides_the_password(tmp_path):
         with running_gateway(["--redis", url], data_dir=str(tmp_path / "data")) as gateway:
             assert post(gateway.address, b"p", key).status == 202
             stderr = gateway.stderr
-    assert "Redis redis://:***@127.0.0.1:%d/0" % server.port in stderr
+    started = log_events(stderr, "started")[0]
+    assert "Redis redis://:***@127.0.0.1:%d/0" % server.port in started["access"]
+    assert started["config"]["redis"] == "redis://:***@127.0.0.1:%d/0" % server.port
     assert_no_key(stderr, "s3cret-pw")
 
 
@@ -122,7 +126,10 @@ def test_redis_unreachable_at_start_serves_nothing_until_it_answers(tmp_path):
         with RawConnection(gateway.address) as conn:
             conn.send(get_request("/healthz", close=True))
             assert conn.read_response().status == 200
-        assert "access control: Redis unreachable (ConnectionError)" in gateway.stderr
+        # The event was written before /readyz said "down"; the reader thread may lag.
+        wait_until(lambda: gateway.events("redis_down"), timeout=10, what="the redis_down event")
+        (down,) = gateway.events("redis_down")
+        assert down["detail"].startswith("Redis unreachable (ConnectionError)"), down
 
 
 def _one_line(result) -> str:
@@ -196,7 +203,7 @@ def test_gateway_on_a_redis_cluster_and_over_tls(tmp_path):
                            "C%d" % n)).splitlines()[-1] for n in range(6)]
         with running_gateway(["--redis", node, "--redis-cluster", "--sink", "null"],
                              data_dir=str(tmp_path / "cluster")) as gateway:
-            assert "access control on (Redis Cluster %s" % node in gateway.stderr
+            assert gateway.started["access"].startswith("access control on (Redis Cluster %s" % node)
             assert [post(gateway.address, b"c", key).status for key in keys] == [202] * 6
         usage = _ok(sluice("keys", "show-usage", "--redis", cluster.url, "--tenant", "C3"))
         assert "records: 1 of unlimited" in usage
@@ -204,5 +211,5 @@ def test_gateway_on_a_redis_cluster_and_over_tls(tmp_path):
         key = _ok(sluice("keys", "create", "--redis", server.tls_url, "--tenant", "TLS")).splitlines()[-1]
         with running_gateway([], env={"SLUICE_REDIS_URL": server.tls_url},
                              data_dir=str(tmp_path / "tls")) as gateway:
-            assert "access control on (Redis rediss://" in gateway.stderr
+            assert gateway.started["access"].startswith("access control on (Redis rediss://")
             assert post(gateway.address, b"t", key).status == 202

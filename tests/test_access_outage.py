@@ -17,7 +17,13 @@ from typing import Any, Dict, List, Tuple
 
 from gateway import keystore
 from tests.support.access import assert_no_key, post, wait_until
-from tests.support.gateway import RawConnection, get_request, running_gateway, wait_for_records
+from tests.support.gateway import (
+    RawConnection,
+    get_request,
+    log_events,
+    running_gateway,
+    wait_for_records,
+)
 from tests.support.redis import RedisServer, running_redis
 
 REDIS_TIMEOUT = 0.3
@@ -131,7 +137,10 @@ def test_closed_mode_refuses_during_the_outage_and_recovers(tmp_path):
     records = wait_for_records(str(tmp_path / "data"), accepted)
     for record_id, body in accepted.items():
         assert records[record_id][1] == body and records[record_id][0]["tenant"] == "CLOSED"
-    assert "access control: Redis unreachable" in stderr and "Redis answers again" in stderr
+    down, up = log_events(stderr, "redis_down"), log_events(stderr, "redis_up")
+    assert len(down) == len(up) == 1, stderr
+    assert down[0]["level"] == "error" and down[0]["detail"].startswith("Redis unreachable")
+    assert up[0]["detail"] == "Redis answers again"
     assert_no_key(stderr)
 
 
@@ -171,5 +180,6 @@ def test_open_mode_admits_during_the_outage_and_counts_the_usage_afterwards(tmp_
     assert any(doc["redis"] == "down" for _, doc in readyz), readyz
     for _, _, seconds, _ in load.answers:
         assert seconds < REDIS_TIMEOUT + SLACK
-    assert "access control: Redis unreachable" in stderr and "admitting keys" in stderr
+    (down,) = log_events(stderr, "redis_down")
+    assert down["detail"].startswith("Redis unreachable") and "admitting keys" in down["detail"]
     assert_no_key(stderr)

@@ -171,7 +171,7 @@ def test_flags_win_over_environment(start_gateway):
 
 def test_environment_twins_apply(start_gateway):
     gateway = start_gateway(env={"SLUICE_MAX_BODY": "1KiB", "SLUICE_SINK": "null"})
-    assert "sink null" in gateway.stderr
+    assert gateway.started["sink"] == "null"
     assert _post(gateway, b"y" * 1024)[0] == 202
     status, body = _post(gateway, b"y" * 1025)
     assert status == 413 and json.loads(body)["error"] == "payload_too_large"
@@ -205,7 +205,7 @@ def test_listen_on_an_unknown_host(tmp_path):
 def test_null_sink_accepts_and_stores_nothing(start_gateway, tmp_path):
     data_dir = str(tmp_path / "never-written")
     gateway = start_gateway("--sink", "null", data_dir=data_dir)
-    assert "sink null" in gateway.stderr
+    assert gateway.started["sink"] == "null"
     for size in (0, 1, 64 * 1024):
         status, body = _post(gateway, b"z" * size)
         assert status == 202 and len(json.loads(body)["id"]) == 26
@@ -218,7 +218,7 @@ def test_null_sink_accepts_and_stores_nothing(start_gateway, tmp_path):
 def test_file_sink_names_its_directory(start_gateway, tmp_path):
     data_dir = str(tmp_path / "segments")
     gateway = start_gateway(data_dir=data_dir)
-    assert "sink file (%s)" % os.path.abspath(data_dir) in gateway.stderr
+    assert gateway.started["sink"] == "file (%s)" % os.path.abspath(data_dir)
 
 
 # -- sluice read --------------------------------------------------------------------

@@ -200,7 +200,9 @@ async def test_put_after_aclose_is_refused(tmp_path):
 
 
 async def test_failed_write_is_retried_without_loss_or_partial_frames(tmp_path, monkeypatch):
-    harness = Harness(str(tmp_path), retry_interval=0.005)
+    reports = []
+    harness = Harness(str(tmp_path), retry_interval=0.005,
+                      report=lambda *report: reports.append(report))
     real_writev = file_sink.writev
     disk_full = threading.Event()
     disk_full.set()
@@ -230,6 +232,12 @@ async def test_failed_write_is_retried_without_loss_or_partial_frames(tmp_path, 
         await harness.sink.aclose()
     assert harness.sink.statistics()["write_errors"] == len(failures)
     assert stored(str(tmp_path)) == datas
+    # One report when writes began to fail, however many failed; one when they worked again.
+    assert reports == [
+        ("file", False, "write failed in %s: [Errno 28] No space left on device; writing again every "
+                        "0.005s" % tmp_path),
+        ("file", True, "writing to %s again" % tmp_path),
+    ]
     # Every released record was on disk when it was released.
     for data, on_disk in zip(harness.released, harness.stored_at_release):
         assert data in on_disk

@@ -13,7 +13,7 @@ from typing import Dict, List
 
 import trio
 
-from tests.support.gateway import gateway_in_process
+from tests.support.gateway import gateway_in_process, log_events
 from tests.support.kinesis import (  # noqa: F401 - fixtures
     Plan,
     aws_env_fixture,
@@ -144,8 +144,8 @@ async def test_permanent_error_flips_readyz_answers_503_and_logs_once(fault_serv
     assert ready[0] == 503
     reason = json.loads(ready[2])["reason"]
     assert reason.startswith("sink: kinesis: AccessDeniedException")
-    lines = [line for line in capsys.readouterr().err.splitlines() if "kinesis sink" in line]
-    assert len(lines) == 1 and "kinesis:PutRecords" in lines[0]
+    (event,) = log_events(capsys.readouterr().err, "sink_not_ready")
+    assert event["sink"] == "kinesis" and "kinesis:PutRecords" in event["reason"]
     assert fake.stored == [] and gateway.ring.ring.used == 0
 
 

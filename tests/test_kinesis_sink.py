@@ -17,7 +17,7 @@ from gateway.config import from_args
 from sinks.aws_errors import TransientError
 from sinks.aws_http import MemoryEndpoint, Reply
 from sinks.kinesis import StreamOptions, StreamSink
-from tests.support.gateway import gateway_in_process
+from tests.support.gateway import gateway_in_process, log_events
 from tests.support.kinesis import (  # noqa: F401 - fixtures
     FakeStreams,
     Plan,
@@ -367,8 +367,8 @@ async def test_wrong_secret_is_a_403_that_stops_the_sink(moto, stream, aws_env, 
     assert [a[0] for a in answers] == [503] * 3
     assert all(b"retry-after" in a[1] for a in answers)
     assert status == 503 and b"SignatureDoesNotMatch" in body
-    lines = [line for line in capsys.readouterr().err.splitlines() if "kinesis sink" in line]
-    assert len(lines) == 1 and "check the AWS credentials" in lines[0]
+    (event,) = log_events(capsys.readouterr().err, "sink_not_ready")
+    assert event["sink"] == "kinesis" and "check the AWS credentials" in event["reason"]
     assert gateway.ring.ring.used == 0
 
 
@@ -380,7 +380,8 @@ async def test_missing_stream_is_reported_at_start(moto, aws_env, capsys):
         answer = await trio.to_thread.run_sync(post, port, b"x")
     assert status == 503 and b"ResourceNotFoundException" in body
     assert answer[0] == 503 and json.loads(answer[2])["error"] == "sink_unavailable"
-    assert "does the stream exist" in capsys.readouterr().err
+    (event,) = log_events(capsys.readouterr().err, "sink_not_ready")
+    assert "does the stream exist" in event["reason"]
 
 
 async def test_explicit_hash_key_header_reaches_moto(moto, stream):

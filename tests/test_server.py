@@ -717,8 +717,10 @@ def test_sigterm_under_load_keeps_every_accepted_record(start_gateway):
             thread.join(60)
     assert not failures, failures
     assert statuses <= {202, 503}, statuses
-    assert "sluice: shutting down" in gateway.stderr
-    assert gateway.stderr.endswith("sluice: stopped\n")
+    events = gateway.events()
+    assert [e["event"] for e in events if e["event"].startswith("stop")] == ["stopping", "stopped"]
+    assert events[-1]["event"] == "stopped" and events[-1]["accepted"] >= len(accepted)
+    assert [e["signal"] for e in gateway.events("stopping")] == ["SIGTERM"]
     records = stored(gateway.data_dir)
     missing = set(accepted) - set(records)
     assert not missing, "%d acknowledged records lost" % len(missing)

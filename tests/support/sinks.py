@@ -91,7 +91,8 @@ class SinkHarness:
         options.setdefault("stream", "logs")
         self.sink = StreamSink(self.ring.release, self.ring.buffer,
                                StreamOptions(service=service, **options),
-                               endpoint=endpoint, log=self.logged.append)
+                               endpoint=endpoint,
+                               report=lambda sink, ready, reason: self.logged.append(reason))
         self.count = 0
 
     def record(self, data: bytes, partition_key: Optional[str] = None,
