@@ -2,7 +2,9 @@
 
 A case is one server x one body mix x one mode.  Each case starts its server
 afresh (pinned to core 0), loads it from core 1 for ``--warmup`` then
-``--duration`` seconds, and measures only the second part.
+``--duration`` seconds, and measures only the second part.  ``--workers 1,2``
+runs Sluice once per worker count (``sluice serve --workers N``); with more than
+one worker nothing is pinned: the workers and the load generator share the cores.
 """
 from __future__ import annotations
 
@@ -48,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--redis", choices=("auto", "off"), default="auto",
                    help="auto: access control with a real redis-server when the gateway has --redis")
     p.add_argument("--tracemalloc", action="store_true", help="CPython gateway: run tracemalloc (slower)")
+    p.add_argument("--workers", default="1",
+                   help="comma-separated sluice serve --workers counts, one Sluice case each (default 1); "
+                        "above 1 nothing is pinned")
+    p.add_argument("--no-pin", action="store_true",
+                   help="pin nothing in any case (compare --workers 1,2 with the same placement)")
     p.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for sluice serve, repeatable (e.g. --gateway-arg=--ack=received)")
     p.add_argument("--no-plots", action="store_true")
@@ -71,26 +78,26 @@ def _sleep_until(t: float) -> None:
 
 
 def _run_case(args: argparse.Namespace, server: servers.Child, mode: str, mix: str, warmup: float,
-              workdir: str, token: Optional[str], gateway: bool) -> Dict[str, Any]:
+              workdir: str, token: Optional[str], gateway: bool, pin: bool = True) -> Dict[str, Any]:
     sampler = TreeSampler(server.pid).start()
     try:
         use_wrk = mode == "closed" and (args.generator == "wrk"
                                         or (args.generator == "auto" and wrk.available()))
         if use_wrk:
             if warmup > 0:
-                wrk.run(server.port, mix, args.connections, warmup, workdir, token)
+                wrk.run(server.port, mix, args.connections, warmup, workdir, token, pin=pin)
             pids = sampler.pids()
             t0, c0 = time.time(), cpu_seconds(pids)
             if gateway:
                 server.signal(signal.SIGUSR1)
-            load = wrk.run(server.port, mix, args.connections, args.duration, workdir, token)
+            load = wrk.run(server.port, mix, args.connections, args.duration, workdir, token, pin=pin)
             t1, c1 = time.time(), cpu_seconds(pids)
             if gateway:
                 server.signal(signal.SIGUSR1)
         else:
             start = time.time() + START_DELAY
             rate = args.rate or DEFAULT_RATES[mix]
-            command = servers.pinned(servers.CLIENT_CORE, [
+            command = (servers.pinned if pin else servers.unpinned)(servers.CLIENT_CORE, [
                 args.client_python, "-m", "bench.load.client", "--port", str(server.port), "--mode", mode,
                 "--mix", mix, "--rate", str(rate), "--warmup", str(warmup), "--duration", str(args.duration),
                 "--start-at", repr(start), "--connections",
@@ -124,12 +131,13 @@ def _run_case(args: argparse.Namespace, server: servers.Child, mode: str, mix: s
             "rss_samples": sampler.samples}
 
 
-def _start(name: str, label: str, python: str, args: argparse.Namespace, case_dir: str, probe_file: str,
-           kinesis_url: str, redis_url: str) -> servers.Child:
-    if name == label:
+def _start(name: str, workers: int, python: str, args: argparse.Namespace, case_dir: str,
+           probe_file: str, kinesis_url: str, redis_url: str) -> servers.Child:
+    if workers:
         return servers.start_gateway(python, args.sink, case_dir, probe_file=probe_file,
                                      tracemalloc=args.tracemalloc, kinesis_url=kinesis_url,
-                                     redis_url=redis_url, extra=args.gateway_arg)
+                                     redis_url=redis_url, extra=args.gateway_arg, workers=workers,
+                                     pin=not args.no_pin)
     return servers.start_peer(name, case_dir, args.cache)
 
 
@@ -145,6 +153,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     for p in peers:
         if p not in servers.PEERS:
             raise SystemExit("--peers: unknown peer %r" % p)
+    try:
+        worker_counts = [int(w) for w in args.workers.split(",") if w]
+    except ValueError:
+        raise SystemExit("--workers: comma-separated whole numbers, e.g. 1,2") from None
+    if not worker_counts or min(worker_counts) < 1:
+        raise SystemExit("--workers: comma-separated whole numbers, e.g. 1,2")
     if not set(modes) <= {"open", "closed"} or not 0 < args.duration <= 3600:
         raise SystemExit("--modes or --duration out of range")
     implementation = subprocess.run([python, "-c", "import platform;print(platform.python_implementation())"],
@@ -170,14 +184,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             notes.append("access control off: the gateway has no --redis flag" if args.redis == "auto"
                          else "access control off (--redis off)")
         label = "sluice-%s" % ("pypy" if implementation == "PyPy" else "cpython")
+        # Sluice cases: (name, worker count); peers: (name, 0).
+        servers_run = [(label if n == 1 else "%s-w%d" % (label, n), n) for n in worker_counts]
+        if args.no_pin:
+            notes.append("--no-pin: nothing pinned (servers and load generator share every core)")
+        if any(n > 1 for n in worker_counts):
+            notes.append("sluice-*-wN: sluice serve --workers N, nothing pinned (the workers and the load "
+                         "generator share every core); GC and allocation columns are the supervisor's: "
+                         "left out")
         for mix in mixes:
             for mode in modes:
-                for name in [label] + peers:
+                for name, workers in servers_run + [(p, 0) for p in peers]:
                     case_dir = os.path.join(workdir, "%s-%s-%s" % (name, mix, mode))
                     os.makedirs(case_dir)
                     probe_file = os.path.join(case_dir, "probe.json")
                     try:
-                        server = _start(name, label, python, args, case_dir, probe_file, kinesis_url,
+                        server = _start(name, workers, python, args, case_dir, probe_file, kinesis_url,
                                         redis_url)
                     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                         notes.append("%s %s %s not run: %s" % (name, mix, mode, str(exc).splitlines()[0]))
@@ -186,16 +208,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                     try:
                         print("bench.load: %s %s %s ..." % (name, mix, mode), file=sys.stderr, flush=True)
                         result = _run_case(args, server, mode, mix, warmup, case_dir,
-                                           token if name == label else None, name == label)
+                                           token if workers else None, bool(workers),
+                                           pin=workers <= 1 and not args.no_pin)
                     finally:
                         server.stop()
                     probe = None
-                    if name == label and os.path.exists(probe_file):
+                    # With workers the probe sees only the idle supervisor.
+                    if workers == 1 and os.path.exists(probe_file):
                         with open(probe_file) as f:
                             probe = json.load(f)
                     window = (result["window"][0], result["window"][1])
                     case = {"name": "%s-%s-%s" % (name, mix, mode), "server": name, "mix": mix, "mode": mode,
-                            "sink": args.sink if name == label else None, **result,
+                            "sink": args.sink if workers else None, "workers": workers or None, **result,
                             "rss": report.rss_summary(result["rss_samples"], window),
                             "gc": report.gc_summary(probe, window),
                             "allocation": report.allocation_per_request(probe, window),
@@ -209,7 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     meta = {"python": python, "implementation": implementation, "sink": args.sink, "warmup_s": warmup,
             "duration_s": args.duration, "argv": sys.argv[1:] if argv is None else argv, "notes": notes,
-            "nproc": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "nproc": os.cpu_count(), "workers": worker_counts, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"meta": meta, "cases": cases}, f)
     table = report.markdown(cases)

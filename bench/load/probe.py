@@ -14,7 +14,7 @@ and longest duration (a major collection is the sum of its steps).
 
 The gateway itself is not changed: the probe wraps ``gateway.cli.Gateway`` to
 keep a reference to the instance, then calls ``gateway.cli.main``.  On PyPy it
-sets ``PYPY_GC_NURSERY`` as ``sluice serve`` would (unless already set).
+sets the ``PYPY_GC_*`` variables ``sluice serve`` would (unless already set).
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # must be in the environment before the interpreter starts.
         from gateway import cli as _cli
 
-        os.environ["PYPY_GC_NURSERY"] = _cli.PYPY_NURSERY
+        os.environ.update(_cli.pypy_gc_environment(os.environ))
         os.execv(sys.executable, [sys.executable, "-m", "bench.load.probe"] + sys.argv[1:])
     from gateway import cli
 

@@ -90,8 +90,10 @@ def _mb(x: Optional[float]) -> str:
 
 def markdown(cases: List[Dict[str, Any]]) -> str:
     """One row per case; ``×sluice`` is requests/s against Sluice's in the same mode and mix."""
-    base = {(c["mode"], c["mix"]): c["load"]["requests_per_s"]
-            for c in cases if c["server"].startswith("sluice")}
+    base: Dict[Tuple[str, str], float] = {}
+    for c in cases:  # the first Sluice case of each mode and mix (--workers 1,2: one worker)
+        if c["server"].startswith("sluice"):
+            base.setdefault((c["mode"], c["mix"]), c["load"]["requests_per_s"])
     head = ("| server | mode | mix | req/s | ×sluice | MB/s | p50 ms | p99 ms | p99.9 ms | max ms | CPU % "
             "| RSS peak MB | RSS steady MB | GC pauses | GC p99 ms | GC max ms | alloc/req | errors |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]

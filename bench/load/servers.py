@@ -21,8 +21,8 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["ROOT", "PYTHONS", "Child", "free_port", "start_gateway", "start_peer", "start_kinesis",
-           "start_redis", "gateway_has_redis", "create_key", "peers_python", "PEERS"]
+__all__ = ["ROOT", "PYTHONS", "Child", "free_port", "pinned", "unpinned", "start_gateway", "start_peer",
+           "start_kinesis", "start_redis", "gateway_has_redis", "create_key", "peers_python", "PEERS"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHONS = {"cpython": "/opt/sv/cpy/bin/python", "pypy": "/opt/sv/pypy/bin/python"}
@@ -33,7 +33,10 @@ SERVER_CORE, CLIENT_CORE = "0", "1"
 START_TIMEOUT = 60.0
 #: Seconds a SIGTERM'd server may take before SIGKILL.
 STOP_TIMEOUT = 20.0
-_LISTENING = re.compile(r"^sluice: listening on http://(\[[^\]]*\]|[^:/]+):(\d+)[,/ ]")
+#: The gateway's startup event (a JSON line on stderr) and the address in it.
+_LISTENING = re.compile(r'^\{.*"event":"started","url":"https?://(\[[^\]]*\]|[^:/"]+):(\d+)"')
+#: With --workers N: the supervisor's, once every worker listens.
+_SUPERVISED = re.compile(r'^\{.*"event":"supervisor_started","url":"https?://(\[[^\]]*\]|[^:/"]+):(\d+)"')
 
 
 def free_port() -> int:
@@ -47,12 +50,18 @@ def pinned(core: str, command: Sequence[str]) -> List[str]:
     return [taskset, "-c", core, *command] if taskset else list(command)
 
 
+def unpinned(core: str, command: Sequence[str]) -> List[str]:
+    """``command`` free to run on any core (``core`` is ignored: the same call as :func:`pinned`)."""
+    return list(command)
+
+
 class Child:
     """A started process; ``port`` is where it listens (0 for none)."""
 
     def __init__(self, name: str, command: List[str], *, env: Optional[Dict[str, str]] = None,
-                 cwd: str = ROOT, stdout_port: bool = False) -> None:
+                 cwd: str = ROOT, stdout_port: bool = False, listening: re.Pattern = _LISTENING) -> None:
         self.name = name
+        self._listening = listening
         self.command = command
         self.port = 0
         self.lines: List[str] = []
@@ -73,7 +82,7 @@ class Child:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             if len(self.lines) < 10_000:
                 self.lines.append(line)
-            match = _LISTENING.match(line)
+            match = self._listening.match(line)
             if match:
                 self.port = int(match.group(2))
                 self._found.set()
@@ -137,9 +146,13 @@ def gateway_has_redis(python: str) -> bool:
 
 
 def start_gateway(python: str, sink: str, workdir: str, *, probe_file: str, tracemalloc: bool = False,
-                  kinesis_url: str = "", redis_url: str = "", extra: Sequence[str] = ()) -> Child:
+                  kinesis_url: str = "", redis_url: str = "", extra: Sequence[str] = (),
+                  workers: int = 1, pin: bool = True) -> Child:
+    """The gateway under the GC probe, pinned to core 0 unless ``pin`` is false;
+    with ``workers`` above 1 a supervisor and its workers, never pinned (they use
+    every core)."""
     command = [python, "-m", "bench.load.probe", "serve", "--listen", "127.0.0.1:0", "--sink", sink,
-               "--data-dir", os.path.join(workdir, "sluice-data")]
+               "--data-dir", os.path.join(workdir, "sluice-data"), "--workers", str(workers)]
     env = _env(SLUICE_BENCH_PROBE=probe_file)
     if tracemalloc:
         env["SLUICE_BENCH_TRACEMALLOC"] = "1"
@@ -151,7 +164,10 @@ def start_gateway(python: str, sink: str, workdir: str, *, probe_file: str, trac
     if redis_url:
         command += ["--redis", redis_url]
     command += list(extra)
-    return Child("sluice", pinned(SERVER_CORE, command), env=env).wait_port()
+    if workers > 1:
+        # Listening means every worker listens: the supervisor's event, not worker 0's.
+        return Child("sluice", command, env=env, listening=_SUPERVISED).wait_port()
+    return Child("sluice", (pinned if pin else unpinned)(SERVER_CORE, command), env=env).wait_port()
 
 
 def start_kinesis(python: str = sys.executable) -> Child:

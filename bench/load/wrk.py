@@ -13,7 +13,7 @@ import subprocess
 from typing import Any, Dict, List, Optional
 
 from .bodies import sizes_for
-from .servers import CLIENT_CORE, pinned
+from .servers import CLIENT_CORE, pinned, unpinned
 
 __all__ = ["available", "run"]
 
@@ -54,15 +54,16 @@ def available() -> bool:
 
 
 def run(port: int, mix: str, connections: int, duration: float, workdir: str,
-        token: Optional[str] = None) -> Dict[str, Any]:
+        token: Optional[str] = None, *, pin: bool = True) -> Dict[str, Any]:
     sizes: List[int] = sizes_for(mix)
     script = os.path.join(workdir, "wrk-%s.lua" % mix)
     auth = ', ["Authorization"] = "Bearer %s"' % token if token else ""
     with open(script, "w") as f:
         f.write(_LUA % {"sizes": ", ".join(str(s) for s in sizes), "auth": auth})
     seconds = max(1, int(round(duration)))
-    command = pinned(CLIENT_CORE, ["wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds, "--timeout", "10s",
-                                   "-s", script, "http://127.0.0.1:%d/v1/logs" % port])
+    command = (pinned if pin else unpinned)(CLIENT_CORE, [
+        "wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds, "--timeout", "10s", "-s", script,
+        "http://127.0.0.1:%d/v1/logs" % port])
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     line = next((x for x in done.stdout.splitlines() if x.startswith('{"completed"')), None)
     if line is None:
