@@ -31,6 +31,8 @@ __all__ = [
     "KINESIS_TARGET_PREFIX",
     "FIREHOSE_TARGET_PREFIX",
     "JSON_CONTENT_TYPE",
+    "SHARD_WRITE_BYTES_PER_SECOND",
+    "SHARD_WRITE_RECORDS_PER_SECOND",
 ]
 
 KIB = 1024
@@ -84,6 +86,15 @@ EXPLICIT_HASH_KEY_MAX_DIGITS = 39
 # [a-zA-Z0-9_.-]+; StreamARN length 1..2048.
 STREAM_NAME_MAX_CHARS = 128
 STREAM_ARN_MAX_CHARS = 2048
+
+# Developer Guide, "Quotas and limits" (provisioned mode): "Each shard can
+# support up to 1,000 records per second for writes, up to a maximum total
+# data write rate of 1 MB per second" (other pages say 1 MiB; the smaller
+# reading is kept), counting data blobs and partition keys.  The sinks do not
+# enforce these (the service throttles, and they retry); docs/deployment.md
+# sizes streams with them.
+SHARD_WRITE_BYTES_PER_SECOND = 1000 * 1000
+SHARD_WRITE_RECORDS_PER_SECOND = 1000
 
 # --- Firehose: PutRecordBatch ----------------------------------------------
 
