@@ -1,11 +1,13 @@
 """Configuration: every setting, its default, its bound and where it comes from.
 
 Each setting is one row of :data:`SETTINGS`: a flag (``--ring-size``), the
-matching environment variable (``SLUICE_RING_SIZE``), a parser for its text
-form, a default, and the reason for the default.  Flags win over environment
-variables, which win over defaults.  :func:`load` returns a frozen
-:class:`Config` or raises :class:`ConfigError` whose message starts with the
-flag it is about, so the CLI can print it as one line.
+matching environment variable (``SLUICE_RING_SIZE``), a key of the settings
+file (``ring_size``, :mod:`gateway.config_file`), a parser for its text form, a
+default, and the reason for the default.  Flags win over environment
+variables, which win over the file (``--config``, ``SLUICE_CONFIG``), which
+wins over defaults.  :func:`load` returns a frozen :class:`Config` or raises
+:class:`ConfigError` whose message starts with the flag, variable or file key
+it is about, so the CLI can print it as one line.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from .envelope import MAX_ENVELOPE_BYTES
 from .http import DEFAULT_MAX_HEAD
 
 __all__ = ["Config", "ConfigError", "SETTINGS", "ACCESS_SETTINGS", "load", "add_arguments", "parse_size",
-           "parse_duration", "parse_switch", "parse_redis_url"]
+           "parse_duration", "parse_switch", "parse_redis_url", "CONFIG_FILE_ENV", "Origin",
+           "load_with_origins", "parse_workers", "MAX_WORKERS"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -127,6 +130,26 @@ def parse_switch(text: str) -> bool:
     raise ValueError("must be true or false, not %r" % text)
 
 
+#: Most worker processes ``--workers`` takes.  Each holds its own ring and (on
+#: PyPy) about 100 MB idle, so a larger count is a typo rather than a plan;
+#: nginx users rarely go past the core count either.
+MAX_WORKERS = 256
+
+
+def parse_workers(text: str) -> int:
+    """Worker processes: a whole number, or ``auto`` for the number of CPUs (``os.cpu_count()``)."""
+    if text.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return _int(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("not a number: %r (use e.g. 0.001)" % text) from None
+
+
 _REDIS_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://", "unix://")
 #: Query parameters of a Redis URL that name files the TLS setup reads.
 _REDIS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
@@ -206,11 +229,20 @@ SETTINGS: List[Setting] = [
     Setting("idle_timeout", parse_duration, "75s",
             "keep-alive connections idle this long are closed; keep it above a load "
             "balancer's idle timeout (nginx: 75s)", minimum=0.001),
+    Setting("send_timeout", parse_duration, "60s",
+            "time allowed for sending one answer; a client that stops reading its answers is "
+            "disconnected after it (nginx send_timeout: 60s)", minimum=0.001),
     Setting("max_connections", _int, "1024",
             "open connections at most; more get 503 and are closed (nginx worker_connections)",
             minimum=1),
     Setting("ring_wait", parse_duration, "1s",
             "how long a request waits for ring space before 503 + Retry-After", minimum=0),
+    # Worker processes (gateway/supervisor.py): above 1, a supervising parent
+    # starts them, each with its own socket on --listen (SO_REUSEPORT).
+    Setting("workers", parse_workers, "auto",
+            "gateway processes sharing --listen (SO_REUSEPORT) under a supervising parent that "
+            "restarts them and reloads on SIGHUP; auto: one per CPU; 1: a single process, no parent",
+            minimum=1, maximum=MAX_WORKERS),
     Setting("shutdown_timeout", parse_duration, "30s",
             "on SIGTERM/SIGINT, how long in-flight requests may take before they are cut",
             minimum=0),
@@ -219,6 +251,20 @@ SETTINGS: List[Setting] = [
             minimum=64 * KiB),
     Setting("flush_interval", parse_duration, "50ms",
             "file sink: queued records are written at least this often", minimum=0.001),
+    # TLS termination (gateway/tls.py): both files or neither.
+    Setting("tls_cert", str, "",
+            "PEM file of the certificate (chain) served to clients: turns TLS on, with --tls-key"),
+    Setting("tls_key", str, "", "PEM file of --tls-cert's private key (not encrypted)"),
+    # Logs (gateway/logs.py): events on stderr, never per request unless sampled.
+    Setting("log_format", _choice("json", "text"), "json",
+            "stderr lines: json (one object per line) or text (ts level event key=value)"),
+    Setting("access_log_sample", _fraction, "0",
+            "fraction of requests logged as access events, 0 (off) to 1 (all); e.g. 0.001",
+            minimum=0, maximum=1),
+    # Metrics (gateway/metrics.py): GET /metrics, one registry per process unless this is set.
+    Setting("metrics_dir", str, "",
+            "directory of multiprocess metrics (prometheus-client's PROMETHEUS_MULTIPROC_DIR "
+            "format), emptied at start; /metrics then reports every process writing there"),
     # Kinesis and Firehose sinks.  Bounds: sinks/limits.py.
     Setting("stream", _stream_name, "", "kinesis sink: the data stream's name or ARN"),
     Setting("delivery_stream", _stream_name, "", "firehose sink: the delivery stream's name"),
@@ -227,9 +273,9 @@ SETTINGS: List[Setting] = [
             "the profile)"),
     Setting("endpoint_url", str, "",
             "kinesis/firehose: endpoint URL (default: botocore's, e.g. AWS_ENDPOINT_URL_KINESIS)"),
-    Setting("ack", _choice("kinesis", "received"), "kinesis",
-            "kinesis/firehose: answer 202 once the service stored the record (kinesis) or once "
-            "it is in memory (received)"),
+    Setting("ack", _choice("kinesis", "received", "spool"), "kinesis",
+            "when 202 is sent: kinesis/firehose: once the service stored the record (kinesis) or "
+            "once it is in memory (received); any sink: once it is fsynced to --spool-dir (spool)"),
     Setting("partition_key", parse_key_setting, "random",
             "kinesis: partition key: random (the record id), tenant, or header:NAME"),
     Setting("explicit_hash_key_header", _header_name, "",
@@ -255,6 +301,15 @@ SETTINGS: List[Setting] = [
     Setting("call_timeout", parse_duration, "6s",
             "kinesis/firehose: connect and read timeout of one request, then it is retried "
             "(Kinesis Producer Library RequestTimeout: 6s)", minimum=0.001),
+    # The write-ahead spool (sinks/spool.py, sinks/spooled.py): --ack spool.
+    Setting("spool_dir", str, "",
+            "--ack spool: directory of the spool's segment files (required with --ack spool)"),
+    Setting("spool_size", parse_size, "1GiB",
+            "--ack spool: most bytes the spool may hold on disk; past it requests get 503",
+            minimum=64 * KiB),
+    Setting("spool_sync_interval", parse_duration, "5ms",
+            "--ack spool: requests arriving within this long share one fsync (group commit); "
+            "it adds up to this much latency", minimum=0, maximum=1.0),
     # Access control (gateway/access.py).  Off unless --redis is given; the
     # other settings of this group need it.  SLUICE_REDIS_URL is also what the
     # keys and tenants commands read, so one variable serves both.
@@ -307,6 +362,7 @@ class Config:
     shutdown_timeout: float
     segment_size: int
     flush_interval: float
+    send_timeout: float = 60.0
     stream: str = ""
     delivery_stream: str = ""
     region: str = ""
@@ -321,6 +377,9 @@ class Config:
     max_in_flight: int = 4
     retry_deadline: float = 30.0
     call_timeout: float = 6.0
+    spool_dir: str = ""
+    spool_size: int = 1 * GiB
+    spool_sync_interval: float = 0.005
     # Out of repr: the URL may hold a password.
     redis: str = dataclasses.field(default="", repr=False)
     redis_cluster: bool = False
@@ -329,11 +388,23 @@ class Config:
     key_cache_ttl: float = 5.0
     stale_key_ttl: float = 3600.0
     instance_count: int = 1
+    tls_cert: str = ""
+    tls_key: str = ""
+    log_format: str = "json"
+    access_log_sample: float = 0.0
+    metrics_dir: str = ""
+    # As the setting's default, auto: one per CPU.
+    workers: int = dataclasses.field(default_factory=lambda: parse_workers("auto"))
 
     @property
     def access_control(self) -> bool:
         """Whether requests need an API key (``--redis`` given)."""
         return bool(self.redis)
+
+    @property
+    def tls(self) -> bool:
+        """Whether connections are TLS (``--tls-cert`` and ``--tls-key`` given)."""
+        return bool(self.tls_cert)
 
     @property
     def max_record(self) -> int:
@@ -354,8 +425,16 @@ class Config:
         return "listening on http://%s:%d, sink %s" % (where, port, sink)
 
 
+#: The variable naming the settings file when ``--config`` is not given.
+CONFIG_FILE_ENV = "SLUICE_CONFIG"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add a flag for every setting; defaults stay None so env can fill in."""
+    """Add ``--config`` and a flag for every setting; defaults stay None so env and file can fill in."""
+    parser.add_argument("--config", dest="config", default=None, metavar="FILE",
+                        help="TOML file of settings, keys as the flags in snake_case (ring_size = "
+                             "\"256MiB\"); flags and SLUICE_* variables win over it (env %s)"
+                             % CONFIG_FILE_ENV)
     for setting in SETTINGS:
         text = "%s (env %s, default %s)" % (setting.help, setting.env, setting.default or "none")
         if setting.switch:
@@ -366,20 +445,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 metavar=setting.name.split("_")[-1].upper(), help=text)
 
 
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """Where a setting's value came from: ``source`` is ``flag``, ``env``, ``file`` or
+    ``default``; ``where`` the flag, the variable or ``FILE: key`` (the flag for a default)."""
+
+    text: str
+    source: str
+    where: str
+
+
+def _settings_file(flags: Mapping[str, Optional[str]], environ: Mapping[str, str]):
+    """The settings file ``--config`` (or ``SLUICE_CONFIG``) names, read and checked, or None."""
+    path, given_by = flags.get("config"), "--config"
+    if not path:
+        path, given_by = environ.get(CONFIG_FILE_ENV), CONFIG_FILE_ENV
+    if not path:
+        return None
+    from .config_file import read_settings_file
+
+    return read_settings_file(path, [s.name for s in SETTINGS], given_by=given_by)
+
+
+def _origin(setting: Setting, flags: Mapping[str, Optional[str]], environ: Mapping[str, str],
+            file) -> Origin:
+    text = flags.get(setting.name)
+    if text is not None:
+        return Origin(text, "flag", setting.flag)
+    text = environ.get(setting.env)
+    if text is not None:
+        return Origin(text, "env", setting.env)
+    if file is not None:
+        text = file.get(setting.name)
+        if text is not None:
+            return Origin(text, "file", file.where(setting.name))
+    return Origin(setting.default, "default", setting.flag)
+
+
 def load(flags: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Config:
-    """The configuration from flag values (by setting name) and the environment."""
+    """The configuration from flag values (by setting name), the environment and the settings file."""
+    return load_with_origins(flags, environ)[0]
+
+
+def load_with_origins(flags: Mapping[str, Optional[str]],
+                      environ: Mapping[str, str]) -> Tuple[Config, Dict[str, Origin]]:
+    """:func:`load`, and where each setting's value came from (by setting name)."""
+    file = _settings_file(flags, environ)
     values: Dict[str, object] = {}
     given: Dict[str, str] = {}  # setting name -> where it was given
+    origins: Dict[str, Origin] = {}
     for setting in SETTINGS:
-        text = flags.get(setting.name)
-        source = setting.flag
-        if text is None:
-            text = environ.get(setting.env)
-            source = setting.env
-        if text is None:
-            text = setting.default
-            source = setting.flag
-        else:
+        origin = origins[setting.name] = _origin(setting, flags, environ, file)
+        text, source = origin.text, origin.where
+        if origin.source != "default":
             given[setting.name] = source
         try:
             value = setting.parse(text)
@@ -393,7 +511,44 @@ def load(flags: Mapping[str, Optional[str]], environ: Mapping[str, str]) -> Conf
     config = Config(**values)  # type: ignore[arg-type]
     _check(config)
     _check_access(config, given)
-    return config
+    _check_spool(config, given)
+    _check_tls(config, given)
+    return config, origins
+
+
+def _check_tls(config: Config, given: Mapping[str, str]) -> None:
+    """Both TLS files or neither; readable, and a certificate with its key."""
+    if not config.tls_cert and not config.tls_key:
+        return
+    if not config.tls_key:
+        raise ConfigError("--tls-key: needed with %s (the certificate's private key)" % given["tls_cert"])
+    if not config.tls_cert:
+        raise ConfigError("--tls-cert: needed with %s (the certificate of that key)" % given["tls_key"])
+    from .tls import server_context
+
+    server_context(config.tls_cert, config.tls_key, cert_name=given["tls_cert"],
+                   key_name=given["tls_key"])
+
+
+#: Settings that mean nothing without --ack spool.
+SPOOL_SETTINGS = ("spool_dir", "spool_size", "spool_sync_interval")
+
+
+def _check_spool(config: Config, given: Mapping[str, str]) -> None:
+    if config.ack != "spool":
+        for name in SPOOL_SETTINGS:
+            if name in given:
+                raise ConfigError("%s: needs --ack spool (SLUICE_ACK=spool)" % given[name])
+        return
+    if not config.spool_dir:
+        raise ConfigError("--spool-dir: required with --ack spool (the directory records are "
+                          "spooled to before the 202)")
+    if config.sink == "file" and os.path.abspath(config.spool_dir) == os.path.abspath(config.data_dir):
+        raise ConfigError("--spool-dir: must not be the file sink's --data-dir")
+    # A frame adds a 12-byte header and keys to the record; 2 KiB covers both.
+    if config.spool_size < 2 * (config.max_record + 2 * KiB):
+        raise ConfigError("--spool-size: must hold at least two of the largest records (2 x %d "
+                          "bytes), got %d" % (config.max_record + 2 * KiB, config.spool_size))
 
 
 def _check_access(config: Config, given: Mapping[str, str]) -> None:

@@ -20,7 +20,10 @@ short lingering read so the client sees the answer rather than a reset.
 
 Shutdown (:meth:`Gateway.drain`): stop accepting, close idle keep-alive
 connections, let requests in progress finish (up to ``shutdown_timeout``), then
-let the sink store or give back what it holds.
+let the sink store or give back what it holds.  At the deadline, requests still
+waiting for the sink get ``503`` (:meth:`Sink.stop_waiting`, then
+`ANSWER_GRACE` to send it), and the sink gets no more time than the deadline
+(at least `SINK_CLOSE_FLOOR` after the last request) to close.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import dataclasses
 import errno
 import json
 import socket as _stdlib_socket
-import sys
 import time
 import traceback
 from typing import TYPE_CHECKING, List, Optional, Set, Tuple
@@ -39,15 +41,17 @@ import trio
 
 from buffers import BufferPool, RingBuffer, WaitingRing
 from buffers import Overloaded as RingOverloaded
-from sinks.base import Record, Sink
+from sinks.base import Record, Release, Sink
 
-from . import errors
+from . import errors, logs
 from .config import Config
 from .envelope import MAX_FIELD_BYTES, RecordIds, envelope
 from .http import CLOSED, NEED_DATA, HTTPConnection, RequestHead
 from .limiter import api_key_from_headers
+from .memory import limit_malloc_arenas
+from .metrics import CONTENT_TYPE, GatewayMetrics
 from .telemetry import Telemetry
-from .transport import SocketTransport, Transport
+from .transport import SocketTransport, TLSHandshakeFailed, TLSTransport, Transport
 
 if TYPE_CHECKING:
     from .access import AccessControl
@@ -66,7 +70,7 @@ LINGER_BYTES = 4 * 1024 * 1024
 #: are in progress at once, beyond that the accept loop waits.
 MAX_REFUSING = 64
 LISTEN_BACKLOG = 1024
-#: Unexpected errors in a connection are printed with their traceback this
+#: Unexpected errors in a connection are logged with their traceback this
 #: many times; after that only counted, so a repeating bug cannot flood logs.
 MAX_REPORTED_ERRORS = 10
 #: ``accept`` failures that mean "out of file descriptors or memory for now":
@@ -74,6 +78,14 @@ MAX_REPORTED_ERRORS = 10
 #: stop serving (trio.serve_listeners: the same errors, 0.1 s).
 ACCEPT_CAPACITY_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
 ACCEPT_BACKOFF = 0.1
+#: At the shutdown deadline, requests still waiting for the sink to store
+#: their record are answered 503 (Sink.stop_waiting); they get this long to
+#: send that answer before their connections are cut.
+ANSWER_GRACE = 1.0
+#: However short --shutdown-timeout is, the sink gets at least this long
+#: after the last request to store what it holds: a file sink's last write
+#: takes milliseconds, one Kinesis call well under a second.
+SINK_CLOSE_FLOOR = 1.0
 
 # Trio names each worker thread with ``name.encode("ascii", "replace")``, and
 # PyPy imports that codec on first use.  If the first use falls while file
@@ -86,13 +98,25 @@ _ROUTES = {
     b"/v1/logs": {b"POST": "ingest"},
     b"/healthz": {b"GET": "healthz", b"HEAD": "healthz"},
     b"/readyz": {b"GET": "readyz", b"HEAD": "readyz"},
+    b"/metrics": {b"GET": "metrics", b"HEAD": "metrics"},
 }
 _ALLOW = {path: b", ".join(sorted(methods)) for path, methods in _ROUTES.items()}
+#: Response headers of the routes that do not answer JSON.
+_HEADERS = {b"/metrics": [(b"content-type", CONTENT_TYPE)]}
 
 
-def make_sink(config: Config, ring: WaitingRing) -> Sink:
-    """The sink named by ``config.sink``, storing records that live in ``ring``."""
-    release = ring.release
+def make_sink(config: Config, ring: WaitingRing, release: Optional[Release] = None,
+              given_up: Optional[Release] = None) -> Sink:
+    """The sink named by ``config.sink``, storing records that live in ``ring``.
+
+    With ``--ack spool`` that sink sits behind the spool, which builds it
+    with its own ``release`` and ``given_up`` (see sinks/base.py).
+    """
+    if config.ack == "spool" and release is None:
+        from sinks.spooled import SpooledSink
+
+        return SpooledSink.from_config(config, ring, lambda r, g: make_sink(config, ring, r, g))
+    release = release or ring.release
     if config.sink == "null":
         from sinks.null import NullSink
 
@@ -101,16 +125,20 @@ def make_sink(config: Config, ring: WaitingRing) -> Sink:
         from sinks.kinesis import StreamOptions, StreamSink
 
         # The sink encodes records straight from the ring's buffer.
-        return StreamSink(release, ring.ring.buffer, StreamOptions.from_config(config))
+        return StreamSink(release, ring.ring.buffer, StreamOptions.from_config(config),
+                          given_up=given_up)
     from sinks.file import FileSink
 
     return FileSink(release, config.data_dir, segment_bytes=config.segment_size,
                     flush_interval=config.flush_interval)
 
 
-def _report_access(line: str) -> None:
-    """Access control's rare state changes (Redis down, back): one stderr line each."""
-    print("sluice: access control: %s" % line, file=sys.stderr, flush=True)
+def _report_access(access: AccessControl, line: str) -> None:
+    """Access control's rare state changes (Redis down, back): one event each."""
+    if access.redis_state == "down":
+        logs.emit("redis_down", level="error", detail=line)
+    else:
+        logs.emit("redis_up", detail=line)
 
 
 def make_access(config: Config) -> Optional[AccessControl]:
@@ -119,15 +147,23 @@ def make_access(config: Config) -> Optional[AccessControl]:
         return None
     from .access import AccessConfig, AccessControl
 
-    return AccessControl(AccessConfig.from_config(config), report=_report_access)
+    access = AccessControl(AccessConfig.from_config(config),
+                           report=lambda line: _report_access(access, line))
+    return access
 
 
-async def open_listener(host: str, port: int) -> trio.socket.SocketType:
-    """A listening Trio socket bound to ``host:port``."""
+async def open_listener(host: str, port: int, *, reuse_port: bool = False) -> trio.socket.SocketType:
+    """A listening Trio socket bound to ``host:port``.
+
+    ``reuse_port`` sets ``SO_REUSEPORT``: the workers of a supervised gateway
+    each listen on the same port and the kernel spreads connections among them.
+    """
     family = _stdlib_socket.AF_INET6 if ":" in host else _stdlib_socket.AF_INET
     sock = trio.socket.socket(family, _stdlib_socket.SOCK_STREAM)
     try:
         sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEPORT, 1)
         await sock.bind((host, port))
         sock.listen(LISTEN_BACKLOG)
     except BaseException:
@@ -154,11 +190,23 @@ class Gateway:
         self._idle_scopes: Set[trio.CancelScope] = set()
         self._accept_scope: Optional[trio.CancelScope] = None
         self._conn_scope: Optional[trio.CancelScope] = None
+        #: When draining: the end of --shutdown-timeout.
+        self._deadline = float("inf")
         self.requests = 0
         self.accepted = 0
         self.errors = 0
         self.internal_errors = 0
         self.telemetry = Telemetry()
+        #: ``GET /metrics``; multiprocess with ``--metrics-dir`` (gateway.metrics).
+        self.metrics = GatewayMetrics(self, config.metrics_dir)
+        #: The TLS context when ``--tls-cert`` is given; None serves plain HTTP.
+        self.tls = None
+        if config.tls:
+            from .tls import server_context
+
+            self.tls = server_context(config.tls_cert, config.tls_key)
+        #: None unless ``--access-log-sample`` is above 0: then one test per request.
+        self.access_log = logs.AccessLog(config.access_log_sample) if config.access_log_sample else None
 
     # -- serving ---------------------------------------------------------
 
@@ -167,6 +215,8 @@ class Gateway:
         """Serve until :meth:`drain`; ``task_status.started`` gets the bound address."""
         if listeners is None:
             listeners = [await open_listener(*self.config.listen)]
+        # Before any worker thread exists: their malloc arenas are capped.
+        limit_malloc_arenas()
         self.telemetry.install()
         try:
             async with trio.open_nursery() as sink_nursery:
@@ -174,6 +224,7 @@ class Gateway:
                 if self.access is not None:
                     # Returns after one probe of Redis, answered or not.
                     await sink_nursery.start(self.access.run)
+                await sink_nursery.start(self.metrics.run)
                 async with trio.open_nursery() as connections:
                     self._conn_scope = connections.cancel_scope
                     with trio.CancelScope() as accept_scope:
@@ -186,11 +237,22 @@ class Gateway:
                             task_status.started(listeners[0].getsockname())
                     for listener in listeners:
                         listener.close()
+                    sink_nursery.start_soon(self._stop_waiting_at_deadline)
                 if self.access is not None:
                     await self.access.aclose()
-                await self.sink.aclose()
+                # The sink stores what it holds until the deadline: past it,
+                # records held only in memory (--ack received) are lost, and
+                # spooled ones (--ack spool) wait in the spool for the next start.
+                with trio.move_on_at(max(self._deadline, trio.current_time() + SINK_CLOSE_FLOOR)) as cut:
+                    await self.sink.aclose()
+                if cut.cancelled_caught:
+                    logs.emit("sink_cut", level="warning", sink=self.sink.name,
+                              detail="the sink still held records at the shutdown deadline",
+                              statistics=self.sink.statistics())
+                sink_nursery.cancel_scope.cancel()
         finally:
             self.telemetry.uninstall()
+            self.metrics.close()
             for listener in listeners:
                 listener.close()
 
@@ -198,12 +260,17 @@ class Gateway:
         """Begin a graceful shutdown (idempotent)."""
         if not self.draining:
             self.draining = True
+            self._deadline = trio.current_time() + self.config.shutdown_timeout
             for scope in list(self._idle_scopes):
                 scope.cancel()
             if self._conn_scope is not None:
-                self._conn_scope.deadline = trio.current_time() + self.config.shutdown_timeout
+                self._conn_scope.deadline = self._deadline + ANSWER_GRACE
         if self._accept_scope is not None:
             self._accept_scope.cancel()
+
+    async def _stop_waiting_at_deadline(self) -> None:
+        await trio.sleep_until(self._deadline)
+        self.sink.stop_waiting()
 
     def stop_now(self) -> None:
         """Cut requests in progress (a second signal during drain)."""
@@ -225,7 +292,7 @@ class Gateway:
                 sock.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-            transport = SocketTransport(sock)
+            transport = SocketTransport(sock) if self.tls is None else TLSTransport(sock, self.tls)
             if self.connections < limit:
                 self.connections += 1
                 connections.start_soon(self._run_connection, transport)
@@ -246,8 +313,11 @@ class Gateway:
             error = errors.Overloaded("too many connections", retry_after=1.0)
             conn = HTTPConnection(bytearray(self.config.max_head), max_head=self.config.max_head)
             with trio.move_on_after(LINGER_SECONDS):
+                if isinstance(transport, TLSTransport):
+                    await transport.handshake()
+                self.telemetry.answered_error(None, error.status)
                 await self._answer_error(conn, transport, error)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, TLSHandshakeFailed):
             pass  # the client went away before reading the refusal
         finally:
             transport.close()
@@ -260,22 +330,45 @@ class Gateway:
         buffer = self.pool.borrow()
         conn = HTTPConnection(buffer, max_head=self.config.max_head)
         try:
+            if isinstance(transport, TLSTransport) and not await self._handshake(conn, transport):
+                return
             while await self._one_request(conn, transport):
                 pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away; nothing it sent is half-accepted
-        except Exception:
+        except Exception as exc:
             # A bug met by one connection must not stop the others: report it
             # and drop this connection (its unfinished record was released).
             self.internal_errors += 1
             if self.internal_errors <= MAX_REPORTED_ERRORS:
-                traceback.print_exc(file=sys.stderr)
+                logs.emit("internal_error", level="error", error=repr(exc),
+                          traceback=traceback.format_exc(), count=self.internal_errors,
+                          last_reported=self.internal_errors == MAX_REPORTED_ERRORS)
         finally:
             transport.close()
             self.pool.give_back(buffer)
 
+    async def _handshake(self, conn: HTTPConnection, transport: TLSTransport) -> bool:
+        """TLS handshake within ``--head-timeout``; whether the connection can carry requests.
+
+        A plain HTTP request on the TLS port is answered ``400`` in plain
+        HTTP; any other failure closes the connection without a word.
+        """
+        with trio.move_on_after(self.config.head_timeout):
+            try:
+                await transport.handshake()
+                return True
+            except TLSHandshakeFailed as exc:
+                if exc.plain_http:
+                    self.errors += 1
+                    self.telemetry.answered_error(None, errors.BadRequest.status)
+                    await self._answer_error(conn, transport.plain, errors.BadRequest(
+                        "plain HTTP request sent to the TLS port: use https://"))
+        return False
+
     async def _one_request(self, conn: HTTPConnection, transport: Transport) -> bool:
         """Serve one request; whether the connection stays open for another."""
+        head: Optional[RequestHead] = None  # for the access log, if the head is refused
         try:
             head = await self._read_head(conn, transport)
             if head is None:
@@ -286,11 +379,22 @@ class Gateway:
             routed = time.perf_counter()
         except errors.RequestError as exc:
             self.errors += 1
+            self.telemetry.answered_error(None if head is None else head.path, exc.status)
             await self._answer_error(conn, transport, exc)
+            if self.access_log is not None:
+                if head is None:
+                    self.access_log.request(None, None, exc.status, None, None)
+                else:
+                    self.access_log.request(head.method, head.path, exc.status, head.content_length, parsed)
             return False
         close = self.draining
-        await transport.send_all(conn.respond(status, _JSON, body, close=close))
-        self.telemetry.answered(status, parsed, routed, time.perf_counter())
+        with trio.move_on_after(self.config.send_timeout) as sending:
+            await transport.send_all(conn.respond(status, _HEADERS.get(head.path, _JSON), body, close=close))
+        if sending.cancelled_caught:
+            return False  # the client stopped reading its answers: drop it
+        self.telemetry.answered(status, parsed, routed, time.perf_counter(), head.path)
+        if self.access_log is not None:
+            self.access_log.request(head.method, head.path, status, head.content_length, parsed)
         return not close and conn.next_cycle()
 
     async def _read_head(self, conn: HTTPConnection, transport: Transport) -> Optional[RequestHead]:
@@ -334,6 +438,8 @@ class Gateway:
         # Close the (empty) request body in h11 too, or the connection could
         # not carry another request after this answer.
         conn.finish_body()
+        if action == "metrics":
+            return await self.metrics.answer()
         if action == "healthz":
             return 200, b'{"status":"ok"}'
         ready, reason = self.readiness()
@@ -410,10 +516,12 @@ class Gateway:
         ring = self.ring.ring
         try:
             slot.view[:offset] = meta
-            interim = conn.continue_100()
-            if interim:
-                await transport.send_all(interim)
             with trio.move_on_after(config.body_timeout) as scope:
+                # Inside the body's time limit: a client that waits for
+                # 100 Continue but does not read cannot hold the slot.
+                interim = conn.continue_100()
+                if interim:
+                    await transport.send_all(interim)
                 if length is not None:
                     filled = await self._read_body(conn, transport, slot.view[offset:])
                 else:
@@ -425,7 +533,7 @@ class Gateway:
             ring.hand_off(slot)
             extra = await self.sink.put(Record(record_id, slot, tenant, partition_key=partition_key,
                                                explicit_hash_key=hash_key))
-            self.telemetry.ingested(parsed, received, time.perf_counter(), used)
+            self.telemetry.ingested(parsed, received, time.perf_counter(), used, filled)
         except BaseException:
             self.ring.release(slot)
             raise
@@ -459,7 +567,10 @@ class Gateway:
     async def _answer_error(self, conn: HTTPConnection, transport: Transport,
                            exc: errors.RequestError) -> None:
         status, headers, body = errors.response_for(exc)
-        await transport.send_all(conn.respond_error(status, headers, body))
+        with trio.move_on_after(self.config.send_timeout) as sending:
+            await transport.send_all(conn.respond_error(status, headers, body))
+        if sending.cancelled_caught:
+            return  # the client does not read: nothing to linger for
         await transport.shutdown_write()
         scratch = conn.discard_buffer()
         discarded = 0

@@ -1,13 +1,14 @@
 """A real gateway for integration tests: a ``sluice serve`` child, or one in this process.
 
 :class:`GatewayProcess` runs ``python -m gateway serve --listen 127.0.0.1:0``
-on the interpreter running the tests, reads its ``sluice: listening on
-http://HOST:PORT, ...`` line from stderr to learn the port, and stops it with
+on the interpreter running the tests, reads its ``started`` event (a JSON
+line on stderr with ``"url": "http://HOST:PORT"``) to learn the port, and stops it with
 SIGTERM (then SIGKILL if it does not exit in time).  Use it as a context
 manager (:func:`running_gateway`) or through the fixtures below; either way the
 process is stopped when the test ends, pass or fail.  SLUICE_* variables of the
 environment running the tests are not passed on, so only what a test sets
-reaches the gateway.
+reaches the gateway; ``SLUICE_WORKERS=1`` is set (one process, no supervisor)
+unless the test gives ``--workers`` or its own ``SLUICE_WORKERS``.
 
 :func:`gateway_in_process` runs :meth:`gateway.server.Gateway.serve` in a Trio
 nursery instead, for tests that look at :meth:`Gateway.statistics`; clients
@@ -66,6 +67,7 @@ __all__ = [
     "STOP_TIMEOUT",
     "GatewayStartError",
     "GatewayProcess",
+    "log_events",
     "running_gateway",
     "gateway_in_process",
     "gateway_process",
@@ -98,7 +100,39 @@ STORE_TIMEOUT = 15.0
 #: than any --shutdown-timeout a test sets.
 STOP_TIMEOUT = 30.0
 
-_LISTENING = re.compile(r"^sluice: listening on http://(\[[^\]]*\]|[^:/]+):(\d+)[,/ ]")
+_URL = re.compile(r"^https?://(\[[^\]]*\]|[^:/]+):(\d+)$")
+
+
+def log_events(text: str, event: Optional[str] = None) -> List[dict]:
+    """The JSON events in ``text`` (a gateway's stderr), or only those named ``event``.
+
+    A line that is not a JSON object fails the test: every line the gateway
+    writes while serving is an event.
+    """
+    found = []
+    for line in text.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            raise AssertionError("not a JSON event: %r" % line) from None
+        assert isinstance(doc, dict) and {"ts", "level", "event"} <= doc.keys(), line
+        if event is None or doc["event"] == event:
+            found.append(doc)
+    return found
+
+
+def _started_address(line: str) -> Optional[Tuple[str, int]]:
+    """``(host, port)`` if ``line`` is the gateway's ``started`` event."""
+    if '"started"' not in line:
+        return None
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    match = _URL.match(doc.get("url", "")) if doc.get("event") == "started" else None
+    if match is None:
+        return None
+    return match.group(1).strip("[]"), int(match.group(2))
 
 
 class GatewayStartError(RuntimeError):
@@ -119,6 +153,8 @@ class GatewayProcess:
             self.command += ["--data-dir", data_dir]
         self.command += self.args
         self.env: Dict[str, str] = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+        # One process unless a test asks for workers (--workers defaults to one per CPU).
+        self.env["SLUICE_WORKERS"] = "1"
         self.env.update(env or {})
         self.host = ""
         self.port = 0
@@ -158,10 +194,9 @@ class GatewayProcess:
                 line = raw.decode("utf-8", "replace")
                 with self._lock:
                     self._lines.append(line)
-                match = _LISTENING.match(line)
-                if match and not self._listening.is_set():
-                    self.host = match.group(1).strip("[]")
-                    self.port = int(match.group(2))
+                address = _started_address(line)
+                if address is not None and not self._listening.is_set():
+                    self.host, self.port = address
                     self._listening.set()
         self._listening.set()  # EOF: the process exited without listening
 
@@ -221,6 +256,16 @@ class GatewayProcess:
         with self._lock:
             return "".join(self._lines)
 
+    def events(self, event: Optional[str] = None) -> List[dict]:
+        """The log events written so far (:func:`log_events`)."""
+        return log_events(self.stderr, event)
+
+    @property
+    def started(self) -> dict:
+        """The ``started`` event: address, sink, access control, effective settings."""
+        (doc,) = self.events("started")
+        return doc
+
     def __enter__(self) -> GatewayProcess:
         if self._proc is None:
             self.start()
@@ -244,17 +289,22 @@ def running_gateway(args: Sequence[str] = (), **kwargs) -> Iterator[GatewayProce
 
 
 @contextlib.asynccontextmanager
-async def gateway_in_process(args: Sequence[str] = (), *,
-                             data_dir: Optional[str] = None) -> AsyncIterator[Tuple[Gateway, int]]:
+async def gateway_in_process(args: Sequence[str] = (), *, data_dir: Optional[str] = None,
+                             send_buffer: Optional[int] = None) -> AsyncIterator[Tuple[Gateway, int]]:
     """``(gateway, port)`` of a :class:`Gateway` serving on a loopback port in this Trio run.
 
     On a normal exit the gateway drains (requests in progress finish); if the
-    body raised, requests in progress are cut.
+    body raised, requests in progress are cut.  ``send_buffer`` fixes the
+    accepted sockets' SO_SNDBUF (no autotuning), so a client that does not
+    read blocks the gateway's sends after a few kilobytes.
     """
     flags = ["--listen", "127.0.0.1:0"] + (["--data-dir", data_dir] if data_dir else []) + list(args)
     config = from_args(flags, {})
     gateway = Gateway(config)
     listener = await open_listener(*config.listen)
+    if send_buffer is not None:
+        # Accepted sockets inherit the listener's buffer sizes.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     async with trio.open_nursery() as nursery:
         port = (await nursery.start(gateway.serve, [listener]))[1]
         try:
