@@ -38,8 +38,13 @@ MAX_PAUSES = 2_000_000
 
 _PYPY = platform.python_implementation() == "PyPy"
 # kind codes in the pause log
-_MINOR, _STEP, _GEN0, _GEN1, _GEN2 = 0, 1, 2, 3, 4
-_KIND_NAMES = {_MINOR: "minor", _STEP: "major_step", _GEN0: "gen0", _GEN1: "gen1", _GEN2: "gen2"}
+_MINOR, _STEP, _GEN0, _GEN1, _GEN2, _STEP_END_MARK = 0, 1, 2, 3, 4, 5
+_KIND_NAMES = {_MINOR: "minor", _STEP: "major_step", _GEN0: "gen0", _GEN1: "gen1", _GEN2: "gen2",
+               _STEP_END_MARK: "major_step_end_of_marking"}
+# PyPy incminimark's major-collection states (rpython/memory/gc/incminimark.py):
+# the step from MARKING to SWEEPING finishes marking in one go (objects with
+# finalizers, weak references), so it is logged as its own kind.
+_MARKING, _SWEEPING = 1, 2
 
 
 class _Probe:
@@ -70,7 +75,9 @@ class _Probe:
         self.add(time.time(), stats.duration, _MINOR, stats.count, stats.duration_max)
 
     def on_gc_collect_step(self, stats: Any) -> None:
-        self.add(time.time(), stats.duration, _STEP, stats.count, stats.duration_max)
+        kind = _STEP_END_MARK if (getattr(stats, "oldstate", None) == _MARKING
+                                  and getattr(stats, "newstate", None) == _SWEEPING) else _STEP
+        self.add(time.time(), stats.duration, kind, stats.count, stats.duration_max)
 
     def mark(self, *_: Any) -> None:
         mark: Dict[str, Any] = {"time": time.time(), "pauses": len(self.log) // 5}
@@ -93,6 +100,7 @@ class _Probe:
             "implementation": platform.python_implementation(),
             "python": platform.python_version(),
             "pypy_gc_nursery": os.environ.get("PYPY_GC_NURSERY"),
+            "pypy_gc_increment_step": os.environ.get("PYPY_GC_INCREMENT_STEP"),
             "pause_fields": ["time", "duration_s", "kind", "count", "max_duration_s"],
             "pauses": pauses,
             "pauses_dropped": self.dropped,
