@@ -11,7 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 
@@ -19,18 +19,11 @@ from gateway import keystore
 from tests.support.access import KEY_PATTERN, assert_no_key, post, sluice, wait_until
 from tests.support.gateway import RawConnection, get_request, log_events, running_gateway
 from tests.support.redis import (
-    RedisServer,
     free_port,
     running_cluster,
     running_redis,
     running_tls_redis,
 )
-
-
-@pytest.fixture(scope="module")
-def redis_module() -> Iterator[RedisServer]:
-    with running_redis() as server:
-        yield server
 
 
 def _ok(result) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterator, Tuple
+from typing import Any, Tuple
 
 import pytest
 import trio
@@ -27,22 +27,9 @@ from tests.support.gateway import (
     running_gateway,
     wait_for_records,
 )
-from tests.support.redis import RedisServer, running_redis
+from tests.support.redis import RedisServer
 
 KEY_CACHE_TTL = 1.0
-
-
-@pytest.fixture(scope="module")
-def redis_module() -> Iterator[RedisServer]:
-    with running_redis() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def admin(redis_module: RedisServer) -> Iterator[Any]:
-    client = keystore.connect(redis_module.url)
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="module")

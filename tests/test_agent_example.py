@@ -14,7 +14,7 @@ import http.client
 import json
 import random
 import time
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 from hypothesis import given
@@ -38,7 +38,7 @@ from tests.support.gateway import (
     running_gateway,
     wait_for_records,
 )
-from tests.support.redis import RedisServer, free_port, running_redis
+from tests.support.redis import RedisServer, free_port
 
 # A ring of 64 KiB with bodies of at most 27000 bytes: two uploads in
 # progress leave less than one more body's worth (as in test_server.py).
@@ -112,19 +112,6 @@ class Sleeps:
             before, self.before = self.before, None
             before()
         time.sleep(seconds)
-
-
-@pytest.fixture(scope="module")
-def redis_module() -> Iterator[RedisServer]:
-    with running_redis() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def admin(redis_module: RedisServer) -> Iterator[Any]:
-    client = keystore.connect(redis_module.url)
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="module")
