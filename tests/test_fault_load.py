@@ -30,6 +30,8 @@ RUN_TIMEOUT = 240
 def test_short_run_loses_nothing_and_its_count_adds_up(tmp_path):
     path = str(tmp_path / "faults.json")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    # The gateways it kills cannot remove their temporary files: keep them here.
+    env["TMPDIR"] = str(tmp_path)
     done = subprocess.run([sys.executable, "-m", "bench.faults", "--duration", "12", "--rate", "100",
                            "--json", path], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=RUN_TIMEOUT, check=False)

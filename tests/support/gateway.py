@@ -40,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import (
@@ -155,6 +156,10 @@ class GatewayProcess:
         self.env: Dict[str, str] = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
         # One process unless a test asks for workers (--workers defaults to one per CPU).
         self.env["SLUICE_WORKERS"] = "1"
+        # The process's own temporary files (a supervisor's metrics
+        # directory) go here and are removed at stop, even after a SIGKILL.
+        self._tmpdir = tempfile.mkdtemp(prefix="sluice-test-")
+        self.env["TMPDIR"] = self._tmpdir
         self.env.update(env or {})
         self.host = ""
         self.port = 0
@@ -221,6 +226,7 @@ class GatewayProcess:
         """SIGTERM, wait up to ``timeout``, then SIGKILL; the exit status (negative if killed)."""
         proc = self._proc
         if proc is None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
             return None
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -229,7 +235,10 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        return self.wait()
+        try:
+            return self.wait()
+        finally:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     @property
     def running(self) -> bool:
