@@ -6,10 +6,12 @@ allocations are not traced.  200 bodies of 1 KiB and then 200 bodies of 512
 KiB go through.  Had any body been copied into a Python object, the traced peak
 of the large run would exceed the small run's by about 512 KiB.  Bounds:
 
-* peak of the 512 KiB run <= peak of the 1 KiB run + 64 KiB (the per-request
-  objects are the same; 64 KiB absorbs when the garbage collector happens to
-  run);
-* the peak of either run stays under 256 KiB, half of one large body;
+* peak of the 512 KiB run <= peak of the 1 KiB run + 128 KiB (the per-request
+  objects are the same; 128 KiB absorbs when the garbage collector happens to
+  run and how many expired cancel scopes trio's deadline heap still holds:
+  four per request, pruned in bulk, and more of them pile up while the longer
+  requests run; differences of 70-100 KiB were seen);
+* the peak of either run stays under 384 KiB, three quarters of one large body;
 * what is still allocated after a run is under 256 KiB: nothing accumulates per
   body (200 leaked bodies would be 100 MiB).  Not zero, because trio drops
   expired entries from its deadline heap lazily, in bulk.
@@ -34,8 +36,8 @@ pytestmark = pytest.mark.skipif(platform.python_implementation() != "CPython",
 SMALL_BODY = 1024
 LARGE_BODY = 512 * 1024
 REQUESTS = 200
-SAME_WITHIN = 64 * 1024
-PEAK_BOUND = 256 * 1024
+SAME_WITHIN = 128 * 1024
+PEAK_BOUND = 384 * 1024
 RETAINED_BOUND = 256 * 1024
 
 _CLIENT = textwrap.dedent("""
