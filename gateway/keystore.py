@@ -44,17 +44,18 @@ from redis.retry import Retry
 from .limiter import (
     API_KEY_PREFIX,
     CHECK_SCRIPT,
-    CHECK_SCRIPT_SHA,
     TENANTS_SET,
     ScriptCall,
     TenantLimits,
     UsageDelta,
+    check_command,
     key_index_name,
     key_record_name,
     month_id,
     next_month_start,
     parse_api_key,
     tenant_name,
+    usage_commands,
     usage_name,
     valid_tenant,
 )
@@ -394,14 +395,10 @@ class RedisEdge:
     def run_checks(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]] = ()
                    ) -> Tuple[List[object], int, int]:
         """Replies to ``calls``; ``usage`` pairs a delta with its hash's TTL."""
-        commands: List[Tuple[str, tuple]] = [
-            (call.keys[0], ("EVALSHA", CHECK_SCRIPT_SHA, len(call.keys)) + call.keys + call.args)
-            for call in calls]
+        # (key that routes it, command): the key picks the cluster node.
+        commands: List[Tuple[Any, tuple]] = [(call.keys[0], check_command(call)) for call in calls]
         for delta, ttl in usage:
-            name = usage_name(delta.tenant, delta.month)
-            commands += [(name, ("HINCRBY", name, "records", delta.records)),
-                         (name, ("HINCRBY", name, "bytes", delta.bytes)),
-                         (name, ("EXPIRE", name, ttl))]
+            commands += [(command[1], command) for command in usage_commands(delta, ttl)]
         try:
             client = self._get_client()
             results, pipelines = self._send(client, commands)

@@ -312,6 +312,18 @@ def check_call(key: ParsedKey, body_bytes: int, now: float, records: int = 1,
     return ScriptCall(keys, args + ("1",) if strict else args)
 
 
+def check_command(call: ScriptCall) -> Tuple[object, ...]:
+    """The Redis command (EVALSHA) that runs ``call``."""
+    return ("EVALSHA", CHECK_SCRIPT_SHA, len(call.keys)) + call.keys + call.args
+
+
+def usage_commands(delta: UsageDelta, ttl: int) -> List[Tuple[object, ...]]:
+    """The Redis commands that add ``delta`` to its month, whose hash expires in ``ttl`` s."""
+    name = usage_name(delta.tenant, delta.month)
+    return [("HINCRBY", name, "records", delta.records), ("HINCRBY", name, "bytes", delta.bytes),
+            ("EXPIRE", name, ttl)]
+
+
 @dataclass(frozen=True)
 class Admission:
     """An admitted request.

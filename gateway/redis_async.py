@@ -29,7 +29,7 @@ import trio
 from redis.connection import parse_url
 
 from .keystore import EdgeUnavailable
-from .limiter import CHECK_SCRIPT, CHECK_SCRIPT_SHA, ScriptCall, UsageDelta, usage_name
+from .limiter import CHECK_SCRIPT, ScriptCall, UsageDelta, check_command, usage_commands
 from .resp import NEED_DATA, ProtocolError, ReplyError, ReplyReader, pack_command
 
 __all__ = ["AsyncRedisEdge", "MAX_IDLE_CONNECTIONS", "RECEIVE_BYTES"]
@@ -106,12 +106,10 @@ class AsyncRedisEdge:
         """Replies to ``calls``; ``usage`` pairs a delta with its hash's TTL."""
         out = bytearray()
         for call in calls:
-            _pack_check(out, call)
+            pack_command(out, check_command(call))  # type: ignore[arg-type]
         for delta, ttl in usage:
-            name = usage_name(delta.tenant, delta.month)
-            pack_command(out, ("HINCRBY", name, "records", delta.records))
-            pack_command(out, ("HINCRBY", name, "bytes", delta.bytes))
-            pack_command(out, ("EXPIRE", name, ttl))
+            for command in usage_commands(delta, ttl):
+                pack_command(out, command)  # type: ignore[arg-type]
         replies = await self._pipeline(out, len(calls) + 3 * len(usage))
         pipelines, loads = 1, 0
         missing = [i for i in range(len(calls))
@@ -121,7 +119,7 @@ class AsyncRedisEdge:
             again = bytearray()
             pack_command(again, ("SCRIPT", "LOAD", CHECK_SCRIPT))
             for i in missing:
-                _pack_check(again, calls[i])
+                pack_command(again, check_command(calls[i]))  # type: ignore[arg-type]
             more = await self._pipeline(again, 1 + len(missing))
             for i, reply in zip(missing, more[1:]):
                 replies[i] = reply
@@ -223,10 +221,6 @@ class AsyncRedisEdge:
                                         options.get("ssl_password"))
             self._ssl = context
         return self._ssl
-
-
-def _pack_check(out: bytearray, call: ScriptCall) -> None:
-    pack_command(out, ("EVALSHA", CHECK_SCRIPT_SHA, len(call.keys)) + call.keys + call.args)
 
 
 def _reason(exc: BaseException) -> str:
