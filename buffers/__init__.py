@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .pool import BufferPool
-from .ring import (
+from buffers.pool import BufferPool
+from buffers.ring import (
     COMMITTED,
     IN_FLIGHT,
     RELEASED,
@@ -14,7 +14,7 @@ from .ring import (
     Slot,
     SlotStateError,
 )
-from .waiting import Overloaded, WaitingRing
+from buffers.waiting import Overloaded, WaitingRing
 
 __all__ = [
     "BufferPool",

@@ -16,13 +16,25 @@ from typing import Deque, Optional
 
 import trio
 
-from .ring import RingBuffer, RingFull, Slot
+from buffers.ring import RingBuffer, RingFull, Slot
 
 __all__ = ["WaitingRing", "Overloaded"]
 
 
 class Overloaded(RingFull):
-    """No space came free within the allowed wait."""
+    """No space came free within the allowed wait (or no other room: a spool, a connection).
+
+    Like h11's ``error_status_hint``, it carries the answer a server gives:
+    ``503`` with ``Retry-After: retry_after``.  This is the one "overloaded"
+    failure of the whole gateway.
+    """
+
+    status = 503
+    reason = "overloaded"
+
+    def __init__(self, message: str = "", *, retry_after: float = 1.0) -> None:
+        super().__init__(message or self.reason)
+        self.retry_after = retry_after
 
 
 class _Waiter:
@@ -38,7 +50,7 @@ class WaitingRing:
     """A ring whose reservations wait (up to ``max_wait`` seconds) for space."""
 
     def __init__(self, ring: RingBuffer, *, max_wait: float) -> None:
-        self.ring = ring
+        self._ring = ring
         self.max_wait = max_wait
         self._queue: Deque[_Waiter] = deque()
         self.waits = 0
@@ -51,19 +63,19 @@ class WaitingRing:
         """
         if self._queue:
             raise RingFull("reservations are queued")
-        return self.ring.reserve(size)
+        return self._ring.reserve(size)
 
     async def reserve(self, size: int) -> Slot:
         """Reserve ``size`` bytes, waiting for releases up to ``max_wait``."""
         if not self._queue:
             try:
-                return self.ring.reserve(size)
+                return self._ring.reserve(size)
             except RingFull:
                 pass
-        if not 1 <= size <= self.ring.capacity:
+        if not 1 <= size <= self._ring.capacity:
             # Checked before queueing: a waiter the ring can never serve would
             # make some later release() raise instead.
-            raise ValueError("reservation of %d bytes outside 1..%d" % (size, self.ring.capacity))
+            raise ValueError("reservation of %d bytes outside 1..%d" % (size, self._ring.capacity))
         self.waits += 1
         waiter = _Waiter(size)
         self._queue.append(waiter)
@@ -77,17 +89,51 @@ class WaitingRing:
             return waiter.slot
         self._abandon(waiter)
         self.overloads += 1
-        raise Overloaded("no %d bytes free in the ring within %.3gs" % (size, self.max_wait))
+        raise Overloaded("no %d bytes free in the ring within %.3gs" % (size, self.max_wait),
+                         retry_after=max(1.0, self.max_wait))
+
+    # -- the ring's own calls, passed through ------------------------------
+
+    @property
+    def buffer(self):
+        """The ring's buffer (every slot's view lies in it)."""
+        return self._ring.buffer
+
+    @property
+    def capacity(self) -> int:
+        return self._ring.capacity
+
+    @property
+    def used(self) -> int:
+        """Bytes reserved, committed or in flight."""
+        return self._ring.used
+
+    @property
+    def live(self) -> int:
+        """Slots not yet released."""
+        return self._ring.live
+
+    def can_reserve(self, size: int) -> bool:
+        """Whether the ring has room for ``size`` bytes now."""
+        return self._ring.can_reserve(size)
+
+    def commit(self, slot: Slot, length: int) -> memoryview:
+        """The body is in: keep the first ``length`` bytes of ``slot``."""
+        return self._ring.commit(slot, length)
+
+    def hand_off(self, slot: Slot) -> None:
+        """The committed slot goes to the sink."""
+        self._ring.hand_off(slot)
 
     def release(self, slot: Slot) -> None:
         """Release ``slot`` and grant the freed space to queued reservations."""
-        self.ring.release(slot)
+        self._ring.release(slot)
         if self._queue:
             self._grant()
 
     def statistics(self) -> dict:
         """The ring's occupancy plus how often reservations waited or failed."""
-        stats = self.ring.statistics()
+        stats = self._ring.statistics()
         stats["waiting"] = len(self._queue)
         stats["waits"] = self.waits
         stats["overloads"] = self.overloads
@@ -98,7 +144,7 @@ class WaitingRing:
         while queue:
             waiter = queue[0]
             try:
-                waiter.slot = self.ring.reserve(waiter.size)
+                waiter.slot = self._ring.reserve(waiter.size)
             except RingFull:
                 return
             queue.popleft()

@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from .cli import entry_point
+from gateway.cli.main import entry_point
 
 entry_point()

@@ -1,19 +1,28 @@
 """The failures a request can meet, each carrying the HTTP answer it gets.
 
 Theory of operation: every failure a caller handles differently is one leaf
-class here.  Each class carries its ``status`` (an HTTP status code, like h11's
+class.  Each class carries its ``status`` (an HTTP status code, like h11's
 ``error_status_hint``), and an instance carries what the response needs
 (``retry_after``, extra headers, a short machine-readable ``reason``).  Foreign
 exceptions (h11, redis-py, botocore) are translated once, where they are
-caught, with ``raise ... from exc``; the server answers any ``RequestError``
-with :func:`response_for` and nothing else needs a lookup table.
+caught, with ``raise ... from exc``.
+
+The layers below the gateway raise their own failures with the same hints:
+:class:`buffers.Overloaded` (no room in the ring or the spool) and
+:class:`sinks.errors.SinkError` (:class:`~sinks.errors.SinkUnavailable`,
+:class:`~sinks.errors.InvalidRecordKey`).  :data:`ANSWERED` names every
+failure a request is answered for, and :func:`response_for` is the one place
+that turns any of them into a response.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import List, Optional, Tuple
+from typing import List, Tuple, Union
+
+from buffers import Overloaded
+from sinks.errors import InvalidRecordKey, SinkError, SinkUnavailable
 
 __all__ = [
     "RequestError",
@@ -32,7 +41,9 @@ __all__ = [
     "QuotaExceeded",
     "Overloaded",
     "SinkUnavailable",
+    "InvalidRecordKey",
     "AccessUnavailable",
+    "ANSWERED",
     "retry_after_seconds",
     "response_for",
 ]
@@ -46,20 +57,13 @@ def retry_after_seconds(delay: float) -> int:
 
 
 class RequestError(Exception):
-    """A request that is answered with an error status.
-
-    ``close`` says whether the connection must be closed after the answer
-    (true whenever the request body may not have been read in full).
-    """
+    """A request that is answered with an error status."""
 
     status = 500
     reason = "internal_error"
-    close = True
 
-    def __init__(self, message: str = "", *, close: Optional[bool] = None) -> None:
+    def __init__(self, message: str = "") -> None:
         super().__init__(message or self.reason)
-        if close is not None:
-            self.close = close
 
     @property
     def message(self) -> str:
@@ -82,7 +86,6 @@ class Unauthorized(RequestError):
 
     status = 401
     reason = "unauthorized"
-    close = False
 
     def headers(self) -> Headers:
         return [(b"www-authenticate", b'Bearer realm="sluice"')]
@@ -93,7 +96,6 @@ class Forbidden(RequestError):
 
     status = 403
     reason = "forbidden"
-    close = False
 
 
 class NotFound(RequestError):
@@ -101,7 +103,6 @@ class NotFound(RequestError):
 
     status = 404
     reason = "not_found"
-    close = False
 
 
 class MethodNotAllowed(RequestError):
@@ -109,7 +110,6 @@ class MethodNotAllowed(RequestError):
 
     status = 405
     reason = "method_not_allowed"
-    close = False
 
     def __init__(self, allow: bytes, message: str = "") -> None:
         super().__init__(message)
@@ -164,9 +164,8 @@ class VersionNotSupported(RequestError):
 class _RetryLater(RequestError):
     """A failure the client should retry after ``retry_after`` seconds."""
 
-    def __init__(self, message: str = "", *, retry_after: float = 1.0,
-                 close: Optional[bool] = None) -> None:
-        super().__init__(message, close=close)
+    def __init__(self, message: str = "", *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
         self.retry_after = retry_after
 
     def headers(self) -> Headers:
@@ -181,7 +180,6 @@ class RateLimited(_RetryLater):
 
     status = 429
     reason = "rate_limited"
-    close = False
 
     def __init__(self, message: str = "", *, retry_after: float, limit: int,
                  remaining: int = 0, reset: float = 0.0) -> None:
@@ -207,27 +205,12 @@ class QuotaExceeded(_RetryLater):
 
     status = 429
     reason = "quota_exceeded"
-    close = False
 
     def __init__(self, message: str = "", *, quota: str, resets_at: int,
                  retry_after: float) -> None:
         super().__init__(message, retry_after=retry_after)
         self.quota = quota
         self.resets_at = resets_at
-
-
-class Overloaded(_RetryLater):
-    """No buffer space (or connection slot) came free in time (503)."""
-
-    status = 503
-    reason = "overloaded"
-
-
-class SinkUnavailable(_RetryLater):
-    """The sink cannot store records now; the client should retry (503)."""
-
-    status = 503
-    reason = "sink_unavailable"
 
 
 class AccessUnavailable(_RetryLater):
@@ -237,15 +220,26 @@ class AccessUnavailable(_RetryLater):
     reason = "access_unavailable"
 
 
-def response_for(exc: RequestError) -> Tuple[int, Headers, bytes]:
-    """``(status, headers, JSON body)`` of the answer to ``exc``.
+#: Every failure a request is answered for, from any layer.
+ANSWERED = (RequestError, Overloaded, SinkError)
+Answered = Union[RequestError, Overloaded, SinkError]
+
+
+def response_for(exc: Answered) -> Tuple[int, Headers, bytes]:
+    """``(status, headers, JSON body)`` of the answer to ``exc``, one of :data:`ANSWERED`.
 
     The body is ``{"error": reason, "message": text}``; a quota answer adds
     ``quota`` and ``resets_at``.
     """
-    doc: dict = {"error": exc.reason, "message": exc.message}
+    doc: dict = {"error": exc.reason, "message": str(exc)}
     if isinstance(exc, QuotaExceeded):
         doc["quota"] = exc.quota
         doc["resets_at"] = exc.resets_at
     body = json.dumps(doc, separators=(",", ":")).encode()
-    return exc.status, [(b"content-type", b"application/json")] + exc.headers(), body
+    if isinstance(exc, RequestError):
+        extra = exc.headers()
+    elif exc.retry_after is not None:
+        extra = [(b"retry-after", b"%d" % retry_after_seconds(exc.retry_after))]
+    else:
+        extra = []
+    return exc.status, [(b"content-type", b"application/json")] + extra, body

@@ -40,21 +40,20 @@ from typing import TYPE_CHECKING, List, Optional, Set, Tuple
 import trio
 
 from buffers import BufferPool, RingBuffer, WaitingRing
-from buffers import Overloaded as RingOverloaded
-from sinks.base import Record, Release, Sink
-
-from . import errors, logs
-from .config import Config
-from .envelope import MAX_FIELD_BYTES, RecordIds, envelope
-from .http import CLOSED, NEED_DATA, HTTPConnection, RequestHead
-from .limiter import api_key_from_headers
-from .memory import limit_malloc_arenas
-from .metrics import CONTENT_TYPE, GatewayMetrics
-from .telemetry import Telemetry
-from .transport import SocketTransport, TLSHandshakeFailed, TLSTransport, Transport
+from gateway import errors
+from gateway.access.limiter import api_key_from_headers
+from gateway.config.settings import Config
+from gateway.http.connection import CLOSED, NEED_DATA, HTTPConnection, RequestHead
+from gateway.http.transport import SocketTransport, TLSHandshakeFailed, TLSTransport, Transport
+from gateway.observe import logs
+from gateway.observe.memory import limit_malloc_arenas
+from gateway.observe.metrics import CONTENT_TYPE, GatewayMetrics
+from gateway.observe.telemetry import Histogram, Telemetry
+from sinks.base import Record, Release, Sink, health_reporter
+from sinks.envelope import MAX_FIELD_BYTES, RecordIds, envelope
 
 if TYPE_CHECKING:
-    from .access import AccessControl
+    from gateway.access.control import AccessControl
 
 __all__ = ["Gateway", "make_sink", "open_listener"]
 
@@ -113,24 +112,26 @@ def make_sink(config: Config, ring: WaitingRing, release: Optional[Release] = No
     with its own ``release`` and ``given_up`` (see sinks/base.py).
     """
     if config.ack == "spool" and release is None:
-        from sinks.spooled import SpooledSink
+        from sinks.spool.sink import SpooledSink
 
-        return SpooledSink.from_config(config, ring, lambda r, g: make_sink(config, ring, r, g))
+        return SpooledSink.from_config(config, ring, lambda r, g: make_sink(config, ring, r, g),
+                                       log=logs.emit)
     release = release or ring.release
+    report = health_reporter(logs.emit)
     if config.sink == "null":
         from sinks.null import NullSink
 
         return NullSink(release)
     if config.sink in ("kinesis", "firehose"):
-        from sinks.kinesis import StreamOptions, StreamSink
+        from sinks.aws.sink import StreamOptions, StreamSink
 
         # The sink encodes records straight from the ring's buffer.
-        return StreamSink(release, ring.ring.buffer, StreamOptions.from_config(config),
-                          given_up=given_up)
+        return StreamSink(release, ring.buffer, StreamOptions.from_config(config),
+                          given_up=given_up, report=report, histogram=Histogram)
     from sinks.file import FileSink
 
     return FileSink(release, config.data_dir, segment_bytes=config.segment_size,
-                    flush_interval=config.flush_interval)
+                    flush_interval=config.flush_interval, report=report)
 
 
 def _report_access(access: AccessControl, line: str) -> None:
@@ -145,7 +146,7 @@ def make_access(config: Config) -> Optional[AccessControl]:
     """The access control ``config`` asks for (``--redis``), or None when it is off."""
     if not config.access_control:
         return None
-    from .access import AccessConfig, AccessControl
+    from gateway.access.control import AccessConfig, AccessControl
 
     access = AccessControl(AccessConfig.from_config(config),
                            report=lambda line: _report_access(access, line))
@@ -202,7 +203,7 @@ class Gateway:
         #: The TLS context when ``--tls-cert`` is given; None serves plain HTTP.
         self.tls = None
         if config.tls:
-            from .tls import server_context
+            from gateway.http.tls import server_context
 
             self.tls = server_context(config.tls_cert, config.tls_key)
         #: None unless ``--access-log-sample`` is above 0: then one test per request.
@@ -377,7 +378,7 @@ class Gateway:
             parsed = time.perf_counter()
             status, body = await self._route(head, conn, transport, parsed)
             routed = time.perf_counter()
-        except errors.RequestError as exc:
+        except errors.ANSWERED as exc:
             self.errors += 1
             self.telemetry.answered_error(None if head is None else head.path, exc.status)
             await self._answer_error(conn, transport, exc)
@@ -459,7 +460,7 @@ class Gateway:
         ready, reason = self.sink.ready()
         if not ready:
             return False, "sink: " + reason
-        if not self.ring.ring.can_reserve(self.config.max_record):
+        if not self.ring.can_reserve(self.config.max_record):
             return False, "buffer full"
         return True, "ok"
 
@@ -509,11 +510,8 @@ class Gateway:
                 raise errors.PayloadTooLarge(
                     "record of %d bytes (envelope %d + body %d + partition key %d) exceeds the "
                     "%d-byte limit" % (offset + length + key_bytes, offset, length, key_bytes, limit))
-        try:
-            slot = await self.ring.reserve(offset + (length if length is not None else room))
-        except RingOverloaded as exc:
-            raise errors.Overloaded(str(exc), retry_after=max(1.0, config.ring_wait)) from exc
-        ring = self.ring.ring
+        ring = self.ring
+        slot = await ring.reserve(offset + (length if length is not None else room))
         try:
             slot.view[:offset] = meta
             with trio.move_on_after(config.body_timeout) as scope:
@@ -565,7 +563,7 @@ class Gateway:
         return filled
 
     async def _answer_error(self, conn: HTTPConnection, transport: Transport,
-                           exc: errors.RequestError) -> None:
+                           exc: errors.Answered) -> None:
         status, headers, body = errors.response_for(exc)
         with trio.move_on_after(self.config.send_timeout) as sending:
             await transport.send_all(conn.respond_error(status, headers, body))
@@ -582,7 +580,7 @@ class Gateway:
                 discarded += count
 
     def statistics(self) -> dict:
-        """A snapshot of the gateway's counters and telemetry (see README, Telemetry)."""
+        """A snapshot of the gateway's counters and telemetry (see docs/operations.md, "Telemetry")."""
         return self.telemetry.add_statistics({
             "connections": self.connections,
             "requests": self.requests,

@@ -5,7 +5,7 @@ server hands each record to :meth:`Sink.put`; from then on the sink owns the
 slot and gives it back through the ``release`` callable it was built with, once
 it no longer needs the bytes (written, stored, or given up).  ``put`` returns
 when the record is held as firmly as the sink promises; a sink that cannot take
-records raises :class:`~gateway.errors.SinkUnavailable`.  When ``put`` raises,
+records raises :class:`~sinks.errors.SinkUnavailable`.  When ``put`` raises,
 the slot is still the caller's to release.
 
 Before a request's body is read, the server asks the sink for the record's
@@ -22,23 +22,25 @@ sink that gives records up on its own (the stream sinks) takes a
 
 At the shutdown deadline the server calls :meth:`Sink.stop_waiting`: every
 ``put`` still waiting for its record to be stored raises
-:class:`~gateway.errors.SinkUnavailable`, so its client gets ``503`` rather
+:class:`~sinks.errors.SinkUnavailable`, so its client gets ``503`` rather
 than a ``202`` for a record that was not stored, or no answer at all.
 
 A sink that stops taking records for a while (a permanent service error, a
 failing disk) says so once, and once more when it takes them again, through
-its :data:`HealthReport` (by default :func:`log_health`, an event on stderr).
+its :data:`HealthReport` (built from the :data:`Log` it is handed by
+:func:`health_reporter`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Protocol, Sequence, Tuple
 
 import trio
 
 from buffers import Slot
 
-__all__ = ["Record", "Sink", "Release", "RecordKeys", "HeaderLookup", "HealthReport", "log_health"]
+__all__ = ["Record", "Sink", "Release", "RecordKeys", "HeaderLookup", "HealthReport", "Log", "Observer",
+           "HistogramFactory", "no_log", "discard_histogram", "health_reporter", "log_health"]
 
 Release = Callable[[Slot], None]
 #: ``(partition key, explicit hash key, bytes the key adds to the record)``.
@@ -50,14 +52,51 @@ HeaderLookup = Callable[[bytes], Optional[bytes]]
 HealthReport = Callable[[str, bool, str], None]
 
 
-def log_health(sink: str, ready: bool, reason: str) -> None:
-    """The default :data:`HealthReport`: a ``sink_not_ready`` or ``sink_ready`` event."""
-    from gateway import logs
+#: ``log(event, level=..., **fields)``: one rare event (a state change, an
+#: error), the shape of ``gateway.observe.logs.emit``.  Sinks are handed one;
+#: they never log per record.
+Log = Callable[..., None]
 
-    if ready:
-        logs.emit("sink_ready", sink=sink, reason=reason)
-    else:
-        logs.emit("sink_not_ready", level="error", sink=sink, reason=reason)
+
+class Observer(Protocol):
+    """A histogram as sinks see it: something that records values."""
+
+    def add(self, value: float) -> None: ...
+
+
+#: Makes an :class:`Observer` with the given bucket bounds.
+HistogramFactory = Callable[[Sequence[float]], Observer]
+
+
+def no_log(event: str, level: str = "info", **fields: Any) -> None:
+    """The :data:`Log` of a sink nobody listens to (tests, tools)."""
+
+
+class _Discard:
+    __slots__ = ("bounds",)
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+
+    def add(self, value: float) -> None:
+        pass
+
+
+#: The :data:`HistogramFactory` of a sink whose timings nobody reads.
+discard_histogram: HistogramFactory = _Discard
+
+
+def health_reporter(log: Log) -> HealthReport:
+    """A :data:`HealthReport` that writes ``sink_not_ready``/``sink_ready`` events to ``log``."""
+    def report(sink: str, ready: bool, reason: str) -> None:
+        if ready:
+            log("sink_ready", sink=sink, reason=reason)
+        else:
+            log("sink_not_ready", level="error", sink=sink, reason=reason)
+    return report
+
+
+log_health = health_reporter(no_log)
 
 
 class Record:

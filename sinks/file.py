@@ -35,10 +35,9 @@ from typing import Iterator, List, Optional, Tuple
 
 import trio
 
-from gateway.errors import SinkUnavailable
-
-from ._writev import writev
-from .base import HealthReport, Record, Release, Sink, log_health
+from sinks.base import HealthReport, Record, Release, Sink, log_health
+from sinks.errors import SinkUnavailable
+from sinks.segments import writev
 
 __all__ = [
     "FileSink",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .base import Record, Sink
+from sinks.base import Record, Sink
 
 __all__ = ["NullSink"]
 

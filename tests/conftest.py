@@ -19,7 +19,7 @@ def redis_module() -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def admin(redis_module: RedisServer) -> Iterator[Any]:
     """A sync admin client of ``redis_module`` (a module may define its own ``admin``)."""
-    from gateway import keystore
+    from gateway.access import keystore
 
     client = keystore.connect(redis_module.url)
     yield client

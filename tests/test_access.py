@@ -10,8 +10,10 @@ from typing import Any, AsyncIterator, Callable, Iterator, List
 import pytest
 import trio
 
-from gateway import keystore
-from gateway.access import DOWN, OK, AccessConfig, AccessControl, Backoff
+from gateway.access import keystore
+from gateway.access.control import DOWN, OK, AccessConfig, AccessControl, Backoff
+from gateway.access.keystore import RedisEdge
+from gateway.access.limiter import check_call, decide, parse_api_key
 from gateway.errors import (
     AccessUnavailable,
     Forbidden,
@@ -19,8 +21,6 @@ from gateway.errors import (
     RateLimited,
     Unauthorized,
 )
-from gateway.keystore import RedisEdge
-from gateway.limiter import check_call, decide, parse_api_key
 from tests.support.redis import (  # noqa: F401
     RedisClusterNodes,
     RedisServer,

@@ -15,7 +15,7 @@ from typing import Any, List
 
 import pytest
 
-from gateway import keystore
+from gateway.access import keystore
 from tests.support.access import KEY_PATTERN, assert_no_key, post, sluice, wait_until
 from tests.support.gateway import RawConnection, get_request, log_events, running_gateway
 from tests.support.redis import (
@@ -98,8 +98,8 @@ def test_startup_line_hides_the_password(tmp_path):
             assert post(gateway.address, b"p", key).status == 202
             stderr = gateway.stderr
     started = log_events(stderr, "started")[0]
-    assert "Redis redis://:***@127.0.0.1:%d/0" % server.port in started["access"]
-    assert started["config"]["redis"] == "redis://:***@127.0.0.1:%d/0" % server.port
+    assert "Redis redis://***@127.0.0.1:%d/0" % server.port in started["access"]
+    assert started["config"]["redis"] == "redis://***@127.0.0.1:%d/0" % server.port
     assert_no_key(stderr, "s3cret-pw")
 
 

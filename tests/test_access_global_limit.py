@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List
 
-from gateway import keystore
+from gateway.access import keystore
 from tests.support.access import post
 from tests.support.gateway import GatewayProcess
 from tests.support.redis import running_redis

@@ -16,8 +16,8 @@ from typing import Any, Tuple
 import pytest
 import trio
 
-from gateway import keystore
-from gateway.limiter import next_month_start
+from gateway.access import keystore
+from gateway.access.limiter import next_month_start
 from tests.support.access import assert_no_key, head_only, post, wait_until
 from tests.support.gateway import (
     RawConnection,

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Dict, List, Tuple
 
-from gateway import keystore
+from gateway.access import keystore
 from tests.support.access import assert_no_key, post, wait_until
 from tests.support.gateway import (
     RawConnection,

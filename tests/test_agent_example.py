@@ -1,4 +1,4 @@
-"""The agent snippets of docs/deployment.md: ``deploy/agent_example.py`` and curl.
+"""The agent snippets of docs/operations.md: ``deploy/agent_example.py`` and curl.
 
 :func:`retry_delay` is checked as a pure function; :func:`post_log` and curl
 against real gateways: one with access control (a real Redis, a tenant
@@ -30,7 +30,7 @@ from deploy.agent_example import (
     post_log,
     retry_delay,
 )
-from gateway import keystore
+from gateway.access import keystore
 from tests.support.gateway import (
     RawConnection,
     curl,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import botocore.parsers
 import pytest
 
-from sinks.aws_errors import (
+from sinks.aws.errors import (
     MESSAGE_MAX_CHARS,
     CredentialsError,
     PermanentError,

@@ -10,9 +10,9 @@ import pytest
 import trio
 from botocore.credentials import RefreshableCredentials
 
-from sinks.aws_errors import CredentialsError, TransientError
-from sinks.aws_http import BotocoreEndpoint, NoRegion, open_botocore_endpoint
-from sinks.putrecords import PutRecordsBatch
+from sinks.aws.errors import CredentialsError, TransientError
+from sinks.aws.http import BotocoreEndpoint, NoRegion, open_botocore_endpoint
+from sinks.aws.putrecords import PutRecordsBatch
 from tests.support.kinesis import (  # noqa: F401 - fixtures
     aws_env_fixture,
     fault_server_fixture,

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sinks import b64
-from sinks.b64 import (
+from sinks.aws import b64
+from sinks.aws.b64 import (
     CFFI,
     NUL_SLACK,
     PYTHON,

@@ -8,7 +8,7 @@ reach a record, a well-behaved client on another connection keeps getting
 ``202`` meanwhile, and the gateway counts no internal error.  Clients are
 blocking sockets in threads next to the gateway's Trio loop.
 
-The cases, grouped as README.md's "Reliability / Bad input" table lists them:
+The cases, grouped as docs/reliability.md's "Bad input" table lists them:
 malformed request lines and headers, request smuggling, oversized heads and
 bodies, bodies shorter or longer than declared, slow-drip clients, clients
 that never read, connection floods, odd bytes in headers, and bad API keys.
@@ -27,8 +27,9 @@ from typing import Any, AsyncIterator, Dict, List, NamedTuple, Optional, Sequenc
 import pytest
 import trio
 
-from gateway import errors, keystore
-from gateway.transport import MemoryTransport
+from gateway import errors
+from gateway.access import keystore
+from gateway.http.transport import MemoryTransport
 from tests.support.gateway import (
     RawConnection,
     Response,
@@ -451,7 +452,7 @@ async def test_send_timeout_ends_an_answer_nobody_reads(autojump_clock):
     assert transport.closed
     # The first record was accepted (its answer could not be delivered); the second never read.
     assert [r.partition(b"\n")[2] for r in sink.records] == [b"one"]
-    assert gateway.ring.ring.used == 0 and gateway.internal_errors == 0
+    assert gateway.ring.used == 0 and gateway.internal_errors == 0
 
 
 async def test_send_timeout_ends_an_error_answer_nobody_reads(autojump_clock):
@@ -472,7 +473,7 @@ async def test_100_continue_nobody_reads_frees_the_ring_slot(autojump_clock):
     await gateway.handle_connection(transport)
     # The 100 Continue counts against the body's time (2 s), then the 408 against the send's (5 s).
     assert trio.current_time() - start == pytest.approx(7.0)
-    assert sink.records == [] and gateway.ring.ring.used == 0 and gateway.ring.ring.live == 0
+    assert sink.records == [] and gateway.ring.used == 0 and gateway.ring.live == 0
     assert gateway.internal_errors == 0
 
 

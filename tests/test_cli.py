@@ -18,8 +18,8 @@ from typing import Mapping, Optional
 
 import pytest
 
-from gateway.config import SETTINGS
-from gateway.envelope import envelope
+from gateway.config.settings import SETTINGS
+from sinks.envelope import envelope
 from sinks.file import FRAME_HEADER, SEGMENT_MAGIC
 from tests.support import gateway as _support
 from tests.support.gateway import GatewayProcess, http_post, stored

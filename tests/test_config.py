@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from gateway.config import (
+from gateway.config.settings import (
     ACCESS_SETTINGS,
     SETTINGS,
     Config,
@@ -20,8 +20,8 @@ from gateway.config import (
     parse_size,
     parse_switch,
 )
-from gateway.envelope import MAX_ENVELOPE_BYTES
-from gateway.http import DEFAULT_MAX_HEAD
+from gateway.http.connection import DEFAULT_MAX_HEAD
+from sinks.envelope import MAX_ENVELOPE_BYTES
 
 
 def test_defaults():

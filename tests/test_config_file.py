@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import gateway.config as config_module
-from gateway.config import (
+import gateway.config.settings as config_module
+from gateway.config.settings import (
     ACCESS_SETTINGS,
     CONFIG_FILE_ENV,
     SETTINGS,
@@ -23,8 +23,8 @@ from gateway.config import (
     from_args,
     load_with_origins,
 )
-from gateway.config_file import MAX_FILE_BYTES, read_settings_file
-from gateway.config_view import masked, render_check, rows
+from gateway.config.settings_file import MAX_FILE_BYTES, read_settings_file
+from gateway.config.view import masked, render_check, rows
 from tests.support import gateway as _support
 from tests.support.gateway import http_post
 
@@ -190,11 +190,11 @@ def test_oversized_file(tmp_path):
 
 
 @pytest.mark.parametrize("name, text, shown", [
-    ("redis", "redis://:s3cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
-    ("redis", "rediss://user:s3cret@host:6380/0?ssl_ca_certs=/ca.pem", "rediss://user:***@host:6380/0"
+    ("redis", "redis://:s3cret@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
+    ("redis", "rediss://user:s3cret@host:6380/0?ssl_ca_certs=/ca.pem", "rediss://***@host:6380/0"
                                                                           "?ssl_ca_certs=/ca.pem"),
     ("redis", "redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
-    ("endpoint_url", "https://key:s3cret@kinesis.local", "https://key:***@kinesis.local"),
+    ("endpoint_url", "https://key:s3cret@kinesis.local", "https://***@kinesis.local"),
     ("aws_secret_access_key", "s3cret", "***"),
     ("ring_size", "32MiB", "32MiB"),
     ("redis", "", ""),
@@ -211,7 +211,7 @@ def test_rows_say_where_each_value_came_from(tmp_path):
     assert table["sink"][1:] == ("null", "flag", "--sink")
     assert table["max_body"][1:] == ("2KiB", "env", "SLUICE_MAX_BODY")
     assert table["ring_size"][1:] == ("64MiB", "file", path + ": ring_size")
-    assert table["redis"].value == "redis://:***@127.0.0.1:1/0"
+    assert table["redis"].value == "redis://***@127.0.0.1:1/0"
     assert table["listen"][1:] == ("127.0.0.1:8080", "default", "--listen")
     text = render_check(rows(origins))
     assert 'ring_size = "64MiB"  # file %s\n' % path in text
@@ -240,7 +240,7 @@ def test_config_check_prints_every_setting_and_exits_0(tmp_path):
     assert 'sink = "null"  # flag --sink' in lines
     assert 'max_body = "2KiB"  # env SLUICE_MAX_BODY' in lines
     assert 'ring_size = "64MiB"  # file %s' % path in lines
-    assert 'redis = "redis://:***@127.0.0.1:1/0"  # file %s' % path in lines
+    assert 'redis = "redis://***@127.0.0.1:1/0"  # file %s' % path in lines
     assert b"hunter2" not in result.stdout
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sinks.aws_errors import PermanentError, ThrottledError, TransientError
-from sinks.delivery import (
+from sinks.aws.delivery import (
     ABANDONED,
     BACKOFF,
     GIVEN_UP,
@@ -17,8 +16,9 @@ from sinks.delivery import (
     EntryStateError,
     QueueFull,
 )
-from sinks.putrecords import PutRecordsResult, RecordResult, RecordTooLarge
-from sinks.retry import RetryPolicy
+from sinks.aws.errors import PermanentError, ThrottledError, TransientError
+from sinks.aws.putrecords import PutRecordsResult, RecordResult, RecordTooLarge
+from sinks.backoff import RetryPolicy
 
 OK = RecordResult(shard_id="shardId-0", sequence_number="1")
 
@@ -206,7 +206,7 @@ def test_mismatched_result_count_is_refused():
 
 
 def test_retries_are_counted_by_reason_and_throttles_by_code():
-    from sinks.aws_errors import MalformedResponse
+    from sinks.aws.errors import MalformedResponse
 
     d = delivery(max_records=10)
     for i in range(4):
@@ -227,7 +227,7 @@ def test_retries_are_counted_by_reason_and_throttles_by_code():
 
 
 def test_throttle_codes_are_bounded():
-    from sinks.delivery import MAX_THROTTLE_CODES
+    from sinks.aws.delivery import MAX_THROTTLE_CODES
 
     d = delivery(max_records=100, max_entries=1000)
     codes = ["Code%d" % i for i in range(MAX_THROTTLE_CODES * 2)]

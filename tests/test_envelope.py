@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.envelope import MAX_ENVELOPE_BYTES, MAX_FIELD_BYTES, RecordIds, envelope, split_record
+from sinks.envelope import MAX_ENVELOPE_BYTES, MAX_FIELD_BYTES, RecordIds, envelope, split_record
 
 CROCKFORD = set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 NOW = 1_732_600_000_000

@@ -3,7 +3,7 @@
 ``python -m bench.faults --duration 12 --rate 100`` against a gateway
 process on this interpreter: the sink goes away and comes back, the whole
 gateway is SIGKILLed twice, one of its workers once (when it runs several),
-and Redis once.  The long run is documented in the README ("Load with
+and Redis once.  The long run is documented in docs/reliability.md ("Load with
 faults").
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ couple of seconds, clears it, waits for ``202``s again from the same
 gateway, and compares ids: every record answered ``202`` must be in the
 sink afterwards, byte for byte (the Kinesis fake's stored records, or the
 file sink read back with the reader behind ``sluice read``).  Refusals must
-be the ones the README documents for that fault, the ring must be empty
+be the ones docs/reliability.md documents for that fault, the ring must be empty
 once the sink caught up, and the process's RSS must not grow by more than
 `RSS_GROWTH` while the fault lasts.
 
@@ -19,7 +19,7 @@ of it against a gateway process.
 
 ``SLUICE_FAULT_REPORT=FILE`` appends one JSON line per test (fault, ack
 mode, records sent, acknowledged, refused, lost) to FILE: the figures of
-the README's "Faults" table.
+docs/reliability.md's "Faults" table.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import pytest
 import trio
 
 import sinks.file as file_sink
-import sinks.spool_files as spool_files
-from gateway import keystore
+import sinks.spool.files as spool_files
+from gateway.access import keystore
 from tests.support.faults import (
     FaultProxy,
     FaultyStreams,
@@ -202,9 +202,9 @@ async def test_kinesis_fault_under_load(fault, ack, kinesis, tmp_path):
             window = await under_fault(load, start, clear, seconds)
         if ack == "spool":
             await wait_until(lambda: gateway.sink.statistics()["pending_records"] == 0, "spool drained")
-        await wait_until(lambda: gateway.ring.ring.live == 0, "ring empty")
+        await wait_until(lambda: gateway.ring.live == 0, "ring empty")
         ready = await readyz(port)
-        ring = gateway.ring.ring
+        ring = gateway.ring
         assert ring.used == 0 and ring.live == 0
 
     answers = load.snapshot()
@@ -270,7 +270,7 @@ async def test_redis_fault_under_load(fault, mode, tmp_path):
                 window = await under_fault(load, start, clear, FAULT_SECONDS)
             await wait_until(lambda: gateway.access.redis_state == "ok", "Redis state ok")
             ready = await readyz(port)
-        assert gateway.ring.ring.live == 0
+        assert gateway.ring.live == 0
 
     answers = load.snapshot()
     records = stored(data_dir)
@@ -333,7 +333,7 @@ async def test_disk_full_under_load(ack, tmp_path, monkeypatch):
             stats = gateway.sink.statistics()
         if ack == "spool":
             await wait_until(lambda: gateway.sink.statistics()["pending_records"] == 0, "spool drained")
-        await wait_until(lambda: gateway.ring.ring.live == 0, "ring empty")
+        await wait_until(lambda: gateway.ring.live == 0, "ring empty")
         ready = await readyz(port)
 
     answers = load.snapshot()

@@ -14,8 +14,8 @@ import trio.testing
 
 import sinks.file as file_sink
 from buffers import IN_FLIGHT, RELEASED, RingBuffer
-from gateway.errors import SinkUnavailable
 from sinks.base import Record
+from sinks.errors import SinkUnavailable
 from sinks.file import FRAME_HEADER, SEGMENT_MAGIC, FileSink, SegmentError, list_segments, read_records
 
 

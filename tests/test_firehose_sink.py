@@ -12,8 +12,8 @@ import uuid
 import pytest
 import trio
 
-from gateway.config import ConfigError, from_args
-from sinks.kinesis import StreamOptions
+from gateway.config.settings import ConfigError, from_args
+from sinks.aws.sink import StreamOptions
 from tests.support.gateway import gateway_in_process
 from tests.support.kinesis import (  # noqa: F401 - fixtures
     FakeStreams,
@@ -84,7 +84,7 @@ async def test_through_the_gateway_over_http(fault_server, aws_env):
     assert [len(c.datas) for c in fake.calls] == [1, 1]  # failed once, then stored
     assert fake.stored[0].data.endswith(b"z" * largest)
     assert "firehose" in fault_server.requests[0]["Authorization"]  # signing name
-    assert gateway.ring.ring.used == 0
+    assert gateway.ring.used == 0
 
 
 async def test_records_land_in_moto_s3_through_the_delivery_stream(moto, aws_env):

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import errors
-from gateway.envelope import MAX_FIELD_BYTES, envelope
-from gateway.transport import MemoryTransport
+from gateway.http.transport import MemoryTransport
+from sinks.envelope import MAX_FIELD_BYTES, envelope
 from tests.support.units import (
     ContinueClient,
     byte_by_byte,
@@ -97,7 +97,7 @@ async def test_post_is_accepted_and_the_record_is_envelope_plus_body(mode):
     assert before <= meta["received_at"] <= after
     line = envelope(record_id, None, meta["received_at"], b"application/x-ndjson", b"identity")
     assert record == line + BINARY
-    assert gateway.ring.ring.used == 0  # the sink released it
+    assert gateway.ring.used == 0  # the sink released it
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -150,7 +150,7 @@ async def test_chunked_body_is_decoded_into_the_record(mode, case):
     meta, body = split_record(sink.records[0])
     assert body == b"".join(kwargs["pieces"])
     assert meta["content_type"] == "text/plain" and meta["id"] == responses[0].json()["id"]
-    assert gateway.ring.ring.used == 0
+    assert gateway.ring.used == 0
 
 
 def _pipeline() -> Tuple[bytes, List[bytes]]:
@@ -234,7 +234,7 @@ async def test_sink_unavailable_is_503_and_the_slot_comes_back(mode):
     assert responses[1].header(b"retry-after") == b"4"
     assert responses[1].json()["error"] == "sink_unavailable"
     assert [split_record(r)[1] for r in sink.records] == [b"kept"]
-    assert gateway.ring.ring.used == 0 and gateway.ring.ring.live == 0 and transport.closed
+    assert gateway.ring.used == 0 and gateway.ring.live == 0 and transport.closed
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -302,7 +302,7 @@ async def test_413_is_answered_before_any_body_byte_arrives(expect):
         assert transport.write_closed
         nursery.cancel_scope.cancel()
     assert transport.closed and sink.records == []
-    assert gateway.ring.ring.used == 0 and gateway.ring.ring.live == 0
+    assert gateway.ring.used == 0 and gateway.ring.live == 0
 
 
 # -- refused requests ------------------------------------------------------------
@@ -380,7 +380,7 @@ async def test_refused_request_closes_the_connection_and_keeps_earlier_records(m
         assert set(doc) == {"error", "message"} and doc["message"]
     assert [split_record(r)[1] for r in sink.records] == [b"accepted first", b"accepted second"]
     assert [r.json()["id"] for r in responses[:2]] == sink.ids
-    assert gateway.ring.ring.used == 0 and gateway.ring.ring.live == 0
+    assert gateway.ring.used == 0 and gateway.ring.live == 0
     assert gateway.errors == 1
 
 
@@ -428,7 +428,7 @@ async def test_body_timeout_gets_408(mode, framing, autojump_clock):
     responses = parse_responses(transport.sent)
     assert [r.status for r in responses] == [202, 408]
     assert transport.closed and [split_record(r)[1] for r in sink.records] == [b"ok"]
-    assert gateway.ring.ring.used == 0 and gateway.ring.ring.live == 0
+    assert gateway.ring.used == 0 and gateway.ring.live == 0
 
 
 async def test_idle_keep_alive_connection_is_closed_quietly(autojump_clock):
@@ -456,7 +456,7 @@ async def _fill_ring(gateway, sink) -> None:
     transport = await serve(gateway, [post(b"a" * 30000) + post(b"b" * 30000)])
     assert [r.status for r in parse_responses(transport.sent)] == [202, 202]
     assert len(sink.held) == 2
-    assert not gateway.ring.ring.can_reserve(20000)
+    assert not gateway.ring.can_reserve(20000)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -475,9 +475,9 @@ async def test_full_ring_answers_503_with_retry_after(mode, framing, autojump_cl
     assert CONTINUE not in bytes(transport.sent)
     assert len(sink.records) == 2
     assert [bytes(r.view[-1:]) for r in sink.held] == [b"a", b"b"]  # held records intact
-    assert gateway.ring.statistics()["overloads"] == 1 and gateway.ring.ring.live == 2
+    assert gateway.ring.statistics()["overloads"] == 1 and gateway.ring.live == 2
     sink.release_held()
-    assert gateway.ring.ring.used == 0
+    assert gateway.ring.used == 0
 
 
 async def test_request_waiting_for_ring_space_is_served_when_the_sink_releases(autojump_clock):
@@ -564,7 +564,7 @@ async def test_drain_closes_an_idle_keep_alive_connection():
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 async def test_sink_gets_the_rings_own_memory(framing):
     gateway, sink = make_gateway()
-    ring = gateway.ring.ring
+    ring = gateway.ring
     seen = []
 
     def check(record):
@@ -609,4 +609,4 @@ def test_any_split_of_a_pipelined_stream_gives_the_same_records(requests, cuts):
     assert [r.status for r in responses] == [202] * len(requests)
     assert [split_record(r)[1] for r in sink.records] == [body for _, body, _ in requests]
     assert [r.json()["id"] for r in responses] == sink.ids
-    assert gateway.ring.ring.used == 0
+    assert gateway.ring.used == 0

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import errors
-from gateway.http import CLOSED, NEED_DATA, HTTPConnection, RequestHead
+from gateway.http.connection import CLOSED, NEED_DATA, HTTPConnection, RequestHead
 from tests.support.units import chunked, get, post
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -279,7 +279,7 @@ def test_response_written_without_h11_matches_h11(request_bytes: bytes, status: 
 def test_head_end_is_the_first_blank_line(data: bytes, start: int, end: int) -> None:
     import re
 
-    from gateway.http import _head_end
+    from gateway.http.connection import _head_end
 
     end = min(end, len(data))
     match = re.compile(rb"\n\r?\n").search(data, start, end)

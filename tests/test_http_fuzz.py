@@ -6,7 +6,7 @@ framing headers with odd values, chunked bodies with bad sizes, pipelined
 requests) with a few bytes mutated.  The sans-I/O
 :class:`~gateway.http.HTTPConnection` is driven the way the server drives it;
 it may only return a request head, ``NEED_DATA`` or ``CLOSED``, or raise a
-:class:`~gateway.errors.RequestError` whose status README.md documents.  The
+:class:`~gateway.errors.RequestError` whose status docs/http-api.md documents.  The
 same input then goes through the real connection handler over a
 :class:`~gateway.transport.MemoryTransport`: no internal error, only
 documented statuses, one stored record per ``202``, and the ring empty again.
@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gateway import errors
-from gateway.http import CLOSED, NEED_DATA, HTTPConnection, RequestHead
+from gateway.http.connection import CLOSED, NEED_DATA, HTTPConnection, RequestHead
+from gateway.http.transport import MemoryTransport
 from gateway.server import READAHEAD
-from gateway.transport import MemoryTransport
 from tests.support.units import chunked, make_gateway, parse_responses, post, split_record
 
 MAX_HEAD = 1024  # as tests.support.units.SMALL_FLAGS
@@ -43,8 +43,8 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None,
 
 
 def _documented_statuses() -> frozenset:
-    """Every status in README.md's "Status codes" table."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    """Every status in docs/http-api.md's "Status codes" table."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "http-api.md").read_text(encoding="utf-8")
     section = text.split("### Status codes", 1)[1].split("\n#", 1)[0]
     return frozenset(int(code) for code in re.findall(r"^\| (\d{3}) \|", section, re.MULTILINE))
 
@@ -321,4 +321,4 @@ def test_connection_handler_answers_documented_statuses_and_loses_nothing(data, 
     ids = [r.json()["id"] for r in finals if r.status == 202]
     assert ids == sink.ids
     assert all(len(split_record(record)[1]) <= MAX_BODY for record in sink.records)
-    assert gateway.ring.ring.used == 0 and gateway.ring.ring.live == 0
+    assert gateway.ring.used == 0 and gateway.ring.live == 0

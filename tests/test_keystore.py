@@ -14,16 +14,17 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import admin_cli, keystore
-from gateway.errors import QuotaExceeded
-from gateway.keystore import RedisEdge
-from gateway.limiter import (
+from gateway.access import keystore
+from gateway.access.keystore import RedisEdge
+from gateway.access.limiter import (
     Decision,
     check_call,
     gcra,
     parse_api_key,
     usage_name,
 )
+from gateway.cli import admin as admin_cli
+from gateway.errors import QuotaExceeded
 from tests.support.redis import RedisServer, redis_server, tls_redis_server  # noqa: F401
 
 T0 = 1_700_000_000.0
@@ -52,7 +53,7 @@ def check(edge: RedisEdge, api_key: str, body: int, now: float) -> Decision:
     parsed = parse_api_key(api_key)
     assert parsed is not None
     (reply,), _, _ = edge.run_checks([check_call(parsed, body, now)])
-    from gateway.limiter import decide
+    from gateway.access.limiter import decide
     return decide(reply, parsed.tenant, now)  # type: ignore[arg-type]
 
 
@@ -252,7 +253,7 @@ def test_module_entry_point_reads_key_from_stdin(redis_server: RedisServer) -> N
     env = dict(os.environ, SLUICE_REDIS_URL=redis_server.url)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = lambda *a, **kw: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "gateway.admin_cli", *a], cwd=root, env=env,
+        [sys.executable, "-m", "gateway.cli.admin", *a], cwd=root, env=env,
         capture_output=True, text=True, timeout=60, **kw)
     created = run("keys", "create", "--tenant", "ACME")
     assert created.returncode == 0, created.stderr

@@ -90,7 +90,7 @@ async def test_partial_failures_resend_only_the_failed_entries(fault_server, aws
         again = [body_of(d) for d in later.datas if body_of(d) in failed]
         assert again == [b for b in failed if b in again]
     assert sorted(body_of(s.data) for s in fake.stored) == sorted(bodies)
-    assert gateway.ring.ring.used == 0 and gateway.ring.ring.live == 0
+    assert gateway.ring.used == 0 and gateway.ring.live == 0
 
 
 async def test_mixed_faults_never_acknowledge_an_unstored_record(fault_server, aws_env):
@@ -112,7 +112,7 @@ async def test_mixed_faults_never_acknowledge_an_unstored_record(fault_server, a
     counts = check_acknowledged_were_stored(fake, bodies, answers)
     assert counts.get("202", 0) >= 1 and ready[0] == 200
     assert {c.fault for c in fake.calls} >= {"status", "reset", "hang"}
-    assert gateway.ring.ring.used == 0 and gateway.ring.ring.live == 0
+    assert gateway.ring.used == 0 and gateway.ring.live == 0
     assert gateway.sink.statistics()["held"] == 0
 
 
@@ -128,7 +128,7 @@ async def test_an_endpoint_that_keeps_failing_gets_503s_after_the_deadline(fault
     assert all(b"DeadlinePassed" in answer for _, _, answer in answers)
     assert fake.stored == [] and ready[0] == 200
     assert "kinesis sink" not in capsys.readouterr().err  # transient: no log line
-    assert gateway.ring.ring.used == 0
+    assert gateway.ring.used == 0
 
 
 async def test_permanent_error_flips_readyz_answers_503_and_logs_once(fault_server, aws_env, capsys):
@@ -146,7 +146,7 @@ async def test_permanent_error_flips_readyz_answers_503_and_logs_once(fault_serv
     assert reason.startswith("sink: kinesis: AccessDeniedException")
     (event,) = log_events(capsys.readouterr().err, "sink_not_ready")
     assert event["sink"] == "kinesis" and "kinesis:PutRecords" in event["reason"]
-    assert fake.stored == [] and gateway.ring.ring.used == 0
+    assert fake.stored == [] and gateway.ring.used == 0
 
 
 async def test_a_stalled_endpoint_fills_the_ring_then_new_requests_get_503(fault_server, aws_env):
@@ -161,7 +161,7 @@ async def test_a_stalled_endpoint_fills_the_ring_then_new_requests_get_503(fault
         full = gateway.ring.statistics()
         fake.plans.clear()  # the endpoint recovers
         with trio.fail_after(30):
-            while gateway.ring.ring.live:
+            while gateway.ring.live:
                 await trio.sleep(0.05)
     statuses = [a[0] for a in answers]
     assert statuses.count(202) >= 20 and statuses.count(503) >= 20
@@ -169,4 +169,4 @@ async def test_a_stalled_endpoint_fills_the_ring_then_new_requests_get_503(fault
     assert full["overloads"] >= 1 and full["capacity"] == 64 * 1024
     accepted = {json.loads(a[2])["id"] for a in answers if a[0] == 202}
     assert accepted <= {id_of(s.data) for s in fake.stored}
-    assert gateway.ring.ring.used == 0
+    assert gateway.ring.used == 0

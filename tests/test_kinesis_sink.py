@@ -13,10 +13,10 @@ import uuid
 import pytest
 import trio
 
-from gateway.config import from_args
-from sinks.aws_errors import TransientError
-from sinks.aws_http import MemoryEndpoint, Reply
-from sinks.kinesis import StreamOptions, StreamSink
+from gateway.config.settings import from_args
+from sinks.aws.errors import TransientError
+from sinks.aws.http import MemoryEndpoint, Reply
+from sinks.aws.sink import StreamOptions, StreamSink
 from tests.support.gateway import gateway_in_process, log_events
 from tests.support.kinesis import (  # noqa: F401 - fixtures
     FakeStreams,
@@ -233,7 +233,7 @@ async def test_describe_stream_summary_denied_keeps_the_flag(autojump_clock):
 
 
 async def test_zero_copy_ring_exported_once_per_builder_and_bodies_reused(autojump_clock, monkeypatch):
-    import sinks.putrecords as putrecords
+    import sinks.aws.putrecords as putrecords
 
     exports = []
     real_source = putrecords._Batch.source
@@ -336,7 +336,7 @@ async def test_records_read_back_from_moto_equal_envelope_and_body(moto, stream)
         meta, _, data = record["Data"].partition(b"\n")
         assert data == body and json.loads(meta)["id"] == doc["id"]
         assert (doc["shard_id"], doc["sequence_number"]) == (record["ShardId"], record["SequenceNumber"])
-    assert gateway.ring.ring.used == 0 and gateway.ring.ring.live == 0
+    assert gateway.ring.used == 0 and gateway.ring.live == 0
 
 
 async def test_oversized_record_is_refused_before_its_body_is_sent(moto, stream):
@@ -369,7 +369,7 @@ async def test_wrong_secret_is_a_403_that_stops_the_sink(moto, stream, aws_env, 
     assert status == 503 and b"SignatureDoesNotMatch" in body
     (event,) = log_events(capsys.readouterr().err, "sink_not_ready")
     assert event["sink"] == "kinesis" and "check the AWS credentials" in event["reason"]
-    assert gateway.ring.ring.used == 0
+    assert gateway.ring.used == 0
 
 
 async def test_missing_stream_is_reported_at_start(moto, aws_env, capsys):

@@ -11,14 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from gateway.errors import (
-    Forbidden,
-    QuotaExceeded,
-    RateLimited,
-    Unauthorized,
-    retry_after_seconds,
-)
-from gateway.limiter import (
+from gateway.access.limiter import (
     EPSILON,
     LocalLimiter,
     TenantLimits,
@@ -31,6 +24,13 @@ from gateway.limiter import (
     month_start,
     next_month_start,
     parse_api_key,
+)
+from gateway.errors import (
+    Forbidden,
+    QuotaExceeded,
+    RateLimited,
+    Unauthorized,
+    retry_after_seconds,
 )
 
 SECRET = "s3cr3t-_" + "A" * 35

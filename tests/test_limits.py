@@ -6,7 +6,7 @@ import re
 import botocore.session
 import pytest
 
-from sinks import limits
+from sinks.aws import limits
 
 SESSION = botocore.session.get_session()
 KINESIS = SESSION.get_service_model("kinesis")

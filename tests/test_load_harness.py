@@ -29,7 +29,7 @@ def test_put_records_limits() -> None:
 
 
 def test_put_records_stub_counts_what_the_sink_sends() -> None:
-    from sinks.putrecords import PutRecordsBatch
+    from sinks.aws.putrecords import PutRecordsBatch
 
     batch = PutRecordsBatch("logs")
     for i in range(3):
@@ -73,9 +73,32 @@ def test_gc_summary_counts_only_the_window() -> None:
 
 
 def test_put_records_stub_takes_five_mib_of_records() -> None:
-    from sinks.putrecords import PutRecordsBatch
+    from sinks.aws.putrecords import PutRecordsBatch
 
     batch = PutRecordsBatch("logs")
     for i in range(5):
         batch.add(b"x" * 1_000_000, "k%d" % i)
     assert check_put_records(bytes(batch.body())) == (5, None)
+
+
+def test_gateway_imports_are_the_dependencies() -> None:
+    """The harness checks an interpreter by importing these: pyproject.toml's dependencies."""
+    import re
+
+    from bench.load.servers import GATEWAY_IMPORTS
+
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        block = re.search(r"^dependencies = \[(.*?)^\]", f.read(), re.S | re.M)
+    assert block is not None
+    names = {re.split(r"[^A-Za-z0-9_.-]", d, maxsplit=1)[0].lower().replace("-", "_")
+             for d in re.findall(r'^\s*"([^"]+)"', block.group(1), re.M)}
+    assert names - {"tomli"} == set(GATEWAY_IMPORTS)  # tomli: checked below Python 3.11 only
+
+
+def test_missing_interpreter_says_how_to_get_one(monkeypatch) -> None:
+    from bench.load import servers
+
+    monkeypatch.setitem(servers.INTERPRETERS, "pypy", ("no-such-venv/bin/python", "no-such-pypy3"))
+    with pytest.raises(servers.InterpreterError, match=r"\./dev bench load"):
+        servers.find_python("pypy")
+    assert servers.require_gateway_python(sys.executable) == sys.executable

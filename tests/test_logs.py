@@ -19,10 +19,10 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import logs
-from gateway.config import from_args
+from gateway.config.settings import from_args
+from gateway.observe import logs
 from gateway.server import Gateway, open_listener
-from sinks.base import Sink, log_health
+from sinks.base import Sink, health_reporter
 from tests.support import gateway as _support
 from tests.support.gateway import START_TIMEOUT, http_post, log_events
 from tests.support.redis import free_port
@@ -93,8 +93,9 @@ def test_an_unwritable_stream_loses_the_line_not_the_gateway():
 
 
 def test_sink_health_events(captured):
-    log_health("kinesis", False, "cannot deliver to logs: AccessDeniedException")
-    log_health("kinesis", True, "delivering to logs again")
+    report = health_reporter(logs.emit)
+    report("kinesis", False, "cannot deliver to logs: AccessDeniedException")
+    report("kinesis", True, "delivering to logs again")
     down, up = log_events(captured.getvalue())
     assert (down["event"], down["level"], down["sink"]) == ("sink_not_ready", "error", "kinesis")
     assert down["reason"] == "cannot deliver to logs: AccessDeniedException"
@@ -177,7 +178,7 @@ def test_startup_event_masks_the_redis_password(start_gateway):
     # Nothing listens there: the gateway starts anyway and says Redis is down.
     url = "redis://:pa55word@127.0.0.1:%d/0" % free_port()
     gateway = start_gateway("--redis", url, "--sink", "null")
-    masked = "redis://:***@127.0.0.1:%d/0" % int(url.rsplit(":", 1)[1].split("/")[0])
+    masked = "redis://***@127.0.0.1:%d/0" % int(url.rsplit(":", 1)[1].split("/")[0])
     assert gateway.started["config"]["redis"] == masked and masked in gateway.started["access"]
     assert gateway.stop() == 0
     assert "pa55word" not in gateway.stderr
@@ -240,4 +241,4 @@ async def test_internal_error_event_carries_the_traceback(captured):
     assert event["level"] == "error" and event["error"] == "ZeroDivisionError('a bug in the sink')"
     assert "Traceback (most recent call last)" in event["traceback"]
     assert "raise ZeroDivisionError" in event["traceback"]
-    assert gateway.internal_errors == 1 and gateway.ring.ring.live == 0
+    assert gateway.internal_errors == 1 and gateway.ring.live == 0

@@ -27,7 +27,7 @@ import textwrap
 import pytest
 import trio
 
-from gateway.config import from_args
+from gateway.config.settings import from_args
 from gateway.server import Gateway, open_listener
 
 pytestmark = pytest.mark.skipif(platform.python_implementation() != "CPython",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import BadRequest
-from sinks.keys import KeyPolicy, parse_key_setting
+from sinks.aws.partition_keys import KeyPolicy, parse_key_setting
+from sinks.errors import InvalidRecordKey
 
 RID = "01M8BECG8YTGDXTWT500000001"
 
@@ -47,7 +47,7 @@ def test_header_mode_reads_the_header_case_insensitively():
 def test_key_of_256_characters_passes_and_257_is_a_bad_request():
     policy = KeyPolicy("header:X-Key")
     assert policy.keys(RID, None, headers(x_key=b"k" * 256))[2] == 256
-    with pytest.raises(BadRequest, match="257 characters"):
+    with pytest.raises(InvalidRecordKey, match="257 characters"):
         policy.keys(RID, None, headers(x_key=b"k" * 257))
 
 
@@ -55,7 +55,7 @@ def test_non_ascii_header_bytes_count_as_latin_1_characters_and_utf_8_bytes():
     policy = KeyPolicy("header:X-Key")
     key, _, size = policy.keys(RID, None, headers(x_key=b"\xe9" * 256))
     assert key == "\xe9" * 256 and size == 512
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidRecordKey):
         policy.keys(RID, None, headers(x_key=b"\xe9" * 257))
 
 
@@ -68,7 +68,7 @@ def test_explicit_hash_keys_accepted(value):
 @pytest.mark.parametrize("value", [b"", b"01", b"-1", b"1.0", b"%d" % 2**128, b"1" * 40, b"abc", b" 1"])
 def test_invalid_explicit_hash_keys_are_bad_requests(value):
     policy = KeyPolicy("random", "X-Hash")
-    with pytest.raises(BadRequest, match="explicit hash key"):
+    with pytest.raises(InvalidRecordKey, match="explicit hash key"):
         policy.keys(RID, None, headers(x_hash=value))
 
 

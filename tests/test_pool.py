@@ -42,7 +42,7 @@ def test_foreign_buffer_is_refused():
 
 
 async def test_gateway_gives_the_receive_buffer_back_after_each_connection():
-    from gateway.transport import MemoryTransport
+    from gateway.http.transport import MemoryTransport
     from tests.support.units import get, make_gateway
 
     gateway, _ = make_gateway()

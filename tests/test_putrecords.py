@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sinks import putrecords
-from sinks.b64 import available_backends
-from sinks.limits import EXPLICIT_HASH_KEY_MAX, KIB, MIB
-from sinks.putrecords import (
+from sinks.aws import putrecords
+from sinks.aws.b64 import available_backends
+from sinks.aws.limits import EXPLICIT_HASH_KEY_MAX, KIB, MIB
+from sinks.aws.putrecords import (
     FirehoseBatch,
     MalformedResponse,
     PermanentError,

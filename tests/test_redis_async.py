@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import trio
 
-from gateway import keystore
-from gateway.keystore import EdgeUnavailable
-from gateway.limiter import check_call, parse_api_key
-from gateway.redis_async import AsyncRedisEdge
-from gateway.resp import ReplyError
+from gateway.access import keystore
+from gateway.access.keystore import EdgeUnavailable
+from gateway.access.limiter import check_call, parse_api_key
+from gateway.access.redis_trio import AsyncRedisEdge
+from gateway.access.resp import ReplyError
 from tests.support.redis import (  # noqa: F401
     RedisServer,
     redis_server,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.resp import (
+from gateway.access.resp import (
     MAX_DEPTH,
     NEED_DATA,
     ProtocolError,

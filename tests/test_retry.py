@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sinks.retry import (
+from sinks.backoff import (
     GIVE_UP_ATTEMPTS,
     GIVE_UP_DEADLINE,
     RETRY_AFTER_MAX_EXTRA,

@@ -389,12 +389,12 @@ async def test_waiting_reserve_is_immediate_when_space_is_free():
     slot = await wring.reserve(40)
     assert slot.offset == 0 and wring.statistics()["waits"] == 0
     wring.release(slot)
-    assert wring.ring.used == 0
+    assert wring.used == 0
 
 
 async def test_waiters_are_woken_in_fifo_order():
     wring = WaitingRing(RingBuffer(100), max_wait=60)
-    a, b = wring.ring.reserve(50), wring.ring.reserve(50)
+    a, b = wring.reserve_nowait(50), wring.reserve_nowait(50)
     first, second = [], []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_reserve_into, wring, 50, first)
@@ -411,12 +411,12 @@ async def test_waiters_are_woken_in_fifo_order():
     assert wring.statistics()["waits"] == 2 and wring.statistics()["waiting"] == 0
     wring.release(first[0])
     wring.release(second[0])
-    assert wring.ring.used == 0
+    assert wring.used == 0
 
 
 async def test_one_release_wakes_every_waiter_that_now_fits():
     wring = WaitingRing(RingBuffer(100), max_wait=60)
-    hold = wring.ring.reserve(100)
+    hold = wring.reserve_nowait(100)
     got = [[], [], [], []]
     async with trio.open_nursery() as nursery:
         for i, size in enumerate((30, 30, 30, 20)):
@@ -429,12 +429,12 @@ async def test_one_release_wakes_every_waiter_that_now_fits():
         assert got[3] == [] and wring.statistics()["waiting"] == 1
         wring.release(got[0][0])
     assert got[3][0].offset == 0
-    assert wring.ring.live == 3
+    assert wring.live == 3
 
 
 async def test_large_waiter_is_not_starved_by_later_small_ones():
     wring = WaitingRing(RingBuffer(100), max_wait=60)
-    a, b = wring.ring.reserve(60), wring.ring.reserve(40)
+    a, b = wring.reserve_nowait(60), wring.reserve_nowait(40)
     big, small = [], []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_reserve_into, wring, 80, big)
@@ -444,7 +444,7 @@ async def test_large_waiter_is_not_starved_by_later_small_ones():
         wring.release(a)  # 60 free: the small one would fit, but queues behind
         await trio.testing.wait_all_tasks_blocked()
         assert not big and not small
-        assert wring.ring.can_reserve(10)
+        assert wring.can_reserve(10)
         with pytest.raises(RingFull):
             wring.reserve_nowait(10)
         late = []
@@ -456,12 +456,12 @@ async def test_large_waiter_is_not_starved_by_later_small_ones():
     assert {small[0].offset, late[0].offset} == {80, 90}
     for slot in big + small + late:
         wring.release(slot)
-    assert wring.ring.used == 0
+    assert wring.used == 0
 
 
 async def test_max_wait_expiry_raises_overloaded_and_leaves_the_ring_consistent(autojump_clock):
     wring = WaitingRing(RingBuffer(100), max_wait=1.5)
-    hold = wring.ring.reserve(100)
+    hold = wring.reserve_nowait(100)
     start = trio.current_time()
     with pytest.raises(Overloaded):
         await wring.reserve(10)
@@ -469,16 +469,16 @@ async def test_max_wait_expiry_raises_overloaded_and_leaves_the_ring_consistent(
     assert isinstance(Overloaded("x"), RingFull)
     stats = wring.statistics()
     assert stats["waiting"] == 0 and stats["overloads"] == 1 and stats["waits"] == 1
-    assert wring.ring.live == 1
+    assert wring.live == 1
     wring.release(hold)
-    assert wring.ring.used == 0
+    assert wring.used == 0
     slot = wring.reserve_nowait(100)
     wring.release(slot)
 
 
 async def test_expired_head_of_queue_lets_the_next_waiter_in(autojump_clock):
     wring = WaitingRing(RingBuffer(100), max_wait=1.0)
-    a, b = wring.ring.reserve(50), wring.ring.reserve(50)
+    a, b = wring.reserve_nowait(50), wring.reserve_nowait(50)
     small = []
     outcome = []
 
@@ -501,12 +501,12 @@ async def test_expired_head_of_queue_lets_the_next_waiter_in(autojump_clock):
     assert small[0].offset == 0
     wring.release(small[0])
     wring.release(b)
-    assert wring.ring.used == 0 and wring.statistics()["waiting"] == 0
+    assert wring.used == 0 and wring.statistics()["waiting"] == 0
 
 
 async def test_cancelling_a_waiter_just_granted_gives_the_space_back():
     wring = WaitingRing(RingBuffer(100), max_wait=60)
-    hold = wring.ring.reserve(100)
+    hold = wring.reserve_nowait(100)
     scope = trio.CancelScope()
     outcome = []
 
@@ -522,9 +522,9 @@ async def test_cancelling_a_waiter_just_granted_gives_the_space_back():
         # then a release grants it the space before it gets to run.
         scope.cancel()
         wring.release(hold)
-        assert wring.ring.live == 1  # granted to the cancelled waiter
+        assert wring.live == 1  # granted to the cancelled waiter
     assert outcome == ["cancelled"]
-    assert wring.ring.live == 0 and wring.ring.used == 0
+    assert wring.live == 0 and wring.used == 0
     assert wring.statistics()["waiting"] == 0
     slot = wring.reserve_nowait(100)
     wring.release(slot)
@@ -532,7 +532,7 @@ async def test_cancelling_a_waiter_just_granted_gives_the_space_back():
 
 async def test_cancelled_waiter_lets_the_waiter_behind_it_in():
     wring = WaitingRing(RingBuffer(100), max_wait=60)
-    a, b = wring.ring.reserve(50), wring.ring.reserve(50)
+    a, b = wring.reserve_nowait(50), wring.reserve_nowait(50)
     scope = trio.CancelScope()
     small = []
 
@@ -552,13 +552,13 @@ async def test_cancelled_waiter_lets_the_waiter_behind_it_in():
     assert small[0].offset == 0
     wring.release(small[0])
     wring.release(b)
-    assert wring.ring.used == 0
+    assert wring.used == 0
 
 
 @pytest.mark.parametrize("size", [0, 101])
 async def test_waiting_reserve_refuses_impossible_sizes_even_while_others_wait(size):
     wring = WaitingRing(RingBuffer(100), max_wait=5)
-    hold = wring.ring.reserve(100)
+    hold = wring.reserve_nowait(100)
     got = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_reserve_into, wring, 10, got)
@@ -568,7 +568,7 @@ async def test_waiting_reserve_refuses_impossible_sizes_even_while_others_wait(s
         wring.release(hold)
     assert got[0].size == 10
     wring.release(got[0])
-    assert wring.statistics()["waiting"] == 0 and wring.ring.used == 0
+    assert wring.statistics()["waiting"] == 0 and wring.used == 0
 
 
 def test_a_ring_that_never_empties_keeps_writing_the_same_pages() -> None:

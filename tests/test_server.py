@@ -26,7 +26,7 @@ from typing import Dict, List
 import pytest
 import trio
 
-from gateway.envelope import envelope
+from sinks.envelope import envelope
 from sinks.file import read_records
 from tests.support import gateway as _support
 from tests.support.gateway import (
@@ -811,7 +811,7 @@ async def test_failed_requests_give_their_ring_space_back(tmp_path):
         assert [a[9:12] for a in answers] == [b"408", b"413", b"413", b"400"]
         assert ok.startswith(b"HTTP/1.1 202 ")
         with trio.fail_after(CLIENT_TIMEOUT):
-            while gateway.connections or gateway.ring.ring.live:
+            while gateway.connections or gateway.ring.live:
                 await trio.sleep(0.01)
         stats = gateway.statistics()
         assert stats["ring"]["live_slots"] == 0 and stats["ring"]["used"] == 0, stats

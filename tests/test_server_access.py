@@ -15,14 +15,14 @@ from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple
 import pytest
 import trio
 
-from gateway import keystore
-from gateway.access import AccessConfig, AccessControl
-from gateway.config import from_args
-from gateway.keystore import EdgeUnavailable
-from gateway.limiter import ScriptCall, UsageDelta, parse_api_key
+from gateway.access import keystore
+from gateway.access.control import AccessConfig, AccessControl
+from gateway.access.keystore import EdgeUnavailable
+from gateway.access.limiter import ScriptCall, UsageDelta, parse_api_key
+from gateway.config.settings import from_args
 from gateway.server import Gateway
+from sinks.aws.partition_keys import KeyPolicy
 from sinks.base import HeaderLookup, Record, RecordKeys
-from sinks.keys import KeyPolicy
 from tests.support.units import (
     SMALL_FLAGS,
     ContinueClient,
@@ -136,7 +136,7 @@ async def test_refusals_are_answered_before_100_continue(outcome, status):
     async with gateway_with(FakeEdge(outcome)) as (gateway, sink):
         # The head alone: an admitted request would get 100 Continue and wait.
         transport = await serve(gateway, [with_key(b"never sent", expect=True)[:-10]])
-        assert gateway.ring.ring.statistics()["used"] == 0
+        assert gateway.ring.statistics()["used"] == 0
     responses = parse_responses(transport.sent)
     assert [r.status for r in responses] == [status]
     assert CONTINUE not in bytes(transport.sent)

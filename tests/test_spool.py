@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sinks.spool import (
+from sinks.spool.layout import (
     ACK_ENTRY,
     CONFIRMED,
     FRAME,

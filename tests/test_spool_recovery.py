@@ -16,9 +16,9 @@ import threading
 import time
 from typing import Dict, List, Set
 
-from gateway.envelope import split_record
+from sinks.envelope import split_record
 from sinks.file import read_records
-from sinks.spool import acked_name, list_segments, parse_acks, record_id_of, scan_segment, segment_name
+from sinks.spool.layout import acked_name, list_segments, parse_acks, record_id_of, scan_segment, segment_name
 from tests.support.gateway import GatewayProcess, RawConnection, post_request, wait_for_records
 
 #: Client threads, and the 202s to collect before the kill: enough that

@@ -11,10 +11,11 @@ from typing import Dict, List, Tuple
 import pytest
 import trio
 
-import sinks.spool_files as spool_files
-from gateway import cli
-from gateway.config import ConfigError, from_args
-from sinks.spool import list_segments, scan_segment, segment_name
+import sinks.spool.files as spool_files
+from gateway.cli import main as cli
+from gateway.config.settings import ConfigError, from_args
+from sinks.errors import SinkConfigError
+from sinks.spool.layout import list_segments, scan_segment, segment_name
 from tests.support.gateway import gateway_in_process, stored
 from tests.support.kinesis import (  # noqa: F401 - fixtures
     aws_env_fixture,
@@ -106,7 +107,7 @@ async def test_every_202_is_spooled_then_stored_and_the_spool_empties(tmp_path, 
         stats = sink.statistics()
         # Many requests, fewer fsyncs: concurrent clients share group commits.
         assert stats["spooled"] == len(bodies) and stats["groups"] <= len(bodies)
-        ring = gateway.ring.ring
+        ring = gateway.ring
         assert ring.live == 0
     records = stored(data_dir)
     assert sorted(records) == sorted(ids)
@@ -196,7 +197,7 @@ async def test_sink_down_the_spool_fills_to_its_limit_then_drains(tmp_path, faul
         await wait_until(lambda: sink.statistics()["pending_records"] == 0)
     delivered = [json.loads(data.partition(b"\n")[0])["id"] for data in fake.stored_datas()]
     assert set(ids) <= set(delivered)
-    assert gateway.ring.ring.live == 0
+    assert gateway.ring.live == 0
 
 
 async def test_records_left_at_shutdown_stay_spooled_and_go_out_after_a_restart(
@@ -262,7 +263,7 @@ class Driver:
     def __init__(self, directory: str, **options) -> None:
         from buffers import RingBuffer, WaitingRing
         from sinks.null import NullSink
-        from sinks.spooled import SpooledSink
+        from sinks.spool.sink import SpooledSink
 
         self.ring = WaitingRing(RingBuffer(1 << 20), max_wait=1.0)
         self.events: List[str] = []
@@ -278,10 +279,10 @@ class Driver:
         self.count += 1
         rid = "01M8BECG8YTGDXTWT5%08d" % self.count
         data = b'{"v":1,"id":"%s"}\n' % rid.encode() + data
-        slot = self.ring.ring.reserve(len(data))
+        slot = self.ring.reserve_nowait(len(data))
         slot.view[:] = data
-        self.ring.ring.commit(slot, len(data))
-        self.ring.ring.hand_off(slot)
+        self.ring.commit(slot, len(data))
+        self.ring.hand_off(slot)
         return Record(rid, slot)
 
 
@@ -307,7 +308,7 @@ async def test_concurrent_puts_share_one_fsync_and_none_returns_before_it(tmp_pa
         await driver.sink.aclose()
     assert driver.events[0] == "sync" and driver.events.count("ack") == 20
     assert driver.events.count("sync") <= 2
-    assert driver.ring.ring.live == 0
+    assert driver.ring.live == 0
 
 
 async def test_a_put_cancelled_before_its_group_is_written_leaves_nothing_behind(tmp_path):
@@ -327,14 +328,14 @@ async def test_a_put_cancelled_before_its_group_is_written_leaves_nothing_behind
         await wait_until(lambda: driver.sink.statistics()["pending_records"] == 0)
         assert driver.sink.statistics()["spooled"] == 2
         await driver.sink.aclose()
-    assert driver.ring.ring.live == 0
+    assert driver.ring.live == 0
 
 
 async def test_a_spool_directory_serves_one_gateway_at_a_time(tmp_path):
     first, second = Driver(str(tmp_path)), Driver(str(tmp_path))
     async with trio.open_nursery() as nursery:
         await nursery.start(first.sink.run)
-        with pytest.raises(ConfigError, match="--spool-dir: .* is in use by another gateway"):
+        with pytest.raises(SinkConfigError, match="--spool-dir: .* is in use by another gateway"):
             await second.sink.run()
         await first.sink.aclose()
     async with trio.open_nursery() as nursery:
@@ -343,7 +344,7 @@ async def test_a_spool_directory_serves_one_gateway_at_a_time(tmp_path):
 
 
 def test_inspect_prints_a_table_and_refuses_what_is_not_a_spool(tmp_path, capsys):
-    from sinks.spool import SPOOL_MAGIC
+    from sinks.spool.layout import SPOOL_MAGIC
 
     (tmp_path / segment_name(3)).write_bytes(SPOOL_MAGIC + b"\0" * 9)
     assert cli.main(["spool", "inspect", str(tmp_path)]) == 0

@@ -24,9 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import config as _config
-from gateway.config import ConfigError, from_args
-from gateway.supervisor import (
+from gateway.cli.supervisor import (
     FIXED_SETTINGS,
     Generation,
     RestartPolicy,
@@ -34,7 +32,9 @@ from gateway.supervisor import (
     reload_texts,
     worker_settings,
 )
-from gateway.worker import WorkerSpec, worker_dir, worker_dirs
+from gateway.cli.worker import WorkerSpec, worker_dir, worker_dirs
+from gateway.config import settings as _config
+from gateway.config.settings import ConfigError, from_args
 from tests.support.gateway import (
     GatewayProcess,
     RawConnection,

@@ -9,8 +9,8 @@ import sys
 import pytest
 import trio
 
-from gateway import telemetry
-from gateway.telemetry import GC_PAUSE_BOUNDS, GcPauses, Histogram, Telemetry, rss_bytes
+from gateway.observe import telemetry
+from gateway.observe.telemetry import GC_PAUSE_BOUNDS, GcPauses, Histogram, Telemetry, rss_bytes
 from tests.support.units import make_gateway, parse_responses, post, serve
 
 PYPY = sys.implementation.name == "pypy"

@@ -15,8 +15,8 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from gateway.config import ConfigError, from_args
-from gateway.transport import TLS_RECEIVE_BYTES
+from gateway.config.settings import ConfigError, from_args
+from gateway.http.transport import TLS_RECEIVE_BYTES
 from tests.support.gateway import CLIENT_TIMEOUT, GatewayProcess, running_gateway, wait_for_records
 from tests.support.tls import Certificates, client_context, make_certificates
 

@@ -54,10 +54,9 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol,
 
 import trio
 
-from . import keystore
-from .errors import AccessUnavailable, Unauthorized
-from .keystore import EdgeUnavailable, RedisEdge
-from .limiter import (
+from gateway.access import keystore
+from gateway.access.keystore import EdgeUnavailable, RedisEdge
+from gateway.access.limiter import (
     ADMITTED,
     DISABLED,
     QUOTA,
@@ -74,11 +73,12 @@ from .limiter import (
     decide,
     parse_api_key,
 )
-from .redis_async import AsyncRedisEdge
-from .telemetry import Histogram
+from gateway.access.redis_trio import AsyncRedisEdge
+from gateway.errors import AccessUnavailable, Unauthorized
+from gateway.observe.telemetry import Histogram
 
 if TYPE_CHECKING:
-    from .config import Config
+    from gateway.config.settings import Config
 
 __all__ = [
     "STARTING",

@@ -35,13 +35,12 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .limiter import (
+from gateway.access.limiter import (
     API_KEY_PREFIX,
     CHECK_SCRIPT,
     TENANTS_SET,
@@ -59,6 +58,7 @@ from .limiter import (
     usage_name,
     valid_tenant,
 )
+from gateway.config.secrets import redacted_url
 
 __all__ = [
     "DEFAULT_REDIS_URL",
@@ -105,23 +105,6 @@ def split_redis_url(url: str, cluster: bool = False) -> Tuple[str, bool]:
         if url.startswith(scheme):
             return url.replace("+cluster", "", 1), True
     return url, cluster
-
-
-def redacted_url(url: str) -> str:
-    """``url`` with any password (user info or query parameter) shown as ``***``."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "(unreadable URL)"
-    if password is not None:
-        host = parts.netloc.rsplit("@", 1)[1]
-        parts = parts._replace(netloc="%s:***@%s" % (parts.username or "", host))
-    if "password" in parts.query.lower():
-        query = [(k, "***" if "password" in k.lower() else v)
-                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-        parts = parts._replace(query=urlencode(query, safe="*/"))
-    return urlunsplit(parts)
 
 
 def connect(url: str = DEFAULT_REDIS_URL, *, cluster: bool = False,

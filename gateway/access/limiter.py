@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from .errors import Forbidden, QuotaExceeded, RateLimited, RequestError, Unauthorized
+from gateway.errors import Forbidden, QuotaExceeded, RateLimited, RequestError, Unauthorized
 
 __all__ = [
     "API_KEY_PREFIX",

@@ -28,9 +28,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import trio
 from redis.connection import parse_url
 
-from .keystore import EdgeUnavailable
-from .limiter import CHECK_SCRIPT, ScriptCall, UsageDelta, check_command, usage_commands
-from .resp import NEED_DATA, ProtocolError, ReplyError, ReplyReader, pack_command
+from gateway.access.keystore import EdgeUnavailable
+from gateway.access.limiter import CHECK_SCRIPT, ScriptCall, UsageDelta, check_command, usage_commands
+from gateway.access.resp import NEED_DATA, ProtocolError, ReplyError, ReplyReader, pack_command
 
 __all__ = ["AsyncRedisEdge", "MAX_IDLE_CONNECTIONS", "RECEIVE_BYTES"]
 

@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import redis
 
-from . import keystore
-from .limiter import TenantLimits, valid_tenant
+from gateway.access import keystore
+from gateway.access.limiter import TenantLimits, valid_tenant
 
 __all__ = ["REDIS_URL_ENV", "REDIS_CLUSTER_ENV", "add_admin_commands", "build_parser", "run", "main"]
 

@@ -13,15 +13,18 @@ import argparse
 import json
 import os
 import platform
-import signal
 import sys
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import trio
 
-from . import admin_cli, config_view, logs, metrics, spool_cli
-from . import config as _config
-from .server import Gateway, open_listener
+from gateway.cli import admin as admin_cli
+from gateway.cli import spool as spool_cli
+from gateway.cli.serve import config_error, serve_until_drained, started_fields, watch_signals
+from gateway.config import settings as _config
+from gateway.config import view as config_view
+from gateway.observe import logs, metrics
+from gateway.server import Gateway, open_listener
 
 __all__ = ["main"]
 
@@ -65,82 +68,18 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin]) -> 
                                                                   exc.strerror or exc)) from None
     gateway = Gateway(config)
     async with trio.open_nursery() as nursery:
-        host, port = (await nursery.start(_serve_until_drained, gateway, listener, nursery.cancel_scope))[:2]
+        host, port = (await nursery.start(serve_until_drained, gateway, listener, nursery.cancel_scope))[:2]
         # Signals are handled from here on: whoever reads "started" may stop it.
-        await nursery.start(_watch_signals, gateway, True)
+        await nursery.start(watch_signals, gateway, True)
         logs.emit("started", **started_fields(config, origins, gateway, host, port))
     logs.emit("stopped", requests=gateway.requests, accepted=gateway.accepted, errors=gateway.errors,
               internal_errors=gateway.internal_errors)
 
 
-def started_fields(config: _config.Config, origins: Dict[str, _config.Origin], gateway: Gateway,
-                   host: str, port: int) -> Dict[str, Any]:
-    """The fields of the ``started`` event of a gateway listening on ``host:port``."""
-    shown = "[%s]" % host if ":" in host else host
-    sink = gateway.sink.describe() if config.sink != "file" or config.ack == "spool" else (
-        "file (%s)" % os.path.abspath(config.data_dir))
-    return dict(url="%s://%s:%d" % ("https" if config.tls else "http", shown, port),
-                sink=sink, access=_describe_access(config), tls=config.tls,
-                interpreter=_interpreter(), pid=os.getpid(),
-                config=config_view.settings_dict(origins))
-
-
-def _interpreter() -> str:
-    """``CPython 3.11.7`` or ``PyPy 7.3.11 (Python 3.9.16)``."""
-    name, version = platform.python_implementation(), platform.python_version()
-    pypy = getattr(sys, "pypy_version_info", None)
-    if pypy is not None:
-        return "%s %d.%d.%d (Python %s)" % (name, pypy.major, pypy.minor, pypy.micro, version)
-    return "%s %s" % (name, version)
-
-
-def _describe_access(config: _config.Config) -> str:
-    """The startup line's part about access control; never shows a password."""
-    if not config.access_control:
-        return "access control off (no --redis)"
-    from .keystore import redacted_url, split_redis_url
-
-    _, cluster = split_redis_url(config.redis, config.redis_cluster)
-    return "access control on (Redis%s %s, on failure %s)" % (
-        " Cluster" if cluster else "", redacted_url(config.redis), config.on_redis_failure)
-
-
-async def _serve_until_drained(gateway: Gateway, listener, done: trio.CancelScope, *,
-                               task_status=trio.TASK_STATUS_IGNORED) -> None:
-    await gateway.serve([listener], task_status=task_status)
-    done.cancel()
-
-
-async def _watch_signals(gateway: Gateway, hangup: bool = False, fields: Optional[Dict[str, Any]] = None,
-                         *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """SIGTERM/SIGINT: drain, then stop now.  With ``hangup`` (a single process,
-    ``--workers 1``) SIGHUP is answered with a warning instead of ending the process.
-    ``fields`` are added to the events (a worker's index)."""
-    fields = fields or {}
-    watched = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hangup else ())
-    with trio.open_signal_receiver(*watched) as signals:
-        task_status.started()
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if signum == signal.SIGHUP:
-                logs.emit("reload_unsupported", level="warning", signal=name,
-                          detail="a single process (--workers 1) reads its configuration only at "
-                                 "start: restart it to apply changes, or run --workers 2 or more "
-                                 "to reload on SIGHUP")
-            elif gateway.draining:
-                logs.emit("stopping_now", signal=name, connections=gateway.connections, **fields)
-                gateway.stop_now()
-            else:
-                logs.emit("stopping", signal=name, connections=gateway.connections,
-                          shutdown_timeout=gateway.config.shutdown_timeout, **fields)
-                gateway.drain()
-
-
 def _read(directory: str, body: bool) -> int:
+    from gateway.cli.worker import worker_dirs
+    from sinks.envelope import split_record
     from sinks.file import SegmentError, read_records
-
-    from .envelope import split_record
-    from .worker import worker_dirs
 
     out = sys.stdout.buffer
     # With --workers N each worker writes to DIR/worker-<i>: those follow DIR's own.
@@ -208,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     logs.configure(log_format=config.log_format)
     if config.workers > 1:
-        from .supervisor import supervise
+        from gateway.cli.supervisor import supervise
 
         return supervise(config, origins, lambda: _config.load_with_origins(vars(args), os.environ))
     try:
@@ -218,22 +157,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:
         # A setting found wrong while starting (e.g. no AWS region), maybe
         # inside the nurseries' exception groups.
-        found = _config_error(exc)
+        found = config_error(exc)
         if found is None:
             raise
         print("sluice: error: %s" % found, file=sys.stderr)
         return 2
     return 0
-
-
-def _config_error(exc: BaseException) -> Optional[_config.ConfigError]:
-    if isinstance(exc, _config.ConfigError):
-        return exc
-    for inner in getattr(exc, "exceptions", ()):
-        found = _config_error(inner)
-        if found is not None:
-            return found
-    return None
 
 
 def entry_point() -> None:  # pragma: no cover - console script

@@ -34,7 +34,7 @@ def add_spool_commands(commands) -> None:
 
 def inspect(directory: str) -> dict:
     """The spool's contents as a JSON-ready dict (raises OSError, SpoolError)."""
-    from sinks.spool import acked_name, list_segments, parse_acks, segment_name, summarize_segment
+    from sinks.spool.layout import acked_name, list_segments, parse_acks, segment_name, summarize_segment
 
     segments: List[dict] = []
     oldest: Optional[int] = None
@@ -98,7 +98,7 @@ def _table(doc: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``sluice spool ...``; returns the exit status."""
-    from sinks.spool import SpoolError
+    from sinks.spool.layout import SpoolError
 
     if not os.path.isdir(args.directory):
         print("sluice spool inspect: %s: no such directory" % args.directory, file=sys.stderr)

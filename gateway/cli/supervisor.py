@@ -51,9 +51,10 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 
 import trio
 
-from . import config as _config
-from . import config_view, logs, metrics
-from .worker import ERROR_PREFIX, MAX_STATUS_BYTES, READY_LINE, WorkerSpec, worker_dir
+from gateway.cli.worker import ERROR_PREFIX, MAX_STATUS_BYTES, READY_LINE, WorkerSpec, worker_dir
+from gateway.config import settings as _config
+from gateway.config import view as config_view
+from gateway.observe import logs, metrics
 
 __all__ = [
     "FIXED_SETTINGS",
@@ -261,7 +262,7 @@ class Supervisor:
         #: ``metrics_dir`` is this supervisor's to remove (its workers do if it is killed).
         self._private_metrics = private_metrics
         self._load = load
-        self._command = [python, "-m", "gateway.worker"]
+        self._command = [python, "-m", "gateway.cli.worker"]
         self._policy = policy
         self._env = dict(os.environ)
         self._env[metrics.MULTIPROC_ENV] = metrics_dir

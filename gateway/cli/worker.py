@@ -41,9 +41,10 @@ from typing import Dict, List
 
 import trio
 
-from . import cli, logs, metrics
-from . import config as _config
-from .server import Gateway, open_listener
+from gateway.cli.serve import config_error, serve_until_drained, started_fields, watch_signals
+from gateway.config import settings as _config
+from gateway.observe import logs, metrics
+from gateway.server import Gateway, open_listener
 
 __all__ = ["WorkerSpec", "READY_LINE", "ERROR_PREFIX", "MAX_STATUS_BYTES", "WORKER_DIR_PREFIX",
            "worker_dir", "worker_dirs", "main"]
@@ -170,13 +171,13 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin], spe
                                                           exc.strerror or exc)) from None
     gateway = Gateway(config)
     async with trio.open_nursery() as nursery:
-        host, port = (await nursery.start(cli._serve_until_drained, gateway, listener,
+        host, port = (await nursery.start(serve_until_drained, gateway, listener,
                                           nursery.cancel_scope))[:2]
-        await nursery.start(cli._watch_signals, gateway, False, {"worker": spec.index})
+        await nursery.start(watch_signals, gateway, False, {"worker": spec.index})
         nursery.start_soon(_watch_supervisor, gateway, spec, lifeline)
         # "started" before "ready": the supervisor's events follow its workers'.
         logs.emit("started", worker=spec.index, generation=spec.generation,
-                  **cli.started_fields(config, origins, gateway, host, port))
+                  **started_fields(config, origins, gateway, host, port))
         status.report(READY_LINE)
     logs.emit("stopped", worker=spec.index, requests=gateway.requests, accepted=gateway.accepted,
               errors=gateway.errors, internal_errors=gateway.internal_errors)
@@ -205,7 +206,7 @@ def main() -> int:
         if lifeline.lost and lock >= 0:
             _remove_if_last(config.metrics_dir, lock)
     except Exception as exc:
-        found = cli._config_error(exc)
+        found = config_error(exc)
         if found is None:
             raise
         # The supervisor logs it (or prints it, if the gateway is just starting).

@@ -18,8 +18,11 @@ import os
 import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from sinks.keys import parse_key_setting
-from sinks.limits import (
+from gateway.config.errors import ConfigError
+from gateway.config.settings_file import read_settings_file
+from gateway.http.connection import DEFAULT_MAX_HEAD
+from gateway.http.tls import CertificateError, server_context
+from sinks.aws.limits import (
     KINESIS_LARGE_MAX_RECORD_BYTES,
     NAME_PATTERN,
     PUT_RECORDS_LARGE_MAX_REQUEST_BYTES,
@@ -27,9 +30,8 @@ from sinks.limits import (
     STREAM_ARN_MAX_CHARS,
     STREAM_NAME_MAX_CHARS,
 )
-
-from .envelope import MAX_ENVELOPE_BYTES
-from .http import DEFAULT_MAX_HEAD
+from sinks.aws.partition_keys import parse_key_setting
+from sinks.envelope import MAX_ENVELOPE_BYTES
 
 __all__ = ["Config", "ConfigError", "SETTINGS", "ACCESS_SETTINGS", "load", "add_arguments", "parse_size",
            "parse_duration", "parse_switch", "parse_redis_url", "CONFIG_FILE_ENV", "Origin",
@@ -38,10 +40,6 @@ __all__ = ["Config", "ConfigError", "SETTINGS", "ACCESS_SETTINGS", "load", "add_
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
-
-
-class ConfigError(ValueError):
-    """A setting's value is not acceptable; the message names the flag."""
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
@@ -462,8 +460,6 @@ def _settings_file(flags: Mapping[str, Optional[str]], environ: Mapping[str, str
         path, given_by = environ.get(CONFIG_FILE_ENV), CONFIG_FILE_ENV
     if not path:
         return None
-    from .config_file import read_settings_file
-
     return read_settings_file(path, [s.name for s in SETTINGS], given_by=given_by)
 
 
@@ -524,10 +520,11 @@ def _check_tls(config: Config, given: Mapping[str, str]) -> None:
         raise ConfigError("--tls-key: needed with %s (the certificate's private key)" % given["tls_cert"])
     if not config.tls_cert:
         raise ConfigError("--tls-cert: needed with %s (the certificate of that key)" % given["tls_key"])
-    from .tls import server_context
-
-    server_context(config.tls_cert, config.tls_key, cert_name=given["tls_cert"],
-                   key_name=given["tls_key"])
+    try:
+        server_context(config.tls_cert, config.tls_key, cert_name=given["tls_cert"],
+                       key_name=given["tls_key"])
+    except CertificateError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 #: Settings that mean nothing without --ack spool.

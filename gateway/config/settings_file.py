@@ -18,6 +18,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, Iterable, Optional
 
+from gateway.config.errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.9 and 3.10
@@ -63,8 +65,6 @@ def read_settings_file(path: str, known: Iterable[str], *, given_by: str = "--co
     ``given_by`` (the flag or variable that named the file) prefixes errors
     about the file as a whole.
     """
-    from .config import ConfigError
-
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)

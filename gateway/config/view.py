@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from typing import Dict, List, Mapping, NamedTuple
 
-from .config import SETTINGS, Origin
+from gateway.config.secrets import redacted_url
+from gateway.config.settings import SETTINGS, Origin
 
 __all__ = ["Row", "masked", "rows", "settings_dict", "render_check"]
 
@@ -37,8 +38,6 @@ def masked(name: str, text: str) -> str:
     if any(word in name for word in _SECRET_WORDS):
         return "***"
     if name in _URL_SETTINGS:
-        from .keystore import redacted_url
-
         return redacted_url(text)
     return text
 

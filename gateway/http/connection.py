@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 
 import h11
 
-from .errors import (
+from gateway.errors import (
     BadRequest,
     HeadersTooLarge,
     LengthRequired,

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import ssl
 
-__all__ = ["server_context", "MINIMUM_VERSION"]
+__all__ = ["server_context", "CertificateError", "MINIMUM_VERSION"]
+
+
+class CertificateError(ValueError):
+    """The certificate or key file cannot serve TLS; the message names the setting."""
 
 #: TLS 1.0 and 1.1 are deprecated (RFC 8996); every current client speaks 1.2.
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
@@ -24,33 +28,29 @@ def _no_password() -> bytes:
 
 
 def _readable(path: str, name: str) -> None:
-    from .config import ConfigError
-
     try:
         with open(path, "rb"):
             pass
     except OSError as exc:
-        raise ConfigError("%s: cannot read %s: %s" % (name, path, exc.strerror or exc)) from None
+        raise CertificateError("%s: cannot read %s: %s" % (name, path, exc.strerror or exc)) from None
 
 
 def server_context(cert: str, key: str, *, cert_name: str = "--tls-cert",
                    key_name: str = "--tls-key") -> ssl.SSLContext:
     """An SSL context serving ``cert`` (PEM chain, leaf first) with its private ``key``.
 
-    Raises :class:`~gateway.config.ConfigError` naming ``cert_name`` or
+    Raises :class:`CertificateError` naming ``cert_name`` or
     ``key_name`` (the flag, variable or file key that gave the path) when a
     file cannot be read or holds no certificate, or when the key is not the
     certificate's.
     """
-    from .config import ConfigError
-
     _readable(cert, cert_name)
     _readable(key, key_name)
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         probe.load_verify_locations(cafile=cert)
     except ssl.SSLError as exc:
-        raise ConfigError("%s: no PEM certificate in %s (%s)"
+        raise CertificateError("%s: no PEM certificate in %s (%s)"
                           % (cert_name, cert, exc.reason or exc)) from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = MINIMUM_VERSION
@@ -59,8 +59,8 @@ def server_context(cert: str, key: str, *, cert_name: str = "--tls-cert",
         context.load_cert_chain(cert, key, password=_no_password)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise ConfigError("%s: %s is not the private key of the certificate in %s"
+            raise CertificateError("%s: %s is not the private key of the certificate in %s"
                               % (key_name, key, cert)) from None
-        raise ConfigError("%s: no usable private key in %s (PEM, not encrypted): %s"
+        raise CertificateError("%s: no usable private key in %s (PEM, not encrypted): %s"
                           % (key_name, key, exc.reason or exc)) from None
     return context

@@ -58,9 +58,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
 from prometheus_client.utils import floatToGoString
 
-from . import __version__, logs
-from .config import Config, ConfigError
-from .telemetry import Histogram, rss_bytes
+from gateway import __version__
+from gateway.config.settings import Config, ConfigError
+from gateway.observe import logs
+from gateway.observe.telemetry import Histogram, rss_bytes
 
 __all__ = [
     "CONTENT_TYPE",
@@ -219,8 +220,8 @@ def gateway_samples(gateway: Any) -> List[Sample]:
     out.append((CONNECTIONS, (), gateway.connections))
     out.append((INTERNAL_ERRORS, (), gateway.internal_errors))
     waiting = gateway.ring
-    out.append((RING_USED, (), waiting.ring.used))
-    out.append((RING_CAPACITY, (), waiting.ring.capacity))
+    out.append((RING_USED, (), waiting.used))
+    out.append((RING_CAPACITY, (), waiting.capacity))
     out.append((RING_WAITS, (), waiting.waits))
     out.append((RING_OVERLOADS, (), waiting.overloads))
     _sink_samples(gateway.sink, out)

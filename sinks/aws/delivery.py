@@ -44,9 +44,9 @@ import heapq
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from sinks.aws_errors import MalformedResponse, ServiceError, ThrottledError, TransientError
-from sinks.putrecords import PutRecordsResult, RecordRejected, RecordResult
-from sinks.retry import GiveUp, RetryPolicy
+from sinks.aws.errors import MalformedResponse, ServiceError, ThrottledError, TransientError
+from sinks.aws.putrecords import PutRecordsResult, RecordRejected, RecordResult
+from sinks.backoff import GiveUp, RetryPolicy
 
 __all__ = [
     "QUEUED",

@@ -40,8 +40,8 @@ from typing import Any, Awaitable, Callable, Mapping, Optional
 
 import trio
 
-from sinks.aws_errors import CredentialsError, TransientError
-from sinks.limits import JSON_CONTENT_TYPE
+from sinks.aws.errors import CredentialsError, TransientError
+from sinks.aws.limits import JSON_CONTENT_TYPE
 
 __all__ = [
     "Reply",

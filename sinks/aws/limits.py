@@ -91,7 +91,7 @@ STREAM_ARN_MAX_CHARS = 2048
 # support up to 1,000 records per second for writes, up to a maximum total
 # data write rate of 1 MB per second" (other pages say 1 MiB; the smaller
 # reading is kept), counting data blobs and partition keys.  The sinks do not
-# enforce these (the service throttles, and they retry); docs/deployment.md
+# enforce these (the service throttles, and they retry); docs/operations.md
 # sizes streams with them.
 SHARD_WRITE_BYTES_PER_SECOND = 1000 * 1000
 SHARD_WRITE_RECORDS_PER_SECOND = 1000

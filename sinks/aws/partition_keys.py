@@ -31,13 +31,13 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from gateway.errors import BadRequest
-from sinks.base import HeaderLookup, RecordKeys
-from sinks.limits import (
+from sinks.aws.limits import (
     EXPLICIT_HASH_KEY_MAX,
     EXPLICIT_HASH_KEY_MAX_DIGITS,
     PARTITION_KEY_MAX_CHARS,
 )
+from sinks.base import HeaderLookup, RecordKeys
+from sinks.errors import InvalidRecordKey
 
 __all__ = ["KeyPolicy", "NO_KEYS", "RANDOM", "TENANT", "HEADER", "parse_key_setting"]
 
@@ -88,7 +88,7 @@ class KeyPolicy:
                                 if hash_key_header else b"")
 
     def keys(self, record_id: str, tenant: Optional[bytes], header: HeaderLookup) -> RecordKeys:
-        """The keys of one record; raises BadRequest for a key the service would refuse."""
+        """The keys of one record; raises InvalidRecordKey for a key the service would refuse."""
         raw: Optional[bytes] = None
         if self.mode == TENANT:
             raw = tenant
@@ -98,7 +98,7 @@ class KeyPolicy:
             key = raw.decode("latin-1")
             units = _key_units(key)
             if units > PARTITION_KEY_MAX_CHARS:
-                raise BadRequest("partition key of %d characters exceeds the %d-character limit"
+                raise InvalidRecordKey("partition key of %d characters exceeds the %d-character limit"
                                  % (units, PARTITION_KEY_MAX_CHARS))
             size = len(raw) if raw.isascii() else len(key.encode("utf-8"))
         else:
@@ -109,6 +109,6 @@ class KeyPolicy:
             value = header(self.hash_key_header)
             if value is not None:
                 if not _HASH_KEY.fullmatch(value) or int(value) > EXPLICIT_HASH_KEY_MAX:
-                    raise BadRequest("explicit hash key must be a decimal number from 0 to 2**128-1")
+                    raise InvalidRecordKey("explicit hash key must be a decimal number from 0 to 2**128-1")
                 hash_key = value.decode("ascii")
         return key, hash_key, size

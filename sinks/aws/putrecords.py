@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any, Dict, List, Optional, Tuple
 
-from sinks.aws_errors import (
+from sinks.aws.b64 import AUTO, NUL_SLACK, Base64Writer, Source, encoded_length
+from sinks.aws.errors import (
     CredentialsError,
     MalformedResponse,
     PermanentError,
@@ -47,8 +48,7 @@ from sinks.aws_errors import (
     classify_error,
     classify_record_error,
 )
-from sinks.b64 import AUTO, NUL_SLACK, Base64Writer, Source, encoded_length
-from sinks.limits import (
+from sinks.aws.limits import (
     DELIVERY_STREAM_NAME_MAX_CHARS,
     EXPLICIT_HASH_KEY_MAX,
     EXPLICIT_HASH_KEY_MAX_DIGITS,

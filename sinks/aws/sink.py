@@ -54,9 +54,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import trio
 
-from gateway.errors import SinkUnavailable
-from gateway.telemetry import Histogram
-from sinks.aws_errors import (
+from sinks.aws.delivery import STORED, Delivery, Entry, QueueFull, Settled
+from sinks.aws.errors import (
     MESSAGE_MAX_CHARS,
     CredentialsError,
     MalformedResponse,
@@ -64,11 +63,8 @@ from sinks.aws_errors import (
     classify_error,
     error_class,
 )
-from sinks.aws_http import Endpoint, NoRegion, Reply, open_botocore_endpoint
-from sinks.base import HeaderLookup, HealthReport, Record, RecordKeys, Release, Sink, log_health
-from sinks.delivery import STORED, Delivery, Entry, QueueFull, Settled
-from sinks.keys import NO_KEYS, KeyPolicy
-from sinks.limits import (
+from sinks.aws.http import Endpoint, NoRegion, Reply, open_botocore_endpoint
+from sinks.aws.limits import (
     FIREHOSE_MAX_RECORD_BYTES,
     KINESIS_LARGE_MAX_RECORD_BYTES,
     KINESIS_TARGET_PREFIX,
@@ -79,7 +75,8 @@ from sinks.limits import (
     PUT_RECORDS_MAX_RECORDS,
     PUT_RECORDS_MAX_REQUEST_BYTES,
 )
-from sinks.putrecords import (
+from sinks.aws.partition_keys import NO_KEYS, KeyPolicy
+from sinks.aws.putrecords import (
     FirehoseBatch,
     PutRecordsBatch,
     PutRecordsResult,
@@ -88,7 +85,19 @@ from sinks.putrecords import (
     parse_put_record_batch_response,
     parse_put_records_response,
 )
-from sinks.retry import RetryPolicy
+from sinks.backoff import RetryPolicy
+from sinks.base import (
+    HeaderLookup,
+    HealthReport,
+    HistogramFactory,
+    Record,
+    RecordKeys,
+    Release,
+    Sink,
+    discard_histogram,
+    log_health,
+)
+from sinks.errors import SinkConfigError, SinkUnavailable
 
 __all__ = ["StreamOptions", "StreamSink", "KINESIS", "FIREHOSE", "FAILURE_HOLD", "LINGER"]
 
@@ -127,7 +136,7 @@ CALL_SECONDS_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 6.0, 
 
 @dataclass(frozen=True)
 class StreamOptions:
-    """What a Kinesis or Firehose sink is configured with (see the README)."""
+    """What a Kinesis or Firehose sink is configured with (see docs/sinks.md)."""
 
     service: str
     stream: str
@@ -239,7 +248,8 @@ class StreamSink(Sink):
 
     def __init__(self, release: Release, buffer: Any, options: StreamOptions, *,
                  endpoint: Optional[Endpoint] = None, report: HealthReport = log_health,
-                 rng: Optional[random.Random] = None, given_up: Optional[Release] = None) -> None:
+                 rng: Optional[random.Random] = None, given_up: Optional[Release] = None,
+                 histogram: HistogramFactory = discard_histogram) -> None:
         super().__init__(release)
         self._given_up = given_up or release
         #: Entries whose client waits in `put` (``ack``), for `stop_waiting`.
@@ -280,9 +290,9 @@ class StreamSink(Sink):
         self.dropped = 0
         #: Per call: records, bytes (data plus partition keys) and seconds
         #: from sending to the answer read (signing included).
-        self.batch_records = Histogram(BATCH_RECORDS_BOUNDS)
-        self.batch_bytes = Histogram(BATCH_BYTES_BOUNDS)
-        self.call_seconds = Histogram(CALL_SECONDS_BOUNDS)
+        self.batch_records = histogram(BATCH_RECORDS_BOUNDS)
+        self.batch_bytes = histogram(BATCH_BYTES_BOUNDS)
+        self.call_seconds = histogram(CALL_SECONDS_BOUNDS)
 
     # -- the Sink interface --------------------------------------------------
 
@@ -392,8 +402,6 @@ class StreamSink(Sink):
     # -- setting up ----------------------------------------------------------
 
     async def _open_endpoint(self) -> Endpoint:
-        from gateway.config import ConfigError
-
         options = self.options
         opener = functools.partial(
             open_botocore_endpoint, options.service, region=options.region,
@@ -402,8 +410,8 @@ class StreamSink(Sink):
         try:
             return await trio.to_thread.run_sync(opener)
         except NoRegion:
-            raise ConfigError("--region: no AWS region configured; give --region or set "
-                              "AWS_DEFAULT_REGION (or a profile's region)") from None
+            raise SinkConfigError("--region", "no AWS region configured; give --region or set "
+                                  "AWS_DEFAULT_REGION (or a profile's region)") from None
 
     async def _look_up_record_limit(self) -> None:
         """Read the stream's MaxRecordSizeInKiB, where DescribeStreamSummary is allowed."""

@@ -14,8 +14,8 @@ import fcntl
 import os
 from typing import Dict, List, Sequence, Set, Tuple
 
-from .file import _writev_all
-from .spool import (
+from sinks.file import _writev_all
+from sinks.spool.layout import (
     ACKED_SUFFIX,
     FRAME,
     SPOOL_MAGIC,

@@ -183,7 +183,7 @@ def record_id_of(record) -> str:
     view = memoryview(record)
     if bytes(view[:len(_ID_PREFIX)]) == _ID_PREFIX:
         return bytes(view[len(_ID_PREFIX):len(_ID_PREFIX) + _ID_CHARS]).decode("ascii")
-    from gateway.envelope import split_record
+    from sinks.envelope import split_record
 
     return str(split_record(view)[0]["id"])
 
@@ -285,7 +285,7 @@ def summarize_segment(data, acked: Set[int]) -> SegmentSummary:
 
 
 def _received_at(record) -> Optional[int]:
-    from gateway.envelope import split_record
+    from sinks.envelope import split_record
 
     try:
         value = split_record(record)[0].get("received_at")

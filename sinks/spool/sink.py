@@ -43,15 +43,25 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import trio
 
-from buffers import RingFull, Slot, WaitingRing
-from gateway.errors import Overloaded, SinkUnavailable
-
-from .base import HeaderLookup, HealthReport, Record, RecordKeys, Release, Sink, log_health
-from .spool import (
+from buffers import Overloaded, RingFull, Slot, WaitingRing
+from sinks.base import (
+    HeaderLookup,
+    HealthReport,
+    Log,
+    Record,
+    RecordKeys,
+    Release,
+    Sink,
+    health_reporter,
+    no_log,
+)
+from sinks.errors import SinkConfigError, SinkUnavailable
+from sinks.spool.files import SpoolFiles, SpoolInUse
+from sinks.spool.layout import (
     FRAME,
     SPOOL_MAGIC,
     Position,
@@ -61,7 +71,6 @@ from .spool import (
     record_id_of,
     segment_name,
 )
-from .spool_files import SpoolFiles, SpoolInUse
 
 __all__ = ["SpooledSink", "SHIP_RING_SHARE", "ACK_INTERVAL"]
 
@@ -97,16 +106,6 @@ FINAL_ACK_TIMEOUT = 2.0
 _ID_CHARS = 26
 
 MakeInner = Callable[[Release, Release], Sink]
-#: ``log(event, level, **fields)``: a rare event (gateway.logs.emit's shape).
-Log = Callable[..., None]
-
-
-def _emit(event: str, level: str, **fields: Any) -> None:
-    from gateway import logs
-
-    logs.emit(event, level=level, **fields)
-
-
 def _reason(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc))
 
@@ -147,17 +146,17 @@ class SpooledSink(Sink):
 
     def __init__(self, release: Release, ring: WaitingRing, directory: str, make_inner: MakeInner, *,
                  limit: int, sync_interval: float, max_record: int = 0,
-                 log: Log = _emit, report: HealthReport = log_health) -> None:
+                 log: Log = no_log, report: Optional[HealthReport] = None) -> None:
         super().__init__(release)
         self.directory = directory
         self.sync_interval = sync_interval
         self.state = SpoolState(limit)
         self.inner = make_inner(self._stored, self._given_up)
         self._ring = ring
-        self._ship_budget = max(1, int(ring.ring.capacity * SHIP_RING_SHARE))
+        self._ship_budget = max(1, int(ring.capacity * SHIP_RING_SHARE))
         self._max_frame = FRAME.size + max_record
         self._log = log
-        self._report = report
+        self._report = report or health_reporter(log)
         self._group: Optional[_Group] = None
         self._writer_kick = trio.Event()
         self._ship_kick = trio.Event()
@@ -183,10 +182,11 @@ class SpooledSink(Sink):
         self.dropped_bytes = 0
 
     @classmethod
-    def from_config(cls, config, ring: WaitingRing, make_inner: MakeInner) -> SpooledSink:
+    def from_config(cls, config, ring: WaitingRing, make_inner: MakeInner, *,
+                    log: Log = no_log) -> SpooledSink:
         """The spool ``config`` (a gateway.config.Config) asks for, in front of ``make_inner``'s sink."""
         return cls(ring.release, ring, config.spool_dir, make_inner, limit=config.spool_size,
-                   sync_interval=config.spool_sync_interval, max_record=config.max_record)
+                   sync_interval=config.spool_sync_interval, max_record=config.max_record, log=log)
 
     # -- the Sink interface --------------------------------------------------
 
@@ -307,12 +307,10 @@ class SpooledSink(Sink):
         return stats
 
     async def _open_directory(self):
-        from gateway.config import ConfigError
-
         try:
             return await trio.to_thread.run_sync(self._files.open_directory)
         except (SpoolInUse, SpoolError) as exc:
-            raise ConfigError("--spool-dir: %s" % exc) from None
+            raise SinkConfigError("--spool-dir", str(exc)) from None
 
     # -- writing -------------------------------------------------------------
 
@@ -430,7 +428,7 @@ class SpooledSink(Sink):
             self._ship_kick.set()
 
     async def _ship(self, jobs: List[Tuple[Position, Slot]]) -> None:
-        ring = self._ring.ring
+        ring = self._ring
         try:
             keys = await trio.to_thread.run_sync(self._files.read_back, jobs)
         except OSError as exc:

@@ -31,7 +31,7 @@ from typing import AsyncIterator, Callable, Dict, List, Mapping, Optional, Tuple
 
 import trio
 
-from gateway.telemetry import rss_bytes
+from gateway.observe.telemetry import rss_bytes
 from tests.support.kinesis import FakeStreams, Plan
 from tests.support.sinks import http_exchange
 
@@ -354,7 +354,7 @@ class Watch:
         self.rss: List[Tuple[float, int]] = []
 
     def sample(self) -> None:
-        ring = self.gateway.ring.ring
+        ring = self.gateway.ring
         self.ring_peak = max(self.ring_peak, ring.used)
         rss = rss_bytes()
         if rss is not None:

@@ -59,7 +59,7 @@ from typing import (
 import pytest
 import trio
 
-from gateway.config import from_args
+from gateway.config.settings import from_args
 from gateway.server import Gateway, open_listener
 from sinks.file import read_records
 
@@ -554,7 +554,7 @@ def http_post(address: Tuple[str, int], body: bytes, headers: Optional[Dict[str,
 
 def stored(data_dir: str) -> Dict[str, Tuple[dict, bytes]]:
     """Every record in ``data_dir`` by id: ``(envelope metadata, body)``."""
-    from gateway.envelope import split_record
+    from sinks.envelope import split_record
 
     records = {}
     if not os.path.isdir(data_dir):

@@ -44,7 +44,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 import pytest
 import trio
 
-from sinks.aws_http import MemoryEndpoint, Reply
+from sinks.aws.http import MemoryEndpoint, Reply
 
 __all__ = [
     "Stored",
@@ -227,7 +227,7 @@ def _error(code: str, message: str) -> bytes:
 
 def memory_endpoint(fake: FakeStreams) -> MemoryEndpoint:
     """The sink's in-memory edge over ``fake``; "reset" and "hang" plans raise after their delay."""
-    from sinks.aws_errors import TransientError
+    from sinks.aws.errors import TransientError
 
     async def handle(target: str, body: Any) -> Reply:
         action, status, answer, delay = fake.handle(target, bytes(body))

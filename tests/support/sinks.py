@@ -69,7 +69,7 @@ def get(port: int, path: str) -> Tuple[int, Dict[bytes, bytes], bytes]:
 
 def envelope_len() -> int:
     """Bytes of the envelope line of a record without Content-Type or Content-Encoding."""
-    from gateway.envelope import envelope
+    from sinks.envelope import envelope
 
     return len(envelope("0" * 26, None, 1795680518430, None, None))
 
@@ -83,7 +83,7 @@ class SinkHarness:
     def __init__(self, endpoint: Any, *, service: str = "kinesis", ring_bytes: int = 4 * MIB,
                  **options: Any) -> None:
         from buffers import RingBuffer
-        from sinks.kinesis import StreamOptions, StreamSink
+        from sinks.aws.sink import StreamOptions, StreamSink
 
         self.ring = RingBuffer(ring_bytes)
         self.endpoint = endpoint
@@ -112,7 +112,7 @@ class SinkHarness:
 
         On a refusal the slot is released here, as the server does.
         """
-        from gateway.errors import SinkUnavailable
+        from sinks.errors import SinkUnavailable
 
         record = self.record(data, **keys)
         try:

@@ -12,9 +12,9 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import trio
 
-from gateway.config import from_args
+from gateway.config.settings import from_args
+from gateway.http.transport import MemoryTransport
 from gateway.server import Gateway
-from gateway.transport import MemoryTransport
 from sinks.base import Record, Sink
 
 __all__ = [

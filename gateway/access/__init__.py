@@ -1,0 +1,1 @@
+"""Access control: API keys, rate limits and quotas, kept in Redis."""

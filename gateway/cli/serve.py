@@ -1,0 +1,104 @@
+"""Serving one gateway process: shared by ``sluice serve`` and each worker of ``--workers N``.
+
+:func:`serve_until_drained` runs the server until it has drained,
+:func:`watch_signals` turns SIGTERM/SIGINT (and SIGHUP) into draining,
+:func:`started_fields` is what the ``started`` event says, and
+:func:`config_error` finds a configuration error a start-up raised.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import sys
+from typing import Any, Dict, Optional
+
+import trio
+
+from gateway.config import settings as _config
+from gateway.config import view as config_view
+from gateway.config.errors import ConfigError
+from gateway.observe import logs
+from gateway.server import Gateway
+from sinks.errors import SinkConfigError
+
+__all__ = ["serve_until_drained", "watch_signals", "started_fields", "config_error"]
+
+
+def started_fields(config: _config.Config, origins: Dict[str, _config.Origin], gateway: Gateway,
+                   host: str, port: int) -> Dict[str, Any]:
+    """The fields of the ``started`` event of a gateway listening on ``host:port``."""
+    shown = "[%s]" % host if ":" in host else host
+    sink = gateway.sink.describe() if config.sink != "file" or config.ack == "spool" else (
+        "file (%s)" % os.path.abspath(config.data_dir))
+    return dict(url="%s://%s:%d" % ("https" if config.tls else "http", shown, port),
+                sink=sink, access=_describe_access(config), tls=config.tls,
+                interpreter=_interpreter(), pid=os.getpid(),
+                config=config_view.settings_dict(origins))
+
+
+def _interpreter() -> str:
+    """``CPython 3.11.7`` or ``PyPy 7.3.11 (Python 3.9.16)``."""
+    name, version = platform.python_implementation(), platform.python_version()
+    pypy = getattr(sys, "pypy_version_info", None)
+    if pypy is not None:
+        return "%s %d.%d.%d (Python %s)" % (name, pypy.major, pypy.minor, pypy.micro, version)
+    return "%s %s" % (name, version)
+
+
+def _describe_access(config: _config.Config) -> str:
+    """The startup line's part about access control; never shows a password."""
+    if not config.access_control:
+        return "access control off (no --redis)"
+    from gateway.access.keystore import redacted_url, split_redis_url
+
+    _, cluster = split_redis_url(config.redis, config.redis_cluster)
+    return "access control on (Redis%s %s, on failure %s)" % (
+        " Cluster" if cluster else "", redacted_url(config.redis), config.on_redis_failure)
+
+
+async def serve_until_drained(gateway: Gateway, listener, done: trio.CancelScope, *,
+                               task_status=trio.TASK_STATUS_IGNORED) -> None:
+    await gateway.serve([listener], task_status=task_status)
+    done.cancel()
+
+
+async def watch_signals(gateway: Gateway, hangup: bool = False, fields: Optional[Dict[str, Any]] = None,
+                         *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """SIGTERM/SIGINT: drain, then stop now.  With ``hangup`` (a single process,
+    ``--workers 1``) SIGHUP is answered with a warning instead of ending the process.
+    ``fields`` are added to the events (a worker's index)."""
+    fields = fields or {}
+    watched = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hangup else ())
+    with trio.open_signal_receiver(*watched) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                logs.emit("reload_unsupported", level="warning", signal=name,
+                          detail="a single process (--workers 1) reads its configuration only at "
+                                 "start: restart it to apply changes, or run --workers 2 or more "
+                                 "to reload on SIGHUP")
+            elif gateway.draining:
+                logs.emit("stopping_now", signal=name, connections=gateway.connections, **fields)
+                gateway.stop_now()
+            else:
+                logs.emit("stopping", signal=name, connections=gateway.connections,
+                          shutdown_timeout=gateway.config.shutdown_timeout, **fields)
+                gateway.drain()
+
+
+def config_error(exc: BaseException) -> Optional[BaseException]:
+    """The configuration error inside ``exc`` (maybe in exception groups), or None.
+
+    A sink refuses a setting it finds wrong while starting (no AWS region, a
+    locked spool directory) with a :class:`~sinks.errors.SinkConfigError`.
+    """
+    if isinstance(exc, (ConfigError, SinkConfigError)):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = config_error(inner)
+        if found is not None:
+            return found
+    return None

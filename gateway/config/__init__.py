@@ -1,0 +1,1 @@
+"""Configuration: the settings table, settings files, the operator's view of them."""

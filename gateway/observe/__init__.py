@@ -1,0 +1,1 @@
+"""Observability: structured logs, in-process telemetry, Prometheus metrics, memory settings."""

@@ -1,0 +1,1 @@
+"""Kinesis Data Streams and Firehose: bodies built in place, signed by botocore, delivered with retries."""
