@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.envelope import RecordIds, envelope
+from sinks.envelope import RecordIds, envelope
 
 NOW_MS = 1_795_680_518_430
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.http import HTTPConnection, RequestHead
+from gateway.http.connection import HTTPConnection, RequestHead
 
 HEAD = (
     b"POST /v1/logs HTTP/1.1\r\n"

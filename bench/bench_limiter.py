@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.limiter import decide, gcra
+from gateway.access.limiter import decide, gcra
 
 NOW = 1_700_000_000.0
 LIMITS = b"100.0 200 1048576.0 4194304 0 0"

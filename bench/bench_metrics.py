@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from gateway.config import from_args
-from gateway.metrics import MultiprocessWriter
+from gateway.config.settings import from_args
+from gateway.observe.metrics import MultiprocessWriter
+from gateway.observe.telemetry import Telemetry
 from gateway.server import Gateway
-from gateway.telemetry import Telemetry
 
 SMALL = ["--sink", "null", "--ring-size", "1MiB", "--max-body", "64KiB"]
 #: Workers whose files a multiprocess scrape merges.

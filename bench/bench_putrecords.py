@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from sinks.b64 import CFFI, NUL_SLACK, PYTHON, Base64Writer, available_backends, encoded_length
-from sinks.putrecords import PutRecordsBatch
+from sinks.aws.b64 import CFFI, NUL_SLACK, PYTHON, Base64Writer, available_backends, encoded_length
+from sinks.aws.putrecords import PutRecordsBatch
 
 KiB, MiB = 1024, 1024 * 1024
 KEYS = ["tenant-%d" % (i % 16) for i in range(500)]

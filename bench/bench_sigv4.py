@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from sinks.limits import JSON_CONTENT_TYPE, KINESIS_TARGET_PREFIX
+from sinks.aws.limits import JSON_CONTENT_TYPE, KINESIS_TARGET_PREFIX
 
 SIZE = 5 * 1024 * 1024
 URL = "https://kinesis.eu-west-1.amazonaws.com/"

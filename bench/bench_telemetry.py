@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.telemetry import GC_PAUSE_BOUNDS, Histogram, Telemetry
+from gateway.observe.telemetry import GC_PAUSE_BOUNDS, Histogram, Telemetry
 
 
 def test_histogram_add(benchmark) -> None:

@@ -208,7 +208,7 @@ class Schedule:
 
 
 def _stored_from_files(data_dir: str) -> Tuple[Counter[int], Dict[int, str]]:
-    from gateway.envelope import split_record
+    from sinks.envelope import split_record
     from sinks.file import read_records
 
     copies: Counter[int] = collections.Counter()
@@ -383,7 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _start_redis(work: str) -> Tuple[Restartable, str]:
     """redis-server with an append-only file (the key survives a kill), and an API key in it."""
-    from gateway import keystore
+    from gateway.access import keystore
 
     directory = os.path.join(work, "redis")
     os.makedirs(directory)

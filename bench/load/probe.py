@@ -141,11 +141,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if _PYPY and "PYPY_GC_NURSERY" not in os.environ:
         # Mirrors gateway.cli._tune_pypy_gc without the re-exec; the value
         # must be in the environment before the interpreter starts.
-        from gateway import cli as _cli
+        from gateway.cli import main as _cli
 
         os.environ.update(_cli.pypy_gc_environment(os.environ))
         os.execv(sys.executable, [sys.executable, "-m", "bench.load.probe"] + sys.argv[1:])
-    from gateway import cli
+    from gateway.cli import main as cli
 
     probe = _Probe()
     base = cli.Gateway

@@ -6,6 +6,11 @@ FastAPI, and the standard-library ``discard`` stub).  Helpers (the Kinesis
 discard endpoint, redis-server) run on core 1 beside the load generator.
 Peers live in their own venv under the cache directory, never in the
 gateway's environment.
+
+``--python pypy`` and ``--python cpython`` name interpreters found by
+:data:`PYTHONS` (the venvs ``./dev bench`` creates at the repository root,
+else the system's), never a path of one machine; whichever interpreter runs
+the gateway must import its dependencies (:func:`require_gateway_python`).
 """
 from __future__ import annotations
 
@@ -19,13 +24,40 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from collections import abc
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["ROOT", "PYTHONS", "Child", "free_port", "pinned", "unpinned", "start_gateway", "start_peer",
+__all__ = ["ROOT", "PYTHONS", "INTERPRETERS", "GATEWAY_IMPORTS", "InterpreterError", "require_gateway_python",
+           "Child", "free_port", "pinned", "unpinned", "start_gateway", "start_peer",
            "start_kinesis", "start_redis", "gateway_has_redis", "create_key", "peers_python", "PEERS"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PYTHONS = {"cpython": "/opt/sv/cpy/bin/python", "pypy": "/opt/sv/pypy/bin/python"}
+#: Where ``--python NAME`` looks, first usable one wins: the venvs ``./dev bench``
+#: creates at the repository root (tox's py311 environment too), then the
+#: system's interpreter on PATH.  Relative paths are under ROOT; bare names on PATH.
+INTERPRETERS: Dict[str, Tuple[str, ...]] = {
+    "pypy": (".venv-pypy/bin/python", "pypy3"),
+    "cpython": (".venv-cpython/bin/python", ".tox/py311/bin/python", "python3"),
+}
+#: The implementation each name must be (``platform.python_implementation()``).
+_IMPLEMENTATIONS = {"pypy": "PyPy", "cpython": "CPython"}
+#: What the gateway needs to import: the modules of pyproject.toml's
+#: ``[project] dependencies`` (tomli is added below Python 3.11).
+GATEWAY_IMPORTS = ("trio", "h11", "redis", "botocore", "cffi", "prometheus_client")
+_CHECK = """
+import importlib, platform, sys
+names = sys.argv[1:] + (["tomli"] if sys.version_info < (3, 11) else [])
+missing = []
+for name in names:
+    try:
+        importlib.import_module(name)
+    except Exception:
+        missing.append(name)
+print(platform.python_implementation())
+print(" ".join(missing))
+"""
+_HOW = ("Run the harness through ./dev from the repository root, e.g. `./dev bench load --python pypy ...`: "
+        "it installs the gateway's dependencies into .venv-pypy and .venv-cpython there.")
 PEERS = ("nginx", "uvicorn", "hypercorn", "fastapi", "discard")
 PEER_PACKAGES = ["uvicorn[standard]", "hypercorn", "trio", "fastapi", "matplotlib"]
 SERVER_CORE, CLIENT_CORE = "0", "1"
@@ -37,6 +69,97 @@ STOP_TIMEOUT = 20.0
 _LISTENING = re.compile(r'^\{.*"event":"started","url":"https?://(\[[^\]]*\]|[^:/"]+):(\d+)"')
 #: With --workers N: the supervisor's, once every worker listens.
 _SUPERVISED = re.compile(r'^\{.*"event":"supervisor_started","url":"https?://(\[[^\]]*\]|[^:/"]+):(\d+)"')
+
+
+class InterpreterError(SystemExit):
+    """No usable interpreter for the gateway (a :class:`SystemExit`: the harness stops with the message)."""
+
+
+_checked: Dict[str, Tuple[str, List[str]]] = {}
+
+
+def _inspect(python: str) -> Tuple[str, List[str]]:
+    """``(implementation, modules it cannot import)`` of ``python``, once per interpreter."""
+    if python not in _checked:
+        done = subprocess.run([python, "-c", _CHECK, *GATEWAY_IMPORTS], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=120)
+        lines = done.stdout.splitlines()
+        if done.returncode != 0 or len(lines) < 2:
+            raise OSError("%s did not run: %s" % (python, (done.stderr or done.stdout).strip()[-500:]))
+        _checked[python] = (lines[-2].strip(), lines[-1].split())
+    return _checked[python]
+
+
+def require_gateway_python(python: str) -> str:
+    """``python`` if it can import the gateway's dependencies; else :class:`InterpreterError`."""
+    try:
+        missing = _inspect(python)[1]
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise InterpreterError("bench.load: cannot run the gateway's interpreter %s (%s).\n%s"
+                               % (python, exc, _HOW)) from None
+    if missing:
+        raise InterpreterError("bench.load: %s cannot import %s (the gateway's dependencies).\n%s"
+                               % (python, ", ".join(missing), _HOW))
+    return python
+
+
+def _candidates(name: str) -> Iterator[str]:
+    for candidate in INTERPRETERS[name]:
+        if "/" in candidate:
+            path = os.path.join(ROOT, candidate)
+            yield path if os.access(path, os.X_OK) else ""
+        else:
+            yield shutil.which(candidate) or ""
+
+
+def find_python(name: str) -> str:
+    """The interpreter for ``--python NAME`` (``pypy`` or ``cpython``): the first of
+    :data:`INTERPRETERS` that exists, is that implementation and imports the
+    gateway's dependencies; else :class:`InterpreterError` saying what was tried."""
+    tried = []
+    for candidate, python in zip(INTERPRETERS[name], _candidates(name)):
+        if not python:
+            tried.append("%s: not found" % candidate)
+            continue
+        try:
+            implementation, missing = _inspect(python)
+        except (OSError, subprocess.SubprocessError) as exc:
+            tried.append("%s: %s" % (python, exc))
+            continue
+        if implementation != _IMPLEMENTATIONS[name]:
+            tried.append("%s: %s, not %s" % (python, implementation, _IMPLEMENTATIONS[name]))
+        elif missing:
+            tried.append("%s: cannot import %s" % (python, ", ".join(missing)))
+        else:
+            return python
+    raise InterpreterError(
+        "bench.load: --python %s: no %s interpreter that imports the gateway's dependencies (%s):\n  %s\n%s"
+        % (name, _IMPLEMENTATIONS[name], ", ".join(GATEWAY_IMPORTS), "\n  ".join(tried), _HOW))
+
+
+class _Interpreters(abc.Mapping):
+    """``--python`` names to interpreters, looked up when first asked for (see :func:`find_python`)."""
+
+    def __init__(self) -> None:
+        self._found: Dict[str, str] = {}
+
+    def __getitem__(self, name: str) -> str:
+        if name not in INTERPRETERS:
+            raise KeyError(name)
+        if name not in self._found:
+            self._found[name] = find_python(name)
+            print("bench.load: --python %s is %s" % (name, self._found[name]), file=sys.stderr, flush=True)
+        return self._found[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(INTERPRETERS)
+
+    def __len__(self) -> int:
+        return len(INTERPRETERS)
+
+
+#: ``PYTHONS["pypy"]``, ``PYTHONS["cpython"]``: the interpreter paths (found on first use).
+PYTHONS: Mapping[str, str] = _Interpreters()
 
 
 def free_port() -> int:
@@ -140,6 +263,7 @@ def _env(**extra: str) -> Dict[str, str]:
 
 
 def gateway_has_redis(python: str) -> bool:
+    require_gateway_python(python)
     out = subprocess.run([python, "-m", "gateway", "serve", "--help"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=60).stdout
     return "--redis" in out
@@ -151,6 +275,7 @@ def start_gateway(python: str, sink: str, workdir: str, *, probe_file: str, trac
     """The gateway under the GC probe, pinned to core 0 unless ``pin`` is false;
     with ``workers`` above 1 a supervisor and its workers, never pinned (they use
     every core)."""
+    require_gateway_python(python)
     command = [python, "-m", "bench.load.probe", "serve", "--listen", "127.0.0.1:0", "--sink", sink,
                "--data-dir", os.path.join(workdir, "sluice-data"), "--workers", str(workers)]
     env = _env(SLUICE_BENCH_PROBE=probe_file)
@@ -184,7 +309,7 @@ def start_redis(workdir: str) -> Child:
 
 
 def create_key(python: str, redis_url: str) -> str:
-    done = subprocess.run([python, "-m", "gateway.admin_cli", "keys", "create", "--redis", redis_url,
+    done = subprocess.run([python, "-m", "gateway.cli.admin", "keys", "create", "--redis", redis_url,
                            "--tenant", "bench", "--requests-per-second", "0", "--bytes-per-second", "0"],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60, check=True)
     return done.stdout.strip().splitlines()[-1]
