@@ -417,14 +417,17 @@ class FirehoseBatch(_Batch):
 class RecordResult:
     """The outcome of one record, in request order.
 
-    Kinesis successes carry ``shard_id`` and ``sequence_number``; Firehose
-    successes carry ``record_id``; failures carry ``error``.
+    Kinesis successes carry ``shard_id`` and ``sequence_number`` (and, for
+    a record sent with aggregation on, ``sub_sequence``: its index inside
+    the Kinesis record); Firehose successes carry ``record_id``; failures
+    carry ``error``.
     """
 
     shard_id: Optional[str] = None
     sequence_number: Optional[str] = None
     record_id: Optional[str] = None
     error: Optional[ServiceError] = None
+    sub_sequence: Optional[int] = None
 
     @property
     def ok(self) -> bool:
