@@ -299,6 +299,14 @@ SETTINGS: List[Setting] = [
     Setting("call_timeout", parse_duration, "6s",
             "kinesis/firehose: connect and read timeout of one request, then it is retried "
             "(Kinesis Producer Library RequestTimeout: 6s)", minimum=0.001),
+    Setting("aggregation", _choice("off", "kpl"), "off",
+            "kinesis: kpl packs records that share a partition key into KPL aggregated records "
+            "(unpacked by KCL, the Lambda deaggregation libraries and Firehose); off sends one "
+            "Kinesis record per record"),
+    Setting("aggregation_max_bytes", parse_size, "50KiB",
+            "kinesis with --aggregation kpl: an aggregate closes at this many bytes (partition key "
+            "+ data) or at the stream's record limit, whichever is lower (Kinesis Producer Library "
+            "AggregationMaxSize: 51200)", minimum=1 * KiB, maximum=KINESIS_LARGE_MAX_RECORD_BYTES),
     # The write-ahead spool (sinks/spool.py, sinks/spooled.py): --ack spool.
     Setting("spool_dir", str, "",
             "--ack spool: directory of the spool's segment files (required with --ack spool)"),
@@ -375,6 +383,8 @@ class Config:
     max_in_flight: int = 4
     retry_deadline: float = 30.0
     call_timeout: float = 6.0
+    aggregation: str = "off"
+    aggregation_max_bytes: int = 50 * KiB
     spool_dir: str = ""
     spool_size: int = 1 * GiB
     spool_sync_interval: float = 0.005
@@ -567,6 +577,9 @@ def _check(config: Config) -> None:
     if config.sink == "firehose" and not config.delivery_stream:
         raise ConfigError("--delivery-stream: required with --sink firehose "
                           "(the delivery stream to put records to)")
+    if config.sink == "firehose" and config.aggregation != "off":
+        raise ConfigError("--aggregation: KPL aggregation is for --sink kinesis; Firehose takes "
+                          "no aggregated records from a producer (leave it off)")
     if config.sink == "firehose" and config.delivery_stream.startswith("arn:"):
         raise ConfigError("--delivery-stream: give the delivery stream's name, not its ARN")
     if config.ring_size < 2 * config.max_record:

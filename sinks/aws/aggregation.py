@@ -63,6 +63,7 @@ __all__ = [
     "Aggregate",
     "Plan",
     "AggregateWriter",
+    "AggregatingBuilder",
 ]
 
 OFF = "off"
@@ -368,3 +369,88 @@ class AggregateWriter:
     def close(self) -> None:
         self._view.release()
         self.buffer.close()
+
+
+class AggregatingBuilder:
+    """A PutRecords body whose records are aggregates: the sink's builder with
+    ``--aggregation kpl``.
+
+    Same interface as the plain builder of ``sinks.aws.sink``: `admit` plans
+    an entry on the event loop from its sizes (an entry of the delivery
+    queue: ``record.slot``, ``record.id``, ``partition_key``, ``hash_key``,
+    ``size``); `encode_all` then lays out every Kinesis record, maybe in a
+    worker thread, reading each entry's ring slice once.  `outgoing` is the
+    number of Kinesis records in the call, and `per_entry` turns the call's
+    results into one per entry.  ``ring`` is the buffer every slot lies in.
+    """
+
+    def __init__(self, batch: Any, ring: Any, *, aggregate_limit: int) -> None:
+        self.batch = batch
+        self.source = batch.source(ring)
+        self._ring = memoryview(ring)
+        self.plan = Plan(max_records=batch.max_records, max_bytes=batch.max_bytes,
+                         record_limit=batch.max_record_bytes, aggregate_limit=aggregate_limit)
+        self.writer = AggregateWriter(self.plan.record_limit)
+        self._scratch = batch.source(self.writer.buffer)
+        self.count = 0
+
+    @property
+    def bytes(self) -> int:
+        """Data plus keys of the Kinesis records planned."""
+        return self.plan.bytes
+
+    @property
+    def outgoing(self) -> int:
+        return len(self.plan)
+
+    def admit(self, entry: Any) -> bool:
+        slot = entry.record.slot
+        size = slot.size
+        key = entry.partition_key
+        # A key equal to the record's id is the random key (the id, or the
+        # fallback of tenant and header keys): any random key will do, so
+        # such records share aggregates with each other.
+        group = (None if key == entry.record.id else key, entry.hash_key)
+        forged = starts_with_magic(self._ring[slot.offset : slot.offset + min(size, len(MAGIC))])
+        if not self.plan.add(entry, group, key, entry.size - size, entry.hash_key, size, forged):
+            return False
+        self.count += 1
+        return True
+
+    def encode_all(self, entries: List[Any]) -> None:
+        batch, ring, writer = self.batch, self._ring, self.writer
+        for aggregate in self.plan.aggregates:
+            if not aggregate.wrapped:
+                slot = aggregate.members[0].record.slot
+                ok = batch.add_from(self.source, slot.offset, slot.offset + slot.size,
+                                    aggregate.key, aggregate.hash_key)
+            else:
+                writer.begin(aggregate.key, aggregate.hash_key)
+                for entry in aggregate.members:
+                    slot = entry.record.slot
+                    writer.append(ring, slot.offset, slot.offset + slot.size)
+                ok = batch.add_from(self._scratch, 0, writer.finish(), aggregate.key,
+                                    aggregate.hash_key)
+            if not ok:
+                raise RuntimeError("the batch refused a record it had admitted")
+
+    def per_entry(self, result: Any) -> Any:
+        """The call's `PutRecordsResult` with one result per entry, in admission order."""
+        records = tuple(self.plan.results(result.records))
+        return replace(result, records=records, failed=sum(1 for r in records if r.error is not None))
+
+    def shapes(self) -> List[Tuple[int, int]]:
+        """``(user records, bytes)`` of each Kinesis record of the call (metrics)."""
+        return [(len(a.members), a.size()) for a in self.plan.aggregates]
+
+    def reset(self) -> None:
+        self.batch.reset()
+        self.plan.reset()
+        self.count = 0
+
+    def close(self) -> None:
+        self._scratch.close()
+        self.source.close()
+        self.batch.close()
+        self._ring.release()
+        self.writer.close()

@@ -54,6 +54,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import trio
 
+from sinks.aws.aggregation import KPL, KPL_MAX_AGGREGATE_BYTES, OFF, AggregatingBuilder, payload_units
 from sinks.aws.delivery import STORED, Delivery, Entry, QueueFull, Settled
 from sinks.aws.errors import (
     MESSAGE_MAX_CHARS,
@@ -132,6 +133,10 @@ _MIN_RECORD_BYTES = 100
 BATCH_RECORDS_BOUNDS = (1, 2, 5, 10, 25, 50, 100, 250, 500)
 BATCH_BYTES_BOUNDS = (1024, 4096, 16384, 65536, 262144, MIB, 2 * MIB, 4 * MIB, 5 * MIB, 10 * MIB)
 CALL_SECONDS_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 6.0, 10.0)
+#: User records per Kinesis record (metrics): 1 without aggregation; a
+#: 51,200-byte aggregate holds about 50 records of 1 KiB, and up to about
+#: 2,000 of the smallest (envelope only).
+RECORDS_PER_KINESIS_RECORD_BOUNDS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,8 @@ class StreamOptions:
     retry_deadline: float = 30.0
     call_timeout: float = CALL_TIMEOUT
     failure_hold: float = FAILURE_HOLD
+    aggregation: str = OFF
+    aggregation_max_bytes: int = KPL_MAX_AGGREGATE_BYTES
 
     @classmethod
     def from_config(cls, config: Any) -> StreamOptions:
@@ -173,6 +180,8 @@ class StreamOptions:
             max_in_flight=config.max_in_flight,
             retry_deadline=config.retry_deadline,
             call_timeout=config.call_timeout,
+            aggregation=config.aggregation,
+            aggregation_max_bytes=config.aggregation_max_bytes,
         )
 
     def limits(self) -> Tuple[int, int, int]:
@@ -195,8 +204,8 @@ class _Builder:
     worker thread.
     """
 
-    __slots__ = ("batch", "source", "encode", "count", "bytes", "_max_records", "_max_bytes",
-                 "_record_limit")
+    __slots__ = ("batch", "source", "encode", "count", "bytes", "sizes", "_max_records",
+                 "_max_bytes", "_record_limit")
 
     def __init__(self, batch: Any, source: Any, encode: Callable[[Entry], bool]) -> None:
         self.batch = batch
@@ -204,6 +213,8 @@ class _Builder:
         self.encode = encode
         self.count = 0
         self.bytes = 0
+        #: Each record's data plus key, for the metrics.
+        self.sizes: List[int] = []
         self._max_records = batch.max_records
         self._max_bytes = batch.max_bytes
         self._record_limit = min(batch.max_record_bytes, batch.max_bytes)
@@ -215,7 +226,20 @@ class _Builder:
             return False
         self.count += 1
         self.bytes += entry.size
+        self.sizes.append(entry.size)
         return True
+
+    @property
+    def outgoing(self) -> int:
+        """Service records in the call (one per entry)."""
+        return self.count
+
+    def per_entry(self, result: PutRecordsResult) -> PutRecordsResult:
+        return result
+
+    def shapes(self) -> List[Tuple[int, int]]:
+        """``(user records, bytes)`` of each service record of the call (metrics)."""
+        return [(1, size) for size in self.sizes]
 
     def encode_all(self, entries: List[Entry]) -> None:
         encode = self.encode
@@ -227,6 +251,7 @@ class _Builder:
         self.batch.reset()
         self.count = 0
         self.bytes = 0
+        self.sizes = []
 
     def close(self) -> None:
         self.source.close()
@@ -256,6 +281,9 @@ class StreamSink(Sink):
         self._waiting: Set[Entry] = set()
         if options.service not in (KINESIS, FIREHOSE):
             raise ValueError("unknown stream service %r" % options.service)
+        if options.aggregation not in (OFF, KPL) or (options.aggregation == KPL
+                                                     and options.service != KINESIS):
+            raise ValueError("aggregation %r is not for %s" % (options.aggregation, options.service))
         self.name = options.service
         self.options = options
         self._kinesis = options.service == KINESIS
@@ -276,8 +304,8 @@ class StreamSink(Sink):
             RetryPolicy(deadline=options.retry_deadline), linger=options.linger,
             max_records=records, max_bytes=request_bytes,
             max_entries=max(1, len(buffer) // _MIN_RECORD_BYTES))
-        self._builders: List[_Builder] = []
-        self._free: List[_Builder] = []
+        self._builders: List[Any] = []  # _Builder or AggregatingBuilder
+        self._free: List[Any] = []
         self._kick = trio.Event()
         self._closing = False
         self._done = trio.Event()
@@ -293,6 +321,11 @@ class StreamSink(Sink):
         self.batch_records = histogram(BATCH_RECORDS_BOUNDS)
         self.batch_bytes = histogram(BATCH_BYTES_BOUNDS)
         self.call_seconds = histogram(CALL_SECONDS_BOUNDS)
+        #: Per Kinesis record sent (each attempt): the user records in it.
+        self.records_per_kinesis_record = histogram(RECORDS_PER_KINESIS_RECORD_BOUNDS)
+        self.kinesis_records = 0
+        self.payload_units = 0
+        self.sent_bytes = 0
 
     # -- the Sink interface --------------------------------------------------
 
@@ -397,6 +430,9 @@ class StreamSink(Sink):
         stats.update(calls=self.calls, failed_calls=self.failed_calls, dropped=self.dropped,
                      in_flight=self._in_flight, free_builders=len(self._free),
                      failure=None if self._failure is None else str(self._failure))
+        if self._kinesis:
+            stats.update(kinesis_records=self.kinesis_records, payload_units=self.payload_units,
+                         sent_bytes=self.sent_bytes)
         return stats
 
     # -- setting up ----------------------------------------------------------
@@ -441,7 +477,7 @@ class StreamSink(Sink):
             if self.max_record_bytes is None or kib * 1024 < self.max_record_bytes:
                 self.max_record_bytes = kib * 1024
 
-    def _new_builder(self) -> _Builder:
+    def _new_builder(self) -> Any:
         records, request_bytes, _ = self.options.limits()
         record_bytes = self.max_record_bytes or request_bytes
         if self._kinesis:
@@ -449,6 +485,9 @@ class StreamSink(Sink):
             arn = stream if stream.startswith("arn:") else None
             kbatch = PutRecordsBatch(None if arn else stream, stream_arn=arn, max_records=records,
                                      max_bytes=request_bytes, max_record_bytes=record_bytes)
+            if self.options.aggregation == KPL:
+                return AggregatingBuilder(kbatch, self._buffer,
+                                          aggregate_limit=self.options.aggregation_max_bytes)
             ksource = kbatch.source(self._buffer)
 
             def add_record(entry: Entry) -> bool:
@@ -498,7 +537,7 @@ class StreamSink(Sink):
                 await self._kick.wait()
             self._kick = trio.Event()
 
-    async def _call(self, builder: _Builder, entries: List[Entry], encoded: trio.Event) -> None:
+    async def _call(self, builder: Any, entries: List[Entry], encoded: trio.Event) -> None:
         assert self._endpoint is not None
         batch = builder.batch
         try:
@@ -514,6 +553,8 @@ class StreamSink(Sink):
             self.calls += 1
             self.batch_records.add(len(entries))
             self.batch_bytes.add(builder.bytes)
+            if self._kinesis:
+                self._count_sent(builder)
             result: Optional[PutRecordsResult] = None
             error: Optional[ServiceError] = None
             sent = trio.current_time()
@@ -522,7 +563,9 @@ class StreamSink(Sink):
             except ServiceError as exc:
                 error = exc
             else:
-                result, error = self._read(reply, len(entries))
+                result, error = self._read(reply, builder.outgoing)
+                if result is not None:
+                    result = builder.per_entry(result)
             now = trio.current_time()
             self.call_seconds.add(now - sent)
             rand = self._rng.random()
@@ -540,6 +583,16 @@ class StreamSink(Sink):
             self._free.append(builder)
             self._in_flight -= 1
             self._kick.set()
+
+    def _count_sent(self, builder: Any) -> None:
+        per_record = self.records_per_kinesis_record
+        units = 0
+        for users, size in builder.shapes():
+            per_record.add(users)
+            units += payload_units(size)
+        self.kinesis_records += builder.outgoing
+        self.payload_units += units
+        self.sent_bytes += builder.bytes
 
     def _read(self, reply: Reply, count: int) -> Tuple[Optional[PutRecordsResult], Optional[ServiceError]]:
         if reply.status != 200:
@@ -589,10 +642,14 @@ class StreamSink(Sink):
                              "" if self._endpoint is None else " at " + self._endpoint.url,
                              error, _hint(error, self.name), self.options.failure_hold))
 
-    def _ack_fields(self, result: Optional[RecordResult]) -> Dict[str, Optional[str]]:
+    def _ack_fields(self, result: Optional[RecordResult]) -> Dict[str, Any]:
         assert result is not None
         if self._kinesis:
-            return {"shard_id": result.shard_id, "sequence_number": result.sequence_number}
+            fields: Dict[str, Any] = {"shard_id": result.shard_id,
+                                      "sequence_number": result.sequence_number}
+            if result.sub_sequence is not None:
+                fields["sub_sequence"] = result.sub_sequence
+            return fields
         return {"record_id": result.record_id}
 
 
