@@ -417,6 +417,12 @@ async def test_put_records_calls_against_moto(moto, stream) -> None:
     # Each record: envelope line, newline and body, plus its 26-character partition key.
     record_bytes = sum(envelope_len() + len(body) + 26 for body in bodies)
     assert metrics.value("sluice_sink_batch_bytes_sum") == record_bytes
+    # Without aggregation: one Kinesis record per record, one payload unit
+    # per started 25 KiB (the 50,000-byte body takes two).
+    assert metrics.value("sluice_sink_kinesis_records_total") == len(bodies)
+    assert metrics.value("sluice_sink_records_per_kinesis_record_sum") == len(bodies)
+    assert metrics.value("sluice_sink_put_payload_units_total") == len(bodies) + 1
+    assert metrics.value("sluice_sink_sent_bytes_total") == record_bytes
     assert metrics.value("sluice_sink_call_duration_seconds_count") == calls
     assert metrics.value("sluice_sink_call_duration_seconds_sum") > 0
     assert metrics.value("sluice_sink_records_stored_total") == len(bodies)

@@ -164,6 +164,18 @@ SINK_RETRIES = Family(
     ("reason",))
 SINK_THROTTLES = Family(
     "sluice_sink_throttles", COUNTER, "Records the service throttled, by its error code", ("code",))
+SINK_RECORDS_PER_KINESIS_RECORD = Family(
+    "sluice_sink_records_per_kinesis_record", HISTOGRAM,
+    "User records per Kinesis record sent (1 without --aggregation kpl; retries included)")
+SINK_KINESIS_RECORDS = Family(
+    "sluice_sink_kinesis_records", COUNTER, "Kinesis records sent (each attempt counts)")
+SINK_PAYLOAD_UNITS = Family(
+    "sluice_sink_put_payload_units", COUNTER,
+    "PUT payload units of the Kinesis records sent: 25 KiB chunks of data plus partition key, "
+    "rounded up per record (each attempt counts)")
+SINK_SENT_BYTES = Family(
+    "sluice_sink_sent_bytes", COUNTER,
+    "Data plus partition key bytes of the Kinesis records sent (each attempt counts)")
 ACCESS_DECISIONS = Family(
     "sluice_access_decisions", COUNTER, "Access-control decisions by outcome", ("outcome",))
 REDIS_PIPELINES = Family(
@@ -194,6 +206,7 @@ FAMILIES: Tuple[Family, ...] = (
     INTERNAL_ERRORS, RING_USED, RING_CAPACITY, RING_WAITS, RING_OVERLOADS, SINK_STORED,
     SINK_GIVEN_UP, SINK_HELD, SINK_STORED_BYTES, SINK_WRITE_ERRORS, SINK_BATCH_RECORDS,
     SINK_BATCH_BYTES, SINK_CALL_DURATION, SINK_CALLS, SINK_RETRIES, SINK_THROTTLES,
+    SINK_RECORDS_PER_KINESIS_RECORD, SINK_KINESIS_RECORDS, SINK_PAYLOAD_UNITS, SINK_SENT_BYTES,
     ACCESS_DECISIONS, REDIS_PIPELINES, REDIS_BATCH_DURATION, REDIS_FAILURES, REDIS_UP, GC_PAUSE,
     GC_MAJOR, RESIDENT_MEMORY, BUILD_INFO,
 )
@@ -253,7 +266,8 @@ def _sink_samples(sink: Any, out: List[Sample]) -> None:
         out.append((SINK_WRITE_ERRORS, (), stats["write_errors"]))
     # The Kinesis and Firehose sink (sinks.kinesis.StreamSink) times its calls.
     for family, name in ((SINK_BATCH_RECORDS, "batch_records"), (SINK_BATCH_BYTES, "batch_bytes"),
-                         (SINK_CALL_DURATION, "call_seconds")):
+                         (SINK_CALL_DURATION, "call_seconds"),
+                         (SINK_RECORDS_PER_KINESIS_RECORD, "records_per_kinesis_record")):
         hist = getattr(sink, name, None)
         if isinstance(hist, Histogram):
             out.append((family, (), hist))
@@ -263,6 +277,10 @@ def _sink_samples(sink: Any, out: List[Sample]) -> None:
         out.append((SINK_CALLS, ("failed",), failed))
     out.extend((SINK_RETRIES, (reason,), n) for reason, n in stats.get("retry_reasons", {}).items())
     out.extend((SINK_THROTTLES, (code,), n) for code, n in stats.get("throttles", {}).items())
+    if "kinesis_records" in stats:
+        out.append((SINK_KINESIS_RECORDS, (), stats["kinesis_records"]))
+        out.append((SINK_PAYLOAD_UNITS, (), stats["payload_units"]))
+        out.append((SINK_SENT_BYTES, (), stats["sent_bytes"]))
 
 
 def _access_samples(access: Any, out: List[Sample]) -> None:
