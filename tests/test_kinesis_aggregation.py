@@ -207,3 +207,11 @@ def test_settings():
         from_args(["--sink", "firehose", "--delivery-stream", "d", "--aggregation", "kpl"], {})
     with pytest.raises(ConfigError, match="--aggregation"):
         from_args(["--aggregation", "zstd"], {})
+
+
+def test_measurement_mix_has_the_seed_proportions():
+    from bench.aggregation import seed_mix
+
+    sizes = seed_mix(1000)
+    assert collections.Counter(sizes) == {1024: 850, 16 * 1024: 100, 256 * 1024: 40, 900_000: 10}
+    assert sizes == seed_mix(1000)  # the same sequence every run
