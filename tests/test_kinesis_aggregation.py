@@ -283,6 +283,8 @@ def test_laying_out_aggregates_copies_no_record_into_python_objects():
     builder, taken = _builder_over(ring, entries)
     try:
         assert len(taken) == 400
+        if builder.batch.backend != "cffi":
+            pytest.skip("the python base64 backend makes a temporary per record by design")
         builder.encode_all(taken)  # once before measuring: first-call allocations
         builder.batch.reset()
         tracemalloc.start()
@@ -291,8 +293,8 @@ def test_laying_out_aggregates_copies_no_record_into_python_objects():
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        # 1.6 MB of records went through; what stays bounded is per aggregate
-        # (a key, a digest), never a record's bytes.
-        assert peak < 64 * 1024, peak
+        # 1.6 MB of records went through; at no time did Python objects
+        # hold as much as one record (a key and a digest per aggregate).
+        assert peak < size, peak
     finally:
         builder.close()
