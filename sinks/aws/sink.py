@@ -23,6 +23,9 @@ applied.  Each builder exported the ring's buffer once, and encodes records
 straight from their ring slices (base64 is the only copy before TLS): on the
 event loop for small batches, in a worker thread from
 `ENCODE_IN_THREAD_BYTES` on, like the signing and sending.
+With ``--aggregation kpl`` the builder is ``sinks.aws.aggregation``'s
+`AggregatingBuilder`: it packs records into KPL aggregates and maps each
+call's per-Kinesis-record answers back to the records.
 
 Ownership of ring slices.  The sink reads a record's bytes only while
 encoding it into a batch, and keeps the slice until the record is stored or
