@@ -6,12 +6,18 @@ What must hold: after deaggregation (both judges, tests/support/kpl.py)
 every acknowledged user record is there exactly once, byte for byte, on the
 shard its partition key hashes to, and its 202 names that Kinesis record and
 its index inside it; a failed aggregate is sent again whole, and no record
-is acknowledged twice or lost.
+is acknowledged twice or lost, also across a kill -9 with ``--ack spool``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
 import uuid
 from typing import Dict, List
 
@@ -19,7 +25,7 @@ import pytest
 import trio
 
 from sinks.aws.aggregation import MAGIC
-from tests.support.gateway import gateway_in_process
+from tests.support.gateway import GatewayProcess, RawConnection, gateway_in_process, post_request
 from tests.support.kinesis import (  # noqa: F401 - fixtures
     Plan,
     aws_env_fixture,
@@ -29,6 +35,7 @@ from tests.support.kinesis import (  # noqa: F401 - fixtures
 )
 from tests.support.kpl import lenient_deaggregate, strict_user_records
 from tests.support.sinks import post
+from tests.test_spool_recovery import unconfirmed_ids
 
 THROTTLED = "ProvisionedThroughputExceededException"
 KEYS = [b"alpha", b"beta", b"gamma", b"delta", b""]  # b"": no header, a random key
@@ -193,3 +200,88 @@ async def test_a_deadline_passing_refuses_every_record_of_the_aggregate(fault_se
     assert [a[0] for a in answers] == [503] * 5 + [202]
     assert [s.data.partition(b"\n")[2] for s in fake.stored] == [b"plain"]
     assert gateway.ring.used == 0
+
+
+#: The 202s to collect before the kill, and a bound on the load.
+ACCEPTED_BEFORE_KILL = 300
+LOAD_SECONDS = 20.0
+
+
+def _load(address, accepted, lock, stop, seed):
+    """Post records with three partition keys on a keep-alive connection until
+    ``stop`` or the gateway dies; record each 202's id and body."""
+    rng = random.Random(seed)
+    deadline = time.monotonic() + LOAD_SECONDS
+    conn = None
+    try:
+        while not stop.is_set() and time.monotonic() < deadline:
+            if conn is None:
+                conn = RawConnection(address, timeout=5)
+            body = b"%d:" % seed + bytes(rng.getrandbits(8) for _ in range(rng.randrange(50, 3000)))
+            conn.send(post_request(body, headers=[("X-Key", "k%d" % rng.randrange(3))]))
+            response = conn.read_response()
+            if response.status == 202:
+                with lock:
+                    accepted[response.json()["id"]] = body
+            else:
+                conn.close()
+                conn = None
+    except (OSError, AssertionError):
+        pass  # killed: an answer not received is not an acknowledgement
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+def test_kill_9_with_spool_and_aggregation_loses_no_acknowledged_record(tmp_path, fault_server):
+    fake = fault_server.fake
+    # Slow answers: some aggregates are stored but not yet confirmed at the kill.
+    fake.plan(*[Plan("slow", delay=0.2)] * 10000)
+    spool_dir = str(tmp_path / "spool")
+    flags = fault_flags(fault_server, "--ack", "spool", "--spool-dir", spool_dir,
+                        "--spool-size", "64MiB", "--ring-size", "8MiB")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
+           "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_EC2_METADATA_DISABLED": "true"}
+    first = GatewayProcess(flags, env=env, python=sys.executable).start()
+    accepted: Dict[str, bytes] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+    threads = [threading.Thread(target=_load, args=(first.address, accepted, lock, stop, n))
+               for n in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + LOAD_SECONDS
+        while len(accepted) < ACCEPTED_BEFORE_KILL and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first.send_signal(signal.SIGKILL)
+        assert first.wait() == -signal.SIGKILL
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        first.stop()
+    assert len(accepted) >= ACCEPTED_BEFORE_KILL, first.stderr
+    pending_at_kill = unconfirmed_ids(spool_dir)
+    fake.plans.clear()
+
+    second = GatewayProcess(flags, env=env, python=sys.executable).start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with fake.lock:
+                users = by_id(stored_users(fake))
+            if set(accepted) <= set(users) and not unconfirmed_ids(spool_dir):
+                break
+            time.sleep(0.1)
+    finally:
+        assert second.stop() == 0, second.stderr
+    lost = set(accepted) - set(users)
+    assert not lost, "%d acknowledged records lost" % len(lost)
+    for record_id, body in accepted.items():
+        assert {u["Data"].partition(b"\n")[2] for u in users[record_id]} == {body}
+    duplicated = {i for i, copies in users.items() if len(copies) > 1}
+    # Sent again only what the spool had not recorded as stored.
+    assert duplicated <= pending_at_kill
+    assert pending_at_kill and unconfirmed_ids(spool_dir) == set()
