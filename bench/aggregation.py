@@ -23,6 +23,7 @@ import http.server
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -162,6 +163,7 @@ def run_case(python: str, aggregation: str, args: argparse.Namespace, counts: _C
         cpu = cpu_seconds(pids) - cpu
     finally:
         gateway.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     seen = counts.snapshot()
     return {"aggregation": aggregation, "accepted": statuses.count(202), "seconds": round(elapsed, 2),
             "cpu_seconds": round(cpu, 2), **seen}
