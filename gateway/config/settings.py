@@ -65,6 +65,13 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "").lower()]
 
 
+def _linger(text: str) -> Optional[float]:
+    """``auto`` (None: chosen by the ack mode) or a duration."""
+    if text.strip().lower() == "auto":
+        return None
+    return parse_duration(text)
+
+
 def parse_listen(text: str) -> Tuple[str, int]:
     """``(host, port)`` from ``"127.0.0.1:8080"`` or ``"[::1]:8080"``."""
     host, sep, port = text.rpartition(":")
@@ -288,8 +295,14 @@ SETTINGS: List[Setting] = [
     Setting("batch_bytes", parse_size, "5MiB",
             "kinesis/firehose: bytes per request (Kinesis: 5MiB, 10MiB for large records; "
             "Firehose: 4MiB at most)", minimum=1 * KiB, maximum=PUT_RECORDS_LARGE_MAX_REQUEST_BYTES),
-    Setting("linger", parse_duration, "10ms",
-            "kinesis/firehose: how long a batch that is not full waits for more records", minimum=0),
+    Setting("linger", _linger, "auto",
+            "kinesis/firehose: how long a batch that is not full waits for more records; auto: "
+            "10ms with --ack kinesis (clients wait for the call), 200ms with --ack received or "
+            "spool (fewer, larger calls)"),
+    Setting("aws_http", _choice("trio", "threads"), "trio",
+            "kinesis/firehose: how calls are sent: trio (signed by botocore, sent on the event "
+            "loop's own connections) or threads (botocore's HTTP session in worker threads; "
+            "also used whenever HTTPS_PROXY applies)"),
     Setting("max_in_flight", _int, "4",
             "kinesis/firehose: requests in progress at once (each holds a preallocated body)",
             minimum=1, maximum=64),
@@ -379,7 +392,8 @@ class Config:
     max_record_size: int = 1 * MiB
     batch_records: int = PUT_RECORDS_MAX_RECORDS
     batch_bytes: int = 5 * MiB
-    linger: float = 0.010
+    linger: Optional[float] = None  # auto
+    aws_http: str = "trio"
     max_in_flight: int = 4
     retry_deadline: float = 30.0
     call_timeout: float = 6.0

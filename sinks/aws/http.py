@@ -49,6 +49,8 @@ __all__ = [
     "MemoryEndpoint",
     "BotocoreEndpoint",
     "open_botocore_endpoint",
+    "ResolvedEndpoint",
+    "resolve_endpoint",
     "NoRegion",
 ]
 
@@ -96,18 +98,27 @@ class MemoryEndpoint(Endpoint):
         return await self._handler(target, body)
 
 
-def open_botocore_endpoint(service: str, *, region: str = "", endpoint_url: str = "",
-                           connections: int = 4, timeout: float = 6.0,
-                           session: Any = None) -> BotocoreEndpoint:
-    """A `BotocoreEndpoint` for ``service`` (``"kinesis"`` or ``"firehose"``).
+@dataclass(frozen=True)
+class ResolvedEndpoint:
+    """Where botocore's chain says a service's calls go, and how to trust it."""
+
+    session: Any
+    url: str
+    region: str
+    signing_name: str
+    #: True, or the path of a CA bundle (``AWS_CA_BUNDLE``, ``ca_bundle``).
+    verify: Any
+
+
+def resolve_endpoint(service: str, *, region: str = "", endpoint_url: str = "",
+                     session: Any = None) -> ResolvedEndpoint:
+    """Endpoint URL, region and signing name of ``service`` from botocore's chain.
 
     Blocking (reads config files): call it from a worker thread.  Raises
     `NoRegion` when no region is configured anywhere.
     """
     import botocore.exceptions
     import botocore.session
-    from botocore.httpsession import URLLib3Session
-    from botocore.utils import get_environ_proxies
 
     if session is None:
         session = botocore.session.Session()
@@ -123,10 +134,25 @@ def open_botocore_endpoint(service: str, *, region: str = "", endpoint_url: str 
     finally:
         client.close()
     verify: Any = session.get_config_variable("ca_bundle") or True
-    http = URLLib3Session(verify=verify, proxies=get_environ_proxies(url),
+    return ResolvedEndpoint(session, url, resolved_region, signing_name, verify)
+
+
+def open_botocore_endpoint(service: str, *, region: str = "", endpoint_url: str = "",
+                           connections: int = 4, timeout: float = 6.0,
+                           session: Any = None) -> BotocoreEndpoint:
+    """A `BotocoreEndpoint` for ``service`` (``"kinesis"`` or ``"firehose"``).
+
+    Blocking (reads config files): call it from a worker thread.  Raises
+    `NoRegion` when no region is configured anywhere.
+    """
+    from botocore.httpsession import URLLib3Session
+    from botocore.utils import get_environ_proxies
+
+    resolved = resolve_endpoint(service, region=region, endpoint_url=endpoint_url, session=session)
+    http = URLLib3Session(verify=resolved.verify, proxies=get_environ_proxies(resolved.url),
                           timeout=(timeout, timeout), max_pool_connections=connections)
-    return BotocoreEndpoint(session, http, url, resolved_region, signing_name,
-                            threads=connections)
+    return BotocoreEndpoint(resolved.session, http, resolved.url, resolved.region,
+                            resolved.signing_name, threads=connections)
 
 
 class BotocoreEndpoint(Endpoint):

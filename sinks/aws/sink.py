@@ -89,6 +89,7 @@ from sinks.aws.putrecords import (
     parse_put_record_batch_response,
     parse_put_records_response,
 )
+from sinks.aws.trio_http import open_trio_endpoint
 from sinks.backoff import RetryPolicy
 from sinks.base import (
     HeaderLookup,
@@ -103,16 +104,27 @@ from sinks.base import (
 )
 from sinks.errors import SinkConfigError, SinkUnavailable
 
-__all__ = ["StreamOptions", "StreamSink", "KINESIS", "FIREHOSE", "FAILURE_HOLD", "LINGER"]
+__all__ = ["StreamOptions", "StreamSink", "KINESIS", "FIREHOSE", "FAILURE_HOLD", "LINGER",
+           "LINGER_UNACKNOWLEDGED", "default_linger"]
 
 KINESIS = "kinesis"
 FIREHOSE = "firehose"
 
-#: Default wait for more records before a batch that is not full goes out:
-#: long enough to gather the records of a burst, short enough that a
-#: waiting client hardly notices (the Kinesis Producer Library's
-#: RecordMaxBufferedTime defaults to 100 ms).
+#: Default wait for more records before a batch that is not full goes out,
+#: with ``--ack kinesis``: the client waits for its batch, so the wait stays
+#: short enough that it hardly notices.
 LINGER = 0.010
+#: The same with ``--ack received`` or ``spool``, where no client waits for
+#: the batch: long enough that a few hundred records a second make a handful
+#: of calls, not a hundred, each costing the loop signing and I/O (the
+#: Kinesis Producer Library's RecordMaxBufferedTime is 100 ms, Vector's
+#: batch timeout 1 s).
+LINGER_UNACKNOWLEDGED = 0.200
+
+
+def default_linger(ack: bool) -> float:
+    """The linger of ``--linger auto``: short when clients wait for the call (``ack``)."""
+    return LINGER if ack else LINGER_UNACKNOWLEDGED
 #: How long a permanent error keeps the sink refusing records before the
 #: next records try again.  Long enough not to flood the service with calls
 #: that cannot succeed, short enough to notice a fix (a created stream, a
@@ -157,6 +169,9 @@ class StreamOptions:
     batch_records: int = PUT_RECORDS_MAX_RECORDS
     batch_bytes: int = PUT_RECORDS_MAX_REQUEST_BYTES
     linger: float = LINGER
+    #: ``trio``: signed by botocore, sent on Trio streams; ``threads``:
+    #: botocore's own HTTP session in worker threads.
+    http: str = "trio"
     max_in_flight: int = 4
     retry_deadline: float = 30.0
     call_timeout: float = CALL_TIMEOUT
@@ -179,7 +194,8 @@ class StreamOptions:
             max_record_bytes=config.max_record_size,
             batch_records=config.batch_records,
             batch_bytes=config.batch_bytes,
-            linger=config.linger,
+            linger=default_linger(config.ack == "kinesis") if config.linger is None else config.linger,
+            http=config.aws_http,
             max_in_flight=config.max_in_flight,
             retry_deadline=config.retry_deadline,
             call_timeout=config.call_timeout,
@@ -443,7 +459,8 @@ class StreamSink(Sink):
     async def _open_endpoint(self) -> Endpoint:
         options = self.options
         opener = functools.partial(
-            open_botocore_endpoint, options.service, region=options.region,
+            open_trio_endpoint if options.http == "trio" else open_botocore_endpoint,
+            options.service, region=options.region,
             endpoint_url=options.endpoint_url, connections=options.max_in_flight,
             timeout=options.call_timeout)
         try:

@@ -1,0 +1,184 @@
+"""The sinks' event-loop HTTP edge (sinks/aws/trio_http.py): botocore's SigV4, h11 on Trio streams."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import json
+import socket
+import threading
+
+import pytest
+import trio
+from botocore.credentials import Credentials, RefreshableCredentials
+
+from sinks.aws.errors import CredentialsError, TransientError
+from sinks.aws.http import BotocoreEndpoint
+from sinks.aws.trio_http import HASH_SLICE, TrioEndpoint, _sha256_hex, open_trio_endpoint
+from tests.support.kinesis import (  # noqa: F401 - fixtures
+    Plan,
+    aws_env_fixture,
+    fault_server_fixture,
+    moto_fixture,
+    read_stream,
+)
+
+TARGET = "Kinesis_20131202.PutRecords"
+
+
+def body(stream="logs", datas=(b"hello",)) -> memoryview:
+    """A PutRecords body, as a memoryview like the sink's batch buffers."""
+    doc = {"StreamName": stream, "Records": [
+        {"Data": base64.b64encode(data).decode(), "PartitionKey": "key"} for data in datas]}
+    return memoryview(bytearray(json.dumps(doc).encode()))
+
+
+class _Session:
+    """Just what the endpoint asks of a botocore session: credentials."""
+
+    def __init__(self, credentials):
+        self.credentials = credentials
+        self.asked = 0
+
+    def get_credentials(self):
+        self.asked += 1
+        return self.credentials
+
+
+def _endpoint(url, credentials=None, **options) -> TrioEndpoint:
+    credentials = credentials or Credentials("AKIDEXAMPLE", "s3cret")
+    return TrioEndpoint(_Session(credentials), url, "us-east-1", "kinesis", **options)
+
+
+async def test_requests_are_signed_and_the_body_arrives_whole(fault_server, aws_env, monkeypatch):
+    aws_env(key="AKIDEXAMPLE", secret="s3cret", region="us-east-1")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "the-token")
+    endpoint = await trio.to_thread.run_sync(
+        lambda: open_trio_endpoint("kinesis", endpoint_url=fault_server.url))
+    assert isinstance(endpoint, TrioEndpoint)
+    reply = await endpoint.call(TARGET, body(datas=[b"x" * 100000, b""]))
+    await endpoint.aclose()
+    assert reply.status == 200
+    (headers,) = fault_server.requests
+    auth = headers["Authorization"]
+    assert auth.startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+    assert "/us-east-1/kinesis/aws4_request" in auth and "x-amz-target" in auth
+    assert headers["X-Amz-Target"] == TARGET
+    assert headers["Content-Type"] == "application/x-amz-json-1.1"
+    assert headers["X-Amz-Security-Token"] == "the-token"
+    assert fault_server.fake.stored_datas() == [b"x" * 100000, b""]
+
+
+async def test_signature_is_accepted_by_moto_and_a_wrong_secret_is_not(moto, aws_env):
+    aws_env(moto.key, moto.secret, moto.region)
+    client = moto.client("kinesis")
+    client.create_stream(StreamName="edge", ShardCount=1)
+    endpoint = await trio.to_thread.run_sync(lambda: open_trio_endpoint("kinesis", endpoint_url=moto.url))
+    reply = await endpoint.call(TARGET, body("edge", [b"signed in the event loop"]))
+    assert reply.status == 200, reply.body
+    assert [r["Data"] for r in read_stream(client, "edge")] == [b"signed in the event loop"]
+    aws_env(moto.key, "wrong", moto.region)
+    wrong = await trio.to_thread.run_sync(lambda: open_trio_endpoint("kinesis", endpoint_url=moto.url))
+    refused = await wrong.call(TARGET, body("edge"))
+    assert refused.status == 403 and b"SignatureDoesNotMatch" in refused.body
+    await endpoint.aclose()
+    await wrong.aclose()
+
+
+async def test_a_proxy_in_the_environment_means_the_threaded_endpoint(fault_server, aws_env, monkeypatch):
+    aws_env()
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    endpoint = await trio.to_thread.run_sync(
+        lambda: open_trio_endpoint("kinesis", endpoint_url=fault_server.url))
+    assert isinstance(endpoint, BotocoreEndpoint)
+    await endpoint.aclose()
+
+
+async def test_calls_reuse_one_connection_and_need_no_thread_once_credentials_are_frozen(
+        fault_server, monkeypatch):
+    endpoint = _endpoint(fault_server.url)
+    assert (await endpoint.call(TARGET, body())).status == 200
+
+    async def no_threads(*args, **kwargs):
+        raise AssertionError("a worker thread was used")
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", no_threads)
+    for _ in range(3):
+        assert (await endpoint.call(TARGET, body())).status == 200
+    assert endpoint.connections_opened == 1
+    assert len(fault_server.requests) == 4
+    await endpoint.aclose()
+
+
+def _refreshable(refresh):
+    soon = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1)).isoformat()
+    return RefreshableCredentials.create_from_metadata(
+        {"access_key": "old", "secret_key": "old", "token": "t", "expiry_time": soon},
+        refresh_using=refresh, method="test")
+
+
+async def test_credentials_near_expiry_are_refreshed_in_a_worker_thread(fault_server):
+    threads = []
+    later = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)).isoformat()
+
+    def refresh():
+        threads.append(threading.current_thread())
+        return {"access_key": "fresh", "secret_key": "fresh", "token": "t2", "expiry_time": later}
+
+    endpoint = _endpoint(fault_server.url, _refreshable(refresh))
+    assert (await endpoint.call(TARGET, body())).status == 200
+    assert threads and all(t is not threading.current_thread() for t in threads)
+    assert "Credential=fresh/" in fault_server.requests[0]["Authorization"]
+    await endpoint.aclose()
+
+
+async def test_credentials_that_cannot_refresh_are_a_credentials_error(fault_server):
+    from botocore.exceptions import CredentialRetrievalError
+
+    def refresh():
+        raise CredentialRetrievalError(provider="test", error_msg="token file gone")
+
+    endpoint = _endpoint(fault_server.url, _refreshable(refresh))
+    with pytest.raises(CredentialsError, match="token file gone"):
+        await endpoint.call(TARGET, body())
+    nobody = TrioEndpoint(_Session(None), fault_server.url, "us-east-1", "kinesis")
+    with pytest.raises(CredentialsError, match="no AWS credentials"):
+        await nobody.call(TARGET, body())
+    assert fault_server.requests == []
+
+
+async def test_refused_reset_and_slow_answers_are_transient_and_the_connection_is_not_reused(
+        fault_server):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = "http://127.0.0.1:%d" % probe.getsockname()[1]
+    with pytest.raises(TransientError):
+        await _endpoint(closed).call(TARGET, body())
+    fault_server.fake.plan(Plan("hang", delay=5.0), Plan("reset"))
+    slow = _endpoint(fault_server.url, timeout=0.3)
+    with pytest.raises(TransientError, match="Timeout"):
+        await slow.call(TARGET, body())
+    with pytest.raises(TransientError):
+        await slow.call(TARGET, body())
+    assert (await slow.call(TARGET, body())).status == 200
+    assert slow.connections_opened == 3
+    await slow.aclose()
+
+
+async def test_a_cancelled_call_closes_its_connection(fault_server):
+    fault_server.fake.plan(Plan("hang", delay=5.0))
+    endpoint = _endpoint(fault_server.url)
+    with trio.move_on_after(0.2):
+        await endpoint.call(TARGET, body())
+    assert (await endpoint.call(TARGET, body())).status == 200
+    assert endpoint.connections_opened == 2
+    await endpoint.aclose()
+
+
+async def test_the_payload_hash_is_sha256_of_the_body_taken_in_slices():
+    data = memoryview(bytes(range(256)) * (3 * HASH_SLICE // 256 + 7))
+    assert await _sha256_hex(data) == hashlib.sha256(data).hexdigest()
+    assert await _sha256_hex(memoryview(b"")) == hashlib.sha256(b"").hexdigest()
