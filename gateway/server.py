@@ -46,6 +46,7 @@ from gateway.config.settings import Config
 from gateway.http.connection import CLOSED, NEED_DATA, HTTPConnection, RequestHead
 from gateway.http.transport import SocketTransport, TLSHandshakeFailed, TLSTransport, Transport
 from gateway.observe import logs
+from gateway.observe.loop import watch_loop
 from gateway.observe.memory import limit_malloc_arenas
 from gateway.observe.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.observe.telemetry import Histogram, Telemetry
@@ -226,6 +227,7 @@ class Gateway:
                     # Returns after one probe of Redis, answered or not.
                     await sink_nursery.start(self.access.run)
                 await sink_nursery.start(self.metrics.run)
+                await sink_nursery.start(watch_loop, self.telemetry.loop_lag)
                 async with trio.open_nursery() as connections:
                     self._conn_scope = connections.cancel_scope
                     with trio.CancelScope() as accept_scope:

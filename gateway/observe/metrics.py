@@ -192,6 +192,9 @@ REDIS_UP = Family(
 GC_PAUSE = Family(
     "sluice_gc_pause_seconds", HISTOGRAM,
     "Stop-the-world GC pauses by kind (CPython gen0, gen1, gen2; PyPy minor, major_step)", ("kind",))
+LOOP_LAG = Family(
+    "sluice_event_loop_lag_seconds", HISTOGRAM,
+    "How late the event loop's 25 ms heartbeat woke up: the loop was busy (a stall) that long")
 GC_MAJOR = Family(
     "sluice_gc_major_collection_seconds", HISTOGRAM,
     "Full collections (CPython gen2 pauses; PyPy the sum of a major collection's steps)")
@@ -208,7 +211,7 @@ FAMILIES: Tuple[Family, ...] = (
     SINK_BATCH_BYTES, SINK_CALL_DURATION, SINK_CALLS, SINK_RETRIES, SINK_THROTTLES,
     SINK_RECORDS_PER_KINESIS_RECORD, SINK_KINESIS_RECORDS, SINK_PAYLOAD_UNITS, SINK_SENT_BYTES,
     ACCESS_DECISIONS, REDIS_PIPELINES, REDIS_BATCH_DURATION, REDIS_FAILURES, REDIS_UP, GC_PAUSE,
-    GC_MAJOR, RESIDENT_MEMORY, BUILD_INFO,
+    GC_MAJOR, LOOP_LAG, RESIDENT_MEMORY, BUILD_INFO,
 )
 
 _STAGES = ("body", "sink", "respond")
@@ -242,6 +245,7 @@ def gateway_samples(gateway: Any) -> List[Sample]:
         _access_samples(gateway.access, out)
     out.extend((GC_PAUSE, (kind,), hist) for kind, hist in telemetry.gc.histograms())
     out.append((GC_MAJOR, (), telemetry.gc.major))
+    out.append((LOOP_LAG, (), telemetry.loop_lag))
     rss = rss_bytes()
     if rss is not None:
         out.append((RESIDENT_MEMORY, (), rss))

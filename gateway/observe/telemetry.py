@@ -49,8 +49,13 @@ from array import array
 from bisect import bisect_left
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+#: Bucket bounds (seconds) of the event loop's lateness: from well under the
+#: 1 ms a request may wait, to the second that fails a health check.
+LOOP_LAG_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
 __all__ = [
     "GC_PAUSE_BOUNDS",
+    "LOOP_LAG_BOUNDS",
     "STAGE_BOUNDS",
     "RECENT_PAUSES",
     "ROUTES",
@@ -483,6 +488,8 @@ class Telemetry:
         self.requests = RequestCounts()
         #: Body bytes of accepted records.
         self.body_bytes = 0
+        #: How late the event loop's heartbeat woke up (gateway.observe.loop).
+        self.loop_lag = Histogram(LOOP_LAG_BOUNDS)
 
     def install(self) -> bool:
         """Start GC pause recording; False when the hooks are unavailable."""
