@@ -14,6 +14,41 @@ from bench.load.stubs import check_put_records
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def test_seed_mix_is_the_design_load() -> None:
+    seed = bodies.sizes_for("seed")
+    assert len(seed) == 100 and seed == bodies.sizes_for("seed")
+    assert (seed.count(1024), seed.count(16 * 1024), seed.count(256 * 1024), seed.count(900_000)) == (
+        85, 10, 4, 1)
+
+
+def test_seed_profile_sets_the_design_load_and_flags_given_win() -> None:
+    from bench.load import cli
+
+    args = cli._parser().parse_args(["--profile", "seed", "--duration", "60"])
+    cli._apply_profile(args, ["--profile", "seed", "--duration", "60"])
+    assert (args.sink, args.sizes, args.modes, args.rate, args.duration) == (
+        "kinesis", "seed", "open", 500.0, 60)
+    assert args.gateway_arg == ["--ack=received"] and args.peers == "nginx,uvicorn"
+
+
+def test_seed_targets_are_marked_met_or_missed() -> None:
+    from bench.load import report
+
+    def case(server, cpu, p99, peak, gc_max):
+        return {"server": server, "cpu_percent": cpu, "window": [0.0, 100.0],
+                "load": {"latency_s": {"p99": p99, "max": 2 * p99}},
+                "rss": {"steady_bytes": peak}, "rss_samples": [(t, peak) for t in range(100)],
+                "gc": {"count": 10, "max_s": gc_max}}
+
+    table = report.seed_targets([case("sluice-pypy", 8.0, 0.0021, 100e6, 0.001),
+                                 case("nginx", 1.0, 0.0018, 5e6, None)], "PyPy", ["--ack=received"])
+    assert "| sluice-pypy CPU ≤ 10% of a core | 8.0% | met |" in table
+    assert "missed" not in table
+    table = report.seed_targets([case("sluice-pypy", 40.0, 0.02, 300e6, 0.01),
+                                 case("nginx", 1.0, 0.0018, 5e6, None)], "PyPy", ["--ack=received"])
+    assert table.count("missed") == 5  # CPU, p99, max, GC, RSS; RSS is flat
+
+
 def test_mix_is_fixed_and_bounded() -> None:
     mix = bodies.sizes_for("mix")
     assert len(mix) == 100 and max(mix) == 1_000_000 and mix.count(1024) == 80

@@ -26,13 +26,18 @@ __all__ = ["main"]
 
 #: Open-loop rates per mix when --rate is not given: well inside what every
 #: server here sustains, so the latencies say something about service time.
-DEFAULT_RATES = {"1k": 2000.0, "64k": 1000.0, "1m": 100.0, "mix": 1000.0}
+DEFAULT_RATES = {"1k": 2000.0, "64k": 1000.0, "1m": 100.0, "mix": 1000.0, "seed": 500.0}
 #: Seconds between a client's launch and its first request.
 START_DELAY = 1.0
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n")[0])
+    p.add_argument("--profile", choices=("seed",), default=None,
+                   help="seed: the design load (500 req/s open loop of the seed mix, Kinesis sink, "
+                        "--ack received, access control on, 600 s after 30 s of warm-up, against nginx "
+                        "and uvicorn), then a table of its targets, each met or missed; any flag given "
+                        "as well overrides the profile's")
     p.add_argument("--python", default="current",
                    help="gateway interpreter: cpython, pypy, current (default) or a path")
     p.add_argument("--sink", choices=("null", "file", "kinesis"), default="null")
@@ -141,8 +146,26 @@ def _start(name: str, workers: int, python: str, args: argparse.Namespace, case_
     return servers.start_peer(name, case_dir, args.cache)
 
 
+#: What ``--profile seed`` sets, unless the flag is given too.
+SEED_PROFILE = {"sink": "kinesis", "sizes": "seed", "modes": "open", "rate": 500.0, "duration": 600.0,
+                "warmup": 30.0, "peers": "nginx,uvicorn", "workers": "1"}
+
+
+def _apply_profile(args: argparse.Namespace, argv: List[str]) -> None:
+    if args.profile != "seed":
+        return
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    for name, value in SEED_PROFILE.items():
+        if "--" + name.replace("_", "-") not in given:
+            setattr(args, name, value)
+    if not any(a.startswith("--ack") for a in args.gateway_arg):
+        args.gateway_arg.insert(0, "--ack=received")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(raw)
+    _apply_profile(args, raw)
     python = _interpreter(args.python)
     mixes = [m for m in args.sizes.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
@@ -237,6 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"meta": meta, "cases": cases}, f)
     table = report.markdown(cases)
+    if args.profile == "seed":
+        table += "\n" + report.seed_targets(cases, implementation, args.gateway_arg)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("# Load run %s\n\n%s\n\n%s\n" % (meta["started"], "\n".join("- " + n for n in notes), table))
     if not args.no_plots:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["gc_summary", "rss_summary", "allocation_per_request", "markdown"]
+__all__ = ["gc_summary", "rss_summary", "allocation_per_request", "markdown", "seed_targets"]
 
 _UNITS = {"kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "b": 1}
 
@@ -117,4 +117,81 @@ def markdown(cases: List[Dict[str, Any]]) -> str:
             _ms(lat["p99"]), _ms(lat["p99.9"]), _ms(lat["max"]), c["cpu_percent"],
             _mb(c["rss"]["peak_bytes"]), _mb(c["rss"]["steady_bytes"]),
             gc.get("count", "–"), _ms(gc.get("p99_s")), _ms(gc.get("max_s")), alloc_text, errors))
+    return "\n".join(rows) + "\n"
+
+
+#: The design load's targets (``--profile seed``), per interpreter.
+SEED_CPU_PERCENT = {"PyPy": 10.0, "CPython": 30.0}
+SEED_RSS_BYTES = {"PyPy": 128 * 1024 * 1024, "CPython": 80 * 1024 * 1024}
+#: p99 above the client's own floor (nginx in the same run), --ack received.
+SEED_P99_OVER_FLOOR_S = 0.0005
+SEED_MAX_LATENCY_S = 0.010
+SEED_CPYTHON_P99_S = 0.006
+SEED_MAX_GC_PAUSE_S = 0.002
+#: --ack kinesis: p99 within the linger plus this.
+SEED_ACK_P99_OVER_LINGER_S = 0.005
+#: RSS over the last 8 of 10 minutes stays within this fraction of its median.
+SEED_RSS_FLATNESS = 0.05
+
+
+def _flatness(samples: Sequence[Tuple[float, int]], window: Tuple[float, float]) -> Optional[float]:
+    """Largest deviation from the median RSS over the window's last 80%, as a fraction."""
+    start, end = window
+    inside = [rss for t, rss in samples if start + 0.2 * (end - start) <= t < end]
+    if not inside:
+        return None
+    middle = statistics.median(inside)
+    return max(abs(rss - middle) for rss in inside) / middle
+
+
+def seed_targets(cases: List[Dict[str, Any]], implementation: str, gateway_args: Sequence[str]) -> str:
+    """The ``--profile seed`` targets, each marked met or missed, from one run's cases."""
+    floor = next((c for c in cases if c["server"] == "nginx"), None)
+    ack = "kinesis" if any(a.replace(" ", "=") == "--ack=kinesis" for a in gateway_args) else "received"
+    linger = 0.010
+    rows = ["| target | measured | met |", "|---|---|---|"]
+
+    def row(name: str, value: str, ok: Optional[bool]) -> None:
+        rows.append("| %s | %s | %s |" % (name, value, "–" if ok is None else ("met" if ok else "missed")))
+
+    for c in cases:
+        if not c["server"].startswith("sluice"):
+            continue
+        lat = c["load"]["latency_s"]
+        cpu_limit = SEED_CPU_PERCENT.get(implementation, 30.0)
+        row("%s CPU ≤ %.0f%% of a core" % (c["server"], cpu_limit), "%.1f%%" % c["cpu_percent"],
+            c["cpu_percent"] <= cpu_limit)
+        if ack == "kinesis":
+            row("p99 ≤ linger (%.0f ms) + 5 ms" % (linger * 1e3), _ms(lat["p99"]) + " ms",
+                lat["p99"] <= linger + SEED_ACK_P99_OVER_LINGER_S)
+        elif implementation == "PyPy":
+            if floor is not None:
+                limit = floor["load"]["latency_s"]["p99"] + SEED_P99_OVER_FLOOR_S
+                row("p99 ≤ nginx p99 + 0.5 ms (%s ms)" % _ms(limit), _ms(lat["p99"]) + " ms",
+                    lat["p99"] <= limit)
+            else:
+                row("p99 ≤ nginx p99 + 0.5 ms", _ms(lat["p99"]) + " ms (no nginx in this run)", None)
+            row("no request over 10 ms", "max %s ms" % _ms(lat["max"]), lat["max"] <= SEED_MAX_LATENCY_S)
+        else:
+            row("p99 ≤ 6 ms", _ms(lat["p99"]) + " ms", lat["p99"] <= SEED_CPYTHON_P99_S)
+        gc = c.get("gc") or {}
+        if gc.get("max_s") is not None:
+            row("no GC pause over 2 ms", "max %s ms over %d pauses" % (_ms(gc["max_s"]), gc["count"]),
+                gc["max_s"] <= SEED_MAX_GC_PAUSE_S)
+        else:
+            row("no GC pause over 2 ms", "no pause recorded", True if gc.get("count") == 0 else None)
+        steady = c["rss"]["steady_bytes"]
+        rss_limit = SEED_RSS_BYTES.get(implementation, SEED_RSS_BYTES["CPython"])
+        row("steady RSS ≤ %s MB" % _mb(rss_limit), "%s MB" % _mb(steady),
+            None if steady is None else steady <= rss_limit)
+        flat = _flatness(c["rss_samples"], (c["window"][0], c["window"][1]))
+        row("RSS flat (last 80%% of the window within ±%.0f%%)" % (100 * SEED_RSS_FLATNESS),
+            "–" if flat is None else "±%.1f%%" % (100 * flat),
+            None if flat is None else flat <= SEED_RSS_FLATNESS)
+    for c in cases:
+        if not c["server"].startswith("sluice"):
+            lat = c["load"]["latency_s"]
+            rows.append("| %s (same run) | CPU %.1f%%, p99 %s ms, max %s ms, RSS %s MB | |" % (
+                c["server"], c["cpu_percent"], _ms(lat["p99"]), _ms(lat["max"]),
+                _mb(c["rss"]["steady_bytes"])))
     return "\n".join(rows) + "\n"
