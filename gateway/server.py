@@ -539,7 +539,7 @@ class Gateway:
             raise
         self.accepted += 1
         if tenant_name is not None and length is None and self.access is not None:
-            self.access.add_usage(tenant_name, 0, filled)
+            self.access.charge_after_store(tenant_name, filled)
         if extra:
             doc = {"id": record_id}
             doc.update(extra)

@@ -50,6 +50,9 @@ def admin(redis_server: RedisServer) -> Iterator[Any]:  # noqa: F811
 @asynccontextmanager
 async def running(url: str, clock: Callable[[], float] = time.time,
                   **options: Any) -> AsyncIterator[AccessControl]:
+    # These tests are about the exact mode's batches and caches; leases are
+    # tested in test_access_lease.py.
+    options.setdefault("admission", "exact")
     access = AccessControl(AccessConfig(redis_url=url, **options), clock=clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(access.run)

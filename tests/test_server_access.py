@@ -99,6 +99,9 @@ async def gateway_with(edge: FakeEdge, **options) -> AsyncIterator[Tuple[Gateway
     config = from_args(list(SMALL_FLAGS), {})
     holder: Dict[str, Gateway] = {}
     sink = TenantKeySink(lambda slot: holder["gateway"].ring.release(slot))
+    # FakeEdge answers the exact mode's check script; leases against a real
+    # Redis are tested in test_access_lease.py.
+    options.setdefault("admission", "exact")
     access = AccessControl(AccessConfig(redis_url="redis://127.0.0.1:1/0", **options), edge=edge)
     gateway = holder["gateway"] = Gateway(config, sink, access=access)
     async with trio.open_nursery() as nursery:

@@ -50,12 +50,15 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import trio
 
 from gateway.access import keystore
+from gateway.access.edge import AccessStatistics, Backoff, Edge
 from gateway.access.keystore import EdgeUnavailable, RedisEdge
+from gateway.access.lease import LEASE_SECONDS
+from gateway.access.leasing import Leases
 from gateway.access.limiter import (
     ADMITTED,
     DISABLED,
@@ -144,6 +147,9 @@ class AccessConfig:
     # A stuck worker thread is freed after this; must exceed check_timeout.
     socket_timeout: float = 1.0
     on_redis_failure: str = "closed"
+    # "lease": spend slices leased from Redis (gateway/access/lease.py);
+    # "exact": one script call per request (batched).
+    admission: str = "lease"
     # Gateways sharing the Redis: each admits 1/n of a tenant's rate when open.
     instance_count: int = 1
     # Reconnect backoff: fast first retry (a failover takes about a second),
@@ -166,78 +172,20 @@ class AccessConfig:
             # Well past the check's bound, so a slow reply is still read and
             # its connection reused rather than dropped.
             socket_timeout=max(1.0, 4 * config.redis_timeout),
-            on_redis_failure=config.on_redis_failure, instance_count=config.instance_count)
+            on_redis_failure=config.on_redis_failure, instance_count=config.instance_count,
+            admission=config.admission)
 
     def __post_init__(self) -> None:
         if self.on_redis_failure not in ("closed", "open"):
             raise ValueError("on_redis_failure must be 'closed' or 'open'")
+        if self.admission not in ("lease", "exact"):
+            raise ValueError("admission must be 'lease' or 'exact'")
         for name in ("batch_max_checks", "max_queued_checks", "max_concurrent_batches",
                      "instance_count", "key_cache_size"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be at least 1" % name)
         if self.socket_timeout <= 0 or self.check_timeout <= 0:
             raise ValueError("timeouts must be positive")
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays: ``delay`` now, :meth:`next` for the one after."""
-
-    initial: float
-    maximum: float
-    attempt: int = 0
-
-    @property
-    def delay(self) -> float:
-        return min(self.maximum, self.initial * (2 ** min(self.attempt, 30)))
-
-    def next(self) -> Backoff:
-        return Backoff(self.initial, self.maximum, self.attempt + 1)
-
-
-@dataclass(frozen=True)
-class AccessStatistics:
-    """Counters since start, plus the queue and Redis state right now.
-
-    ``pipelines`` counts node round trips (a batch to three cluster masters
-    is three, sent in parallel); ``redis_checks`` the scripts they carried.
-    """
-
-    redis_state: str
-    checks: int
-    admitted: int
-    admitted_local: int
-    refused: int
-    unavailable: int
-    key_cache_hits: int
-    refusal_cache_hits: int
-    redis_checks: int
-    batches: int
-    pipelines: int
-    script_loads: int
-    timeouts: int
-    redis_failures: int
-    queued: int
-    pending_usage_records: int
-    pending_usage_bytes: int
-
-
-class Edge(Protocol):
-    """What AccessControl needs of Redis; sync, called from worker threads.
-
-    :class:`gateway.keystore.RedisEdge` is the real one.  Failures to reach
-    Redis raise :class:`gateway.keystore.EdgeUnavailable`.
-    """
-
-    def probe(self) -> None:
-        """Connect if needed, check the server answers, load the script."""
-
-    def run_checks(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]]
-                   ) -> Tuple[List[object], int, int]:
-        """Replies (or exceptions) per call, pipelines sent, scripts loaded."""
-
-    def close(self) -> None:
-        """Drop connections; :meth:`probe` may connect again."""
 
 
 class _KeyEntry:
@@ -333,6 +281,7 @@ class AccessControl:
         self._parsed: Dict[bytes, ParsedKey] = {}
         self._refusals: Dict[str, Tuple[Decision, int, float]] = {}
         self._local = LocalLimiter(config.instance_count, config.key_cache_size)
+        self._leases = Leases(self) if config.admission == "lease" else None
         self._counts = dict.fromkeys(
             ("checks", "admitted", "admitted_local", "refused", "unavailable",
              "key_cache_hits", "refusal_cache_hits", "redis_checks", "batches",
@@ -399,6 +348,8 @@ class AccessControl:
                 raise refusal[0].error(now)
         if self._state != OK:
             return self._unavailable(key, entry, body_bytes, now)
+        if self._leases is not None:
+            return await self._leases.check(key, body_bytes, now)
         pending = _Pending(key, body_bytes, now)
         with trio.move_on_after(self.config.check_timeout):
             await self._send.send(pending)
@@ -428,6 +379,11 @@ class AccessControl:
                 until = min(until, decision.now + self.config.key_cache_ttl)
             self._bounded_put(self._refusals, key.tenant, (decision, cost, until))
         raise decision.error()
+
+    def _refuse(self, decision: Decision, now: float) -> NoReturn:
+        self._counts["refused"] += 1
+        self._decisions[_DECISION_OF[decision.outcome]] += 1
+        raise decision.error(now)
 
     def _remember(self, key_hash: str, decision: Decision) -> None:
         self._bounded_put(self._keys, key_hash, _KeyEntry(decision, decision.now))
@@ -477,10 +433,24 @@ class AccessControl:
         For what a check could not know: a chunked body's size, or a request
         that was admitted (and counted) but then not stored.
         """
+        if self._leases is not None and (records < 0 or body_bytes < 0) \
+                and self._leases.give_back(tenant, -records, -body_bytes):
+            return
         now = self._clock()
         delta = UsageDelta.for_request(tenant, body_bytes, now)
         self._local.add_usage(UsageDelta(delta.tenant, delta.month, records, delta.bytes,
                                          delta.expire_at))
+
+    def charge_after_store(self, tenant: str, body_bytes: int) -> None:
+        """Charge a body whose size was known only once stored (chunked) to ``tenant``.
+
+        With leases it is spent from the tenant's slice, which may go into
+        debt: the debt is charged to the byte rate and the month when the
+        slice is settled, so a tenant in debt gets 429 until it is paid.
+        """
+        if self._leases is not None and self._leases.charge_after_store(tenant, body_bytes):
+            return
+        self.add_usage(tenant, 0, body_bytes)
 
     # -- the background loop ------------------------------------------------
 
@@ -507,16 +477,25 @@ class AccessControl:
 
         Call once no more checks come (the gateway's connections are done).
         """
-        if self._state == OK and self._local.pending_usage() != (0, 0):
+        if self._state == OK:
             with trio.move_on_after(self.config.socket_timeout):
-                await self._execute([])
+                if self._leases is not None:
+                    await self._leases.settle_expired(self._clock(), everything=True)
+                if self._local.pending_usage() != (0, 0):
+                    await self._execute([])
         self._closed = True
         if self._run_scope is not None:
             self._run_scope.cancel()
 
     async def _flush_loop(self) -> None:
+        interval = self.config.usage_flush_interval
+        if self._leases is not None:
+            # Slices go back within a quarter of a lease after it ends.
+            interval = min(interval, LEASE_SECONDS / 4)
         while True:
-            await trio.sleep(self.config.usage_flush_interval)
+            await trio.sleep(interval)
+            if self._leases is not None:
+                await self._leases.settle_expired(self._clock())
             if self._state == OK and self._local.pending_usage() != (0, 0):
                 await self._execute([])
 

@@ -40,6 +40,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from gateway.access.lease import LEASE_SCRIPT
 from gateway.access.limiter import (
     API_KEY_PREFIX,
     CHECK_SCRIPT,
@@ -363,11 +364,12 @@ class RedisEdge:
             return self._client
 
     def probe(self) -> None:
-        """Connect if needed, PING and load the script; raise EdgeUnavailable."""
+        """Connect if needed, PING and load the scripts; raise EdgeUnavailable."""
         try:
             client = self._get_client()
             client.ping()
             client.script_load(CHECK_SCRIPT)
+            client.script_load(LEASE_SCRIPT)
         except _EDGE_ERRORS as exc:
             raise EdgeUnavailable(type(exc).__name__) from exc
         except redis.exceptions.ResponseError as exc:
@@ -390,6 +392,7 @@ class RedisEdge:
                        if isinstance(results[i], redis.exceptions.NoScriptError)]
             if missing:
                 client.script_load(CHECK_SCRIPT)
+                client.script_load(LEASE_SCRIPT)
                 again, more = self._send(client, [commands[i] for i in missing])
                 for i, reply in zip(missing, again):
                     results[i] = reply

@@ -289,10 +289,11 @@ CHECK_SCRIPT_SHA = hashlib.sha1(CHECK_SCRIPT.encode("utf-8")).hexdigest()
 
 @dataclass(frozen=True)
 class ScriptCall:
-    """One EVALSHA of :data:`CHECK_SCRIPT`: its KEYS and ARGV."""
+    """One EVALSHA: its KEYS and ARGV, of :data:`CHECK_SCRIPT` unless ``sha`` names another."""
 
     keys: Tuple[str, ...]
     args: Tuple[str, ...]
+    sha: str = CHECK_SCRIPT_SHA
 
 
 def check_call(key: ParsedKey, body_bytes: int, now: float, records: int = 1,
@@ -314,7 +315,7 @@ def check_call(key: ParsedKey, body_bytes: int, now: float, records: int = 1,
 
 def check_command(call: ScriptCall) -> Tuple[object, ...]:
     """The Redis command (EVALSHA) that runs ``call``."""
-    return ("EVALSHA", CHECK_SCRIPT_SHA, len(call.keys)) + call.keys + call.args
+    return ("EVALSHA", call.sha, len(call.keys)) + call.keys + call.args
 
 
 def usage_commands(delta: UsageDelta, ttl: int) -> List[Tuple[object, ...]]:

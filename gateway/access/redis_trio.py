@@ -29,6 +29,7 @@ import trio
 from redis.connection import parse_url
 
 from gateway.access.keystore import EdgeUnavailable
+from gateway.access.lease import LEASE_SCRIPT
 from gateway.access.limiter import CHECK_SCRIPT, ScriptCall, UsageDelta, check_command, usage_commands
 from gateway.access.resp import NEED_DATA, ProtocolError, ReplyError, ReplyReader, pack_command
 
@@ -91,11 +92,12 @@ class AsyncRedisEdge:
     # -- the Edge interface ------------------------------------------------
 
     async def probe(self) -> None:
-        """Connect if needed, PING and load the script; raise EdgeUnavailable."""
+        """Connect if needed, PING and load the scripts; raise EdgeUnavailable."""
         out = bytearray()
         pack_command(out, ("PING",))
         pack_command(out, ("SCRIPT", "LOAD", CHECK_SCRIPT))
-        for reply in await self._pipeline(out, 2):
+        pack_command(out, ("SCRIPT", "LOAD", LEASE_SCRIPT))
+        for reply in await self._pipeline(out, 3):
             if isinstance(reply, ReplyError):
                 # Redis answered but refused (an ACL without EVALSHA): the
                 # reply says why and holds no secret.
@@ -118,10 +120,11 @@ class AsyncRedisEdge:
             # Redis restarted or flushed its scripts: load it and ask again.
             again = bytearray()
             pack_command(again, ("SCRIPT", "LOAD", CHECK_SCRIPT))
+            pack_command(again, ("SCRIPT", "LOAD", LEASE_SCRIPT))
             for i in missing:
                 pack_command(again, check_command(calls[i]))  # type: ignore[arg-type]
-            more = await self._pipeline(again, 1 + len(missing))
-            for i, reply in zip(missing, more[1:]):
+            more = await self._pipeline(again, 2 + len(missing))
+            for i, reply in zip(missing, more[2:]):
                 replies[i] = reply
             pipelines, loads = 2, 1
         for reply in replies:

@@ -342,6 +342,11 @@ SETTINGS: List[Setting] = [
             "while Redis cannot answer: closed (503 for every ingest request) or open (keys "
             "Redis confirmed within --stale-key-ttl are admitted at the rate limit divided by "
             "--instance-count; usage is added to Redis once it is back)"),
+    Setting("admission", _choice("lease", "exact"), "lease",
+            "how requests are admitted: lease (each gateway leases slices of a tenant's rates "
+            "and quotas from Redis and spends them in memory: at most 20 Redis calls per tenant "
+            "per second, revocations show within 1s) or exact (one Redis script call per "
+            "request, batched)"),
     Setting("redis_timeout", parse_duration, "250ms",
             "longest an access check waits for Redis, then 503 (or the open-mode answer); a "
             "pipelined check takes about a millisecond", minimum=0.001, maximum=30.0),
@@ -357,7 +362,7 @@ SETTINGS: List[Setting] = [
 ]
 
 #: Settings that mean nothing without --redis: giving one alone is a mistake.
-ACCESS_SETTINGS = ("redis_cluster", "on_redis_failure", "redis_timeout", "key_cache_ttl",
+ACCESS_SETTINGS = ("redis_cluster", "on_redis_failure", "admission", "redis_timeout", "key_cache_ttl",
                    "stale_key_ttl", "instance_count")
 
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -406,6 +411,7 @@ class Config:
     redis: str = dataclasses.field(default="", repr=False)
     redis_cluster: bool = False
     on_redis_failure: str = "closed"
+    admission: str = "lease"
     redis_timeout: float = 0.25
     key_cache_ttl: float = 5.0
     stale_key_ttl: float = 3600.0

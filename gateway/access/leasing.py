@@ -1,0 +1,212 @@
+"""The lease-mode half of :class:`gateway.access.control.AccessControl`.
+
+Theory of operation
+-------------------
+Each tenant seen by this process has a :class:`~gateway.access.lease.Lease`.
+:meth:`Leases.check` admits from it without awaiting anything while the
+slice lasts and the key was confirmed within
+:data:`~gateway.access.lease.LEASE_SECONDS`.  Otherwise one request per
+tenant becomes the *renewer*: it waits out
+:data:`~gateway.access.lease.MIN_CALL_INTERVAL` since the tenant's last call
+if needed, then sends one lease call (settle the old slice, confirm the keys,
+lease the next slice) through the control's pipeline; the other requests of
+that tenant wait for it and then spend from the new slice.  A refusal is kept
+on the lease until its retry time (and at least the call interval), so a
+throttled tenant does not reach Redis more often either.
+
+:meth:`Leases.settle_expired` hands back the slices that outlived their
+lease (the control's flush loop calls it), :meth:`Leases.settle_all` every
+slice at shutdown.  While Redis is not answering nothing is spent from a
+slice: the control answers as ``--on-redis-failure`` says, and the slices
+are settled once Redis is back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple, cast
+
+import trio
+
+from gateway.access.lease import (
+    MIN_CALL_INTERVAL,
+    SETTLED,
+    Grant,
+    Lease,
+    Settlement,
+    lease_call,
+    parse_lease_reply,
+)
+from gateway.access.limiter import (
+    DISABLED,
+    QUOTA,
+    REVOKED,
+    UNKNOWN,
+    Admission,
+    Decision,
+    ParsedKey,
+    ScriptCall,
+)
+
+__all__ = ["Leases"]
+
+
+class _Renewal:
+    """A lease call in flight for one tenant; ``event`` is set when it is done."""
+
+    __slots__ = ("event", "failed")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.failed = False
+
+
+class Leases:
+    """Slices per tenant for one :class:`~gateway.access.control.AccessControl`."""
+
+    def __init__(self, control: Any) -> None:
+        self._control = control
+        self._leases: Dict[str, Lease] = {}
+
+    def lease(self, tenant: str) -> Optional[Lease]:
+        return self._leases.get(tenant)
+
+    async def check(self, key: ParsedKey, body_bytes: int, now: float) -> Admission:
+        """Admit from the tenant's slice, renewing it when needed; raise a refusal."""
+        lease = self._leases.get(key.tenant)
+        if lease is None:
+            lease = Lease(key.tenant)
+            self._control._bounded_put(self._leases, key.tenant, lease)
+        control = self._control
+        while True:
+            admission = lease.try_spend(key.key_hash, body_bytes, now)
+            if admission is not None:
+                control._counts["admitted"] += 1
+                control._decisions["admitted"] += 1
+                return admission
+            refusal = lease.refusal
+            if refusal is not None and now < refusal[2] and body_bytes >= refusal[1]:
+                control._counts["refusal_cache_hits"] += 1
+                return control._refuse(refusal[0], now)
+            renewal = cast(Optional[_Renewal], lease.renewal)
+            if renewal is None:
+                renewal = await self._renew(lease, key, body_bytes, now)
+            else:
+                with trio.move_on_after(control.config.check_timeout):
+                    await renewal.event.wait()
+            if control._state != "ok" or renewal.failed or not renewal.event.is_set():
+                return control._unavailable(key, control._keys.get(key.key_hash), body_bytes, now)
+            entry = control._keys.get(key.key_hash)
+            if entry is not None and entry.decision.outcome in (UNKNOWN, REVOKED, DISABLED):
+                return control._refuse(entry.decision, now)
+            now = control._clock()
+
+    async def _renew(self, lease: Lease, key: ParsedKey, body_bytes: int,
+                     now: float) -> _Renewal:
+        control = self._control
+        renewal = lease.renewal = _Renewal()
+        try:
+            wait = lease.last_call + MIN_CALL_INTERVAL - now
+            if wait > 0:
+                await trio.sleep(wait)
+                now = control._clock()
+            lease.last_call = now
+            hashes = lease.keys_to_confirm(key.key_hash, now)
+            want_requests, want_bytes = lease.wants(body_bytes, now)
+            settlement = lease.settlement()
+            call = lease_call(key.tenant, hashes, settlement, body_bytes, want_requests,
+                              want_bytes, now)
+            reply = await self._call(call, settlement, lease)
+            if reply is None:
+                renewal.failed = True
+                return renewal
+            try:
+                result = parse_lease_reply(reply, key.tenant, now)  # type: ignore[arg-type]
+            except ValueError:
+                renewal.failed = True
+                return renewal
+            if isinstance(result, Grant):
+                for key_hash, outcome in lease.granted(result, hashes):
+                    control._remember(key_hash, Decision(outcome, key.tenant, now=now))
+                for key_hash in hashes:
+                    if key_hash in lease.keys:
+                        control._remember(key_hash, Decision(
+                            "ok", key.tenant, lease.keys[key_hash][1].key_id, result.limits,
+                            now=now))
+            elif isinstance(result, Decision):
+                lease.refused(result, body_bytes, now + MIN_CALL_INTERVAL)
+                if result.outcome == QUOTA and lease.refusal is not None:
+                    # A quota raised by an admin must show within the key cache ttl.
+                    lease.refusal = lease.refusal[:2] + (
+                        now + control.config.key_cache_ttl,)
+                control._remember(key.key_hash, result)
+                if result.outcome == DISABLED:
+                    for key_hash in hashes:
+                        control._remember(key_hash, result)
+            return renewal
+        finally:
+            lease.renewal = None
+            renewal.event.set()
+
+    async def _call(self, call: ScriptCall, settlement: Settlement,
+                    lease: Lease) -> Optional[object]:
+        """One lease call's reply, or None (Redis failed or too slow)."""
+        control = self._control
+        results: Optional[List[object]] = None
+        with trio.move_on_after(control.config.check_timeout):
+            results = await control._pipeline([call], [], [], [])
+        if results is None:
+            if control._state == "ok":
+                control._counts["timeouts"] += 1
+                if control._redis_stalled():
+                    control._mark_down("no answer within %gs" % control.config.check_timeout)
+            lease.restore_debt(settlement)
+            return None
+        reply = results[0]
+        if isinstance(reply, Exception):
+            lease.restore_debt(settlement)
+            return None
+        return reply
+
+    def charge_after_store(self, tenant: str, nbytes: int) -> bool:
+        """Spend ``nbytes`` of a stored body from ``tenant``'s slice (debt allowed); False if none."""
+        lease = self._leases.get(tenant)
+        if lease is None or not lease.month:
+            return False
+        lease.charge(nbytes)
+        return True
+
+    def give_back(self, tenant: str, records: int, nbytes: int) -> bool:
+        """Return quota of a request not stored to ``tenant``'s slice; False if none."""
+        lease = self._leases.get(tenant)
+        if lease is None or not lease.month:
+            return False
+        lease.give_back(records, nbytes)
+        return True
+
+    async def settle_expired(self, now: float, everything: bool = False) -> None:
+        """Hand back, in one pipeline, the slices past their lease (all with ``everything``)."""
+        control = self._control
+        if control._state != "ok":
+            return
+        calls: List[ScriptCall] = []
+        taken: List[Tuple[Lease, Settlement]] = []
+        for lease in self._leases.values():
+            if lease.renewal is not None or not (everything or now >= lease.expires):
+                continue
+            settlement = lease.settlement()
+            if settlement.empty:
+                continue
+            calls.append(lease_call(lease.tenant, (), settlement, 0, 0, 0, now))
+            taken.append((lease, settlement))
+        if not calls:
+            return
+        results = await control._pipeline(calls, [], [], [])
+        for (lease, settlement), reply in zip(taken, results or [None] * len(taken)):
+            if isinstance(reply, (list, tuple)) and reply and reply[0] in (SETTLED, SETTLED.encode()):
+                continue
+            lease.restore_debt(settlement)
+
+    def outstanding(self) -> Tuple[int, int]:
+        """Records and bytes of quota leased and not spent, over every slice."""
+        return (sum(max(lease.quota_records, 0) for lease in self._leases.values()),
+                sum(max(lease.quota_bytes, 0) for lease in self._leases.values()))
