@@ -196,17 +196,19 @@ local function take(tat, rate, cap, need, want)
   local tau = cap * e
   local base = now
   if tat > now then base = tat end
-  local avail = math.floor((now + tau - base) / e + eps)
-  if avail < 0 then avail = 0 end
-  local ok, grant, retry
+  local ok, retry
+  local grant = need
   if need * e > tau then
     ok = base <= now
-    grant = need
     retry = base - now
   else
-    ok = avail >= need
-    grant = math.min(want, avail)
-    retry = base + need * e - tau - now
+    local first = base + need * e
+    ok = first - now <= tau + eps
+    retry = first - tau - now
+    if ok then
+      local fit = math.floor((now + tau + eps - base) / e)
+      if fit > need and want > need then grant = math.min(want, fit) end
+    end
   end
   if ok then
     local new_tat = base + grant * e
@@ -214,7 +216,9 @@ local function take(tat, rate, cap, need, want)
     if rem < 0 then rem = 0 end
     return true, new_tat, grant, 0, rem, new_tat - now
   end
-  return false, tat, 0, retry, avail, base - now
+  local rem = math.floor((now + tau - base) / e + eps)
+  if rem < 0 then rem = 0 end
+  return false, tat, 0, retry, rem, base - now
 end
 local rok, rnew, rgrant, rretry, rrem, rreset = take(rtat, rps, burst, 1, want_req)
 local bok, bnew, bgrant, bretry, brem, breset = take(btat, bps, bburst, need_bytes, want_bytes)
@@ -277,20 +281,26 @@ def lease_take(tat: float, rate: float, burst: float, need: int, want: int,
     e = 1 / rate
     tau = burst * e
     base = tat if tat > now else now
-    avail = max(int(math.floor((now + tau - base) / e + EPSILON)), 0)
+    grant = need
     if need * e > tau:
         ok = base <= now
-        grant = need
         retry = base - now
     else:
-        ok = avail >= need
-        grant = min(want, avail)
-        retry = base + need * e - tau - now
+        # The check script's GCRA decides for ``need`` (same operations, same
+        # order); only then are more units taken, as many as fit.
+        first = base + need * e
+        ok = first - now <= tau + EPSILON
+        retry = first - tau - now
+        if ok:
+            fit = int(math.floor((now + tau + EPSILON - base) / e))
+            if fit > need and want > need:
+                grant = min(want, fit)
     if ok:
         new_tat = base + grant * e
         remaining = max(int(math.floor((now + tau - new_tat) / e + EPSILON)), 0)
         return LeaseResult(True, new_tat, grant, 0.0, remaining, new_tat - now)
-    return LeaseResult(False, tat, 0, retry, avail, base - now)
+    remaining = max(int(math.floor((now + tau - base) / e + EPSILON)), 0)
+    return LeaseResult(False, tat, 0, retry, remaining, base - now)
 
 
 def refund_tat(tat: float, rate: float, units: int, now: float) -> float:
@@ -369,6 +379,10 @@ def parse_lease_reply(reply: Sequence[object], tenant: str, now: float) -> objec
     return Grant(_text(reply[1]), base.limits, int(reply[3]), int(reply[4]),  # type: ignore[call-overload]
                  int(reply[5]), int(reply[6]), int(reply[7]),  # type: ignore[call-overload]
                  float(_text(reply[8]) or 0), tuple(_text(s) for s in reply[9]), now)
+
+
+def _estimate(old: float, measured: float) -> float:
+    return measured if measured >= old else (old + measured) / 2
 
 
 def status_outcome(status: str) -> str:
@@ -464,13 +478,15 @@ class Lease:
         if self.granted_at > 0:
             elapsed = max(now - self.granted_at, MIN_CALL_INTERVAL)
             if elapsed < 2 * LEASE_SECONDS:
-                # Halfway between the last estimate and the last slice's rate.
-                self.request_rate = (self.request_rate + self.spent_requests / elapsed) / 2
-                self.byte_rate = (self.byte_rate + self.spent_bytes / elapsed) / 2
+                # Up at once, down by halves: a slice that ran out early
+                # doubles the next one; an idle tenant's slices shrink.
+                self.request_rate = _estimate(self.request_rate, self.spent_requests / elapsed)
+                self.byte_rate = _estimate(self.byte_rate, self.spent_bytes / elapsed)
             else:
                 self.request_rate = self.byte_rate = 0.0
-        want_requests = max(1, int(math.ceil(self.request_rate * SLICE_SECONDS)))
-        want_bytes = max(need_bytes, int(math.ceil(self.byte_rate * SLICE_SECONDS)))
+        # The asking request on top of what the recent rate would spend.
+        want_requests = 1 + int(math.ceil(self.request_rate * SLICE_SECONDS))
+        want_bytes = need_bytes + int(math.ceil(self.byte_rate * SLICE_SECONDS))
         limits = self.limits
         if limits is not None:
             if limits.requests_per_second > 0:
