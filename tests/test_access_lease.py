@@ -120,7 +120,7 @@ async def test_requests_spend_the_slice_and_usage_is_exact_once_settled(
             assert (await access.check(key, 10)).source == "lease"
             clock.now += 0.001  # 1000 requests/s
         calls = access.statistics().redis_checks
-        # Slices double while they run out early: about log2(0.1 s x 1000/s) calls.
+        # Slices grow while they run out early, to about 0.1 s of 1000/s.
         assert calls <= 12
         lease = access._leases.lease("ACME")  # type: ignore[union-attr]
         assert lease is not None and lease.requests > 0  # some of the slice still unspent

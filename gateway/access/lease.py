@@ -23,7 +23,8 @@ theoretical arrival time back by at most the unspent units and never below
 the present, so it never creates allowance that was not charged.
 
 Slice size (:meth:`Lease.wants`): :data:`SLICE_SECONDS` of the tenant's
-recent local rate, at least the request at hand, at most
+recent local rate (measured from a slice's grant to when it ran out), plus
+the request at hand and those waiting for the call, at most
 :data:`SLICE_BURST_FRACTION` of the burst.  Calls per tenant per process are
 spaced at least :data:`MIN_CALL_INTERVAL` apart, so at most 20 per second at
 any request rate.
@@ -70,6 +71,7 @@ __all__ = [
     "SLICE_SECONDS",
     "SLICE_BURST_FRACTION",
     "MIN_CALL_INTERVAL",
+    "MIN_RATE_WINDOW",
     "MAX_KEYS_PER_CALL",
     "SETTLED",
     "LEASE_SCRIPT",
@@ -98,6 +100,10 @@ SLICE_BURST_FRACTION = 0.25
 #: Least time between two lease calls for one tenant in one process: bounds
 #: the Redis calls of a tenant to 20 per second per process at any load.
 MIN_CALL_INTERVAL = 0.05
+#: Shortest time a slice's spending is measured over: a slice gone within
+#: it says the rate is at least slice/10 ms, so a burst of traffic on a fresh
+#: tenant needs a few calls to get slices of its size, not one per doubling.
+MIN_RATE_WINDOW = 0.01
 #: Keys confirmed by one call (all on the tenant's slot); a tenant using more
 #: keys at once in one process has the others confirmed by the next calls.
 MAX_KEYS_PER_CALL = 16
@@ -406,7 +412,8 @@ class Lease:
 
     __slots__ = ("tenant", "requests", "bytes", "quota_records", "quota_bytes", "month",
                  "granted_at", "expires", "last_call", "spent_requests", "spent_bytes",
-                 "request_rate", "byte_rate", "limits", "keys", "refusal", "renewal")
+                 "request_rate", "byte_rate", "limits", "keys", "refusal", "renewal",
+                 "waiting_requests", "waiting_bytes", "ran_out")
 
     def __init__(self, tenant: str) -> None:
         self.tenant = tenant
@@ -428,6 +435,11 @@ class Lease:
         self.refusal: Optional[Tuple[Decision, int, float]] = None
         #: Opaque to this module: the driver's handle on a call in flight.
         self.renewal: object = None
+        #: Requests (and their bytes) waiting for that call: demand it should cover.
+        self.waiting_requests = 0
+        self.waiting_bytes = 0
+        #: When a request first found the slice unable to admit it (0: not yet).
+        self.ran_out = 0.0
 
     def try_spend(self, key_hash: str, nbytes: int, now: float) -> Optional[Admission]:
         """Admit one request of ``nbytes`` from the slice, or None (a call is needed)."""
@@ -476,17 +488,20 @@ class Lease:
     def wants(self, need_bytes: int, now: float) -> Tuple[int, int]:
         """Requests and bytes to ask for: about :data:`SLICE_SECONDS` of the recent rate."""
         if self.granted_at > 0:
-            elapsed = max(now - self.granted_at, MIN_CALL_INTERVAL)
-            if elapsed < 2 * LEASE_SECONDS:
+            # The rate while the slice lasted: from its grant to when it ran out.
+            elapsed = max((self.ran_out or now) - self.granted_at, MIN_RATE_WINDOW)
+            if now - self.granted_at < 2 * LEASE_SECONDS:
                 # Up at once, down by halves: a slice that ran out early
-                # doubles the next one; an idle tenant's slices shrink.
+                # makes the next one larger; an idle tenant's slices shrink.
                 self.request_rate = _estimate(self.request_rate, self.spent_requests / elapsed)
                 self.byte_rate = _estimate(self.byte_rate, self.spent_bytes / elapsed)
             else:
                 self.request_rate = self.byte_rate = 0.0
-        # The asking request on top of what the recent rate would spend.
-        want_requests = 1 + int(math.ceil(self.request_rate * SLICE_SECONDS))
-        want_bytes = need_bytes + int(math.ceil(self.byte_rate * SLICE_SECONDS))
+        # The asking request and those waiting for the call, on top of what
+        # the recent rate would spend: a burst of traffic on a fresh slice
+        # is served by the next call, not by slices doubling call by call.
+        want_requests = 1 + self.waiting_requests + int(math.ceil(self.request_rate * SLICE_SECONDS))
+        want_bytes = need_bytes + self.waiting_bytes + int(math.ceil(self.byte_rate * SLICE_SECONDS))
         limits = self.limits
         if limits is not None:
             if limits.requests_per_second > 0:
@@ -508,6 +523,7 @@ class Lease:
         self.granted_at = now
         self.expires = now + LEASE_SECONDS
         self.spent_requests = self.spent_bytes = 0
+        self.ran_out = 0.0
         self.limits = grant.limits
         self.refusal = None
         limit = max(grant.limits.burst, 1) if grant.limits.requests_per_second > 0 else 0

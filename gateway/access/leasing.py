@@ -87,12 +87,20 @@ class Leases:
             if refusal is not None and now < refusal[2] and body_bytes >= refusal[1]:
                 control._counts["refusal_cache_hits"] += 1
                 return control._refuse(refusal[0], now)
+            if not lease.ran_out:
+                lease.ran_out = now
             renewal = cast(Optional[_Renewal], lease.renewal)
             if renewal is None:
                 renewal = await self._renew(lease, key, body_bytes, now)
             else:
-                with trio.move_on_after(control.config.check_timeout):
-                    await renewal.event.wait()
+                lease.waiting_requests += 1
+                lease.waiting_bytes += body_bytes
+                try:
+                    with trio.move_on_after(control.config.check_timeout):
+                        await renewal.event.wait()
+                finally:
+                    lease.waiting_requests -= 1
+                    lease.waiting_bytes -= body_bytes
             if control._state != "ok" or renewal.failed or not renewal.event.is_set():
                 return control._unavailable(key, control._keys.get(key.key_hash), body_bytes, now)
             entry = control._keys.get(key.key_hash)
