@@ -144,6 +144,17 @@ def test_closed_mode_refuses_during_the_outage_and_recovers(tmp_path):
     assert_no_key(stderr)
 
 
+def _most_admitted_within(answers, seconds: float) -> int:
+    """The most 202s answered within any ``seconds`` of the load."""
+    times = sorted(at for at, status, _, _ in answers if status == 202)
+    most, first = 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] > seconds:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
 def test_open_mode_admits_during_the_outage_and_counts_the_usage_afterwards(tmp_path):
     with running_redis(extra_args=DURABLE) as redis_server:
         admin = keystore.connect(redis_server.url)
@@ -165,11 +176,14 @@ def test_open_mode_admits_during_the_outage_and_counts_the_usage_afterwards(tmp_
                 return keystore.get_usage(admin, "OPEN", time.time()).records
 
             # Everything admitted reaches Redis: what Redis counted itself and
-            # what the gateway counted while it was down.  A batch cut off by
-            # the kill may have been counted by both (at most one check per
-            # client in flight), never by neither.
-            wait_until(lambda: records_in_redis() >= admitted, what="usage handed to Redis")
-            assert records_in_redis() <= admitted + CLIENTS
+            # what the gateway counted while it was down.  A check cut off by
+            # the kill may have been counted by both (at most one per client
+            # in flight), never by neither; so may a lease call (its slice,
+            # about 0.1 s of the rate, plus the clients waiting).  Slices
+            # count as used until they go back, within about a second.
+            slice_bound = _most_admitted_within(load.answers, 0.2) + CLIENTS
+            wait_until(lambda: admitted <= records_in_redis() <= admitted + CLIENTS + slice_bound,
+                       what="usage handed to Redis")
             gateway.stop()
             stderr = gateway.stderr
         admin.close()

@@ -528,6 +528,11 @@ class Lease:
         self.refusal = None
         limit = max(grant.limits.burst, 1) if grant.limits.requests_per_second > 0 else 0
         bad: List[Tuple[str, str]] = []
+        # Keys not used lately are forgotten: a tenant rotating through many
+        # keys keeps only those of the last couple of seconds here.
+        stale = [h for h, (confirmed, _) in self.keys.items() if now - confirmed >= 2 * LEASE_SECONDS]
+        for key_hash in stale:
+            del self.keys[key_hash]
         for key_hash, status in zip(key_hashes, grant.statuses):
             outcome = status_outcome(status)
             if outcome == ADMITTED:
