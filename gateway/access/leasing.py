@@ -47,7 +47,12 @@ from gateway.access.limiter import (
     ScriptCall,
 )
 
-__all__ = ["Leases"]
+__all__ = ["Leases", "IDLE_SECONDS"]
+
+#: A tenant without a slice and without a call for this long is forgotten
+#: (its rate estimate with it), so the table holds the tenants of the last
+#: minute, not every tenant ever seen.
+IDLE_SECONDS = 60.0
 
 
 class _Renewal:
@@ -160,8 +165,14 @@ class Leases:
         """One lease call's reply, or None (Redis failed or too slow)."""
         control = self._control
         results: Optional[List[object]] = None
-        with trio.move_on_after(control.config.check_timeout):
-            results = await control._pipeline([call], [], [], [])
+        try:
+            with trio.move_on_after(control.config.check_timeout):
+                results = await control._pipeline([call], [], [], [])
+        except BaseException:
+            # Cancelled with the call out (the client went away): it may
+            # not have run, so its debt stays here to be charged.
+            lease.restore_debt(settlement)
+            raise
         if results is None:
             if control._state == "ok":
                 control._counts["timeouts"] += 1
@@ -192,27 +203,33 @@ class Leases:
         return True
 
     async def settle_expired(self, now: float, everything: bool = False) -> None:
-        """Hand back, in one pipeline, the slices past their lease (all with ``everything``)."""
+        """Hand back the slices past their lease (all with ``everything``); forget idle tenants."""
         control = self._control
         if control._state != "ok":
             return
         calls: List[ScriptCall] = []
         taken: List[Tuple[Lease, Settlement]] = []
-        for lease in self._leases.values():
+        idle: List[str] = []
+        for tenant, lease in self._leases.items():
             if lease.renewal is not None or not (everything or now >= lease.expires):
                 continue
             settlement = lease.settlement()
             if settlement.empty:
+                if now - lease.last_call > IDLE_SECONDS:
+                    idle.append(tenant)
                 continue
             calls.append(lease_call(lease.tenant, (), settlement, 0, 0, 0, now))
             taken.append((lease, settlement))
-        if not calls:
-            return
-        results = await control._pipeline(calls, [], [], [])
-        for (lease, settlement), reply in zip(taken, results or [None] * len(taken)):
-            if isinstance(reply, (list, tuple)) and reply and reply[0] in (SETTLED, SETTLED.encode()):
-                continue
-            lease.restore_debt(settlement)
+        for tenant in idle:
+            del self._leases[tenant]
+        step = control.config.batch_max_checks
+        for start in range(0, len(calls), step):
+            part = taken[start:start + step]
+            results = await control._pipeline(calls[start:start + step], [], [], [])
+            for (lease, settlement), reply in zip(part, results or [None] * len(part)):
+                if not (isinstance(reply, (list, tuple)) and reply
+                        and reply[0] in (SETTLED, SETTLED.encode())):
+                    lease.restore_debt(settlement)
 
     def outstanding(self) -> Tuple[int, int]:
         """Records and bytes of quota leased and not spent, over every slice."""
