@@ -101,7 +101,9 @@ class Leases:
                 lease.waiting_requests += 1
                 lease.waiting_bytes += body_bytes
                 try:
-                    with trio.move_on_after(control.config.check_timeout):
+                    # The renewer may first wait out the call interval, then
+                    # waits for Redis at most the check timeout itself.
+                    with trio.move_on_after(control.config.check_timeout + MIN_CALL_INTERVAL):
                         await renewal.event.wait()
                 finally:
                     lease.waiting_requests -= 1
