@@ -2,7 +2,11 @@
 
 Theory of operation
 -------------------
-:meth:`AccessControl.check` answers from its caches when it can and otherwise
+:meth:`AccessControl.check` answers from its caches when it can.  With
+``admission="lease"`` (the default) it then admits from the tenant's slice
+leased from Redis (:class:`gateway.access.leasing.Leases`, which sends its
+lease calls through :meth:`AccessControl._pipeline`, and whose slices the
+flush loop hands back when they expire).  With ``admission="exact"`` it
 queues the request's script call (see :mod:`gateway.limiter`) on a bounded
 channel.  :meth:`AccessControl.run` takes whatever has queued (up to
 ``batch_max_checks``) as one batch and sends it as one pipeline per Redis

@@ -61,7 +61,7 @@ class Edge(Protocol):
     """
 
     def probe(self) -> None:
-        """Connect if needed, check the server answers, load the script."""
+        """Connect if needed, check the server answers, load the scripts."""
 
     def run_checks(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]]
                    ) -> Tuple[List[object], int, int]:

@@ -232,8 +232,3 @@ class Leases:
                 if not (isinstance(reply, (list, tuple)) and reply
                         and reply[0] in (SETTLED, SETTLED.encode())):
                     lease.restore_debt(settlement)
-
-    def outstanding(self) -> Tuple[int, int]:
-        """Records and bytes of quota leased and not spent, over every slice."""
-        return (sum(max(lease.quota_records, 0) for lease in self._leases.values()),
-                sum(max(lease.quota_bytes, 0) for lease in self._leases.values()))
