@@ -133,6 +133,29 @@ async def test_requests_spend_the_slice_and_usage_is_exact_once_settled(
 
 
 @pytest.mark.trio
+async def test_unspent_slices_go_back_by_themselves_and_at_close(
+        redis_server: RedisServer, admin: Any) -> None:  # noqa: F811
+    key = keystore.create_key(admin, "BACK", 0).api_key.encode()
+    other = keystore.create_key(admin, "OTHER", 0).api_key.encode()
+
+    def used(tenant: str) -> int:
+        return keystore.get_usage(admin, tenant, time.time()).records
+
+    async with running(redis_server.url) as access:
+        async with trio.open_nursery() as nursery:  # demand grows the slices
+            for _ in range(20):
+                nursery.start_soon(access.check, key, 1)
+                nursery.start_soon(access.check, other, 1)
+        assert used("BACK") > 20  # the unspent rest of a slice counts until it goes back
+        with trio.fail_after(5):  # the flush loop hands expired slices back
+            while used("BACK") != 20:
+                await trio.sleep(0.05)
+        await access.check(other, 1)
+        assert used("OTHER") > 21
+    assert used("OTHER") == 21  # handed back at close
+
+
+@pytest.mark.trio
 async def test_a_revoked_key_and_a_disabled_tenant_are_refused_within_a_lease(
         redis_server: RedisServer, admin: Any) -> None:  # noqa: F811
     clock = Clock()
