@@ -34,6 +34,7 @@ __all__ = [
     "RequestTimeout",
     "LengthRequired",
     "PayloadTooLarge",
+    "UnsupportedMediaType",
     "HeadersTooLarge",
     "NotImplementedFraming",
     "VersionNotSupported",
@@ -138,6 +139,13 @@ class PayloadTooLarge(RequestError):
 
     status = 413
     reason = "payload_too_large"
+
+
+class UnsupportedMediaType(RequestError):
+    """A body in a content type or encoding the route does not take (415)."""
+
+    status = 415
+    reason = "unsupported_media_type"
 
 
 class HeadersTooLarge(RequestError):

@@ -14,9 +14,11 @@ monthly quotas, all decided from the head: :mod:`gateway.access`) -> the
 sink's record keys and record size limit ->
 envelope written into a freshly reserved ring slot -> ``100 Continue`` if the
 client waits for it -> body received straight into the slot -> slot committed
-and handed to the sink -> ``202``.  Any :class:`~gateway.errors.RequestError`
-on the way is answered with its status, and the connection is closed after a
-short lingering read so the client sees the answer rather than a reset.
+and handed to the sink -> ``202``.  ``POST /otlp/v1/logs`` goes the same
+way and answers as OTLP/HTTP does (:mod:`gateway.otlp`).  Any
+:class:`~gateway.errors.RequestError` on the way is answered with its status,
+and the connection is closed after a short lingering read so the client sees
+the answer rather than a reset.
 
 Shutdown (:meth:`Gateway.drain`): stop accepting, close idle keep-alive
 connections, let requests in progress finish (up to ``shutdown_timeout``), then
@@ -40,7 +42,7 @@ from typing import TYPE_CHECKING, List, Optional, Set, Tuple
 import trio
 
 from buffers import BufferPool, RingBuffer, WaitingRing
-from gateway import errors
+from gateway import errors, otlp
 from gateway.access.limiter import api_key_from_headers
 from gateway.config.settings import Config
 from gateway.http.connection import CLOSED, NEED_DATA, HTTPConnection, RequestHead
@@ -96,6 +98,7 @@ codecs.lookup("ascii")
 _JSON = [(b"content-type", b"application/json")]
 _ROUTES = {
     b"/v1/logs": {b"POST": "ingest"},
+    otlp.LOGS_PATH: {b"POST": "ingest_otlp"},
     b"/healthz": {b"GET": "healthz", b"HEAD": "healthz"},
     b"/readyz": {b"GET": "readyz", b"HEAD": "readyz"},
     b"/metrics": {b"GET": "metrics", b"HEAD": "metrics"},
@@ -103,6 +106,13 @@ _ROUTES = {
 _ALLOW = {path: b", ".join(sorted(methods)) for path, methods in _ROUTES.items()}
 #: Response headers of the routes that do not answer JSON.
 _HEADERS = {b"/metrics": [(b"content-type", CONTENT_TYPE)]}
+
+
+def _answer_headers(head: RequestHead) -> List[Tuple[bytes, bytes]]:
+    """Headers of a successful answer to ``head``: OTLP answers in the request's encoding."""
+    if head.path == otlp.LOGS_PATH:
+        return otlp.success_headers(head.content_type)
+    return _HEADERS.get(head.path, _JSON)
 
 
 def make_sink(config: Config, ring: WaitingRing, release: Optional[Release] = None,
@@ -383,7 +393,7 @@ class Gateway:
         except errors.ANSWERED as exc:
             self.errors += 1
             self.telemetry.answered_error(None if head is None else head.path, exc.status)
-            await self._answer_error(conn, transport, exc)
+            await self._answer_error(conn, transport, exc, head)
             if self.access_log is not None:
                 if head is None:
                     self.access_log.request(None, None, exc.status, None, None)
@@ -392,7 +402,7 @@ class Gateway:
             return False
         close = self.draining
         with trio.move_on_after(self.config.send_timeout) as sending:
-            await transport.send_all(conn.respond(status, _HEADERS.get(head.path, _JSON), body, close=close))
+            await transport.send_all(conn.respond(status, _answer_headers(head), body, close=close))
         if sending.cancelled_caught:
             return False  # the client stopped reading its answers: drop it
         self.telemetry.answered(status, parsed, routed, time.perf_counter(), head.path)
@@ -436,6 +446,8 @@ class Gateway:
             raise errors.MethodNotAllowed(_ALLOW[head.path], "use %s" % _ALLOW[head.path].decode())
         if action == "ingest":
             return await self._ingest(head, conn, transport, parsed)
+        if action == "ingest_otlp":
+            return await self._ingest_otlp(head, conn, transport, parsed)
         if head.content_length or head.chunked:
             raise errors.BadRequest("%s takes no body" % head.path.decode())
         # Close the (empty) request body in h11 too, or the connection could
@@ -491,6 +503,14 @@ class Gateway:
             # Not stored: take back the record and bytes the check counted.
             access.add_usage(admission.tenant, -1, -(length or 0))
             raise
+
+    async def _ingest_otlp(self, head: RequestHead, conn: HTTPConnection,
+                           transport: Transport, parsed: float) -> Tuple[int, bytes]:
+        """``POST /otlp/v1/logs``: a ``/v1/logs`` ingest answered as OTLP/HTTP (gateway.otlp)."""
+        # From the head, before access control counts the request.
+        encoding = otlp.check_head(head.content_type, head.content_encoding)
+        await self._ingest(head, conn, transport, parsed)
+        return 200, otlp.SUCCESS_BODIES[encoding]
 
     async def _store(self, head: RequestHead, conn: HTTPConnection, transport: Transport,
                      tenant_name: Optional[str], parsed: float) -> Tuple[int, bytes]:
@@ -565,8 +585,11 @@ class Gateway:
         return filled
 
     async def _answer_error(self, conn: HTTPConnection, transport: Transport,
-                           exc: errors.Answered) -> None:
-        status, headers, body = errors.response_for(exc)
+                           exc: errors.Answered, head: Optional[RequestHead] = None) -> None:
+        if head is not None and head.path == otlp.LOGS_PATH:
+            status, headers, body = otlp.response_for(exc, head.content_type)
+        else:
+            status, headers, body = errors.response_for(exc)
         with trio.move_on_after(self.config.send_timeout) as sending:
             await transport.send_all(conn.respond_error(status, headers, body))
         if sending.cancelled_caught:

@@ -11,7 +11,9 @@ blocking sockets in threads next to the gateway's Trio loop.
 The cases, grouped as docs/reliability.md's "Bad input" table lists them:
 malformed request lines and headers, request smuggling, oversized heads and
 bodies, bodies shorter or longer than declared, slow-drip clients, clients
-that never read, connection floods, odd bytes in headers, and bad API keys.
+that never read, connection floods, odd bytes in headers, and bad API keys;
+then the same kinds of failure on ``POST /otlp/v1/logs``, answered with a
+``google.rpc.Status`` body in the request's encoding (gateway.otlp).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ CLOSE = "close"
 REASONS = {cls.status: cls.reason for cls in (
     errors.BadRequest, errors.Unauthorized, errors.RequestTimeout, errors.LengthRequired,
     errors.PayloadTooLarge, errors.HeadersTooLarge, errors.NotImplementedFraming,
-    errors.VersionNotSupported, errors.Overloaded, errors.NotFound, errors.MethodNotAllowed)}
+    errors.VersionNotSupported, errors.Overloaded, errors.NotFound, errors.MethodNotAllowed,
+    errors.UnsupportedMediaType)}
 
 
 # -- the well-behaved neighbour ----------------------------------------------------------
@@ -128,11 +131,49 @@ async def running(tmp_path, *flags: str, send_buffer: Optional[int] = None) -> A
     assert stats["ring"]["live_slots"] == 0 and stats["ring"]["used"] == 0, stats["ring"]
 
 
-def _assert_error(response: Response, status: int) -> None:
+def _assert_error(response: Response, status: int, otlp_encoding: Optional[str] = None) -> None:
     assert response.status == status, (response.status, response.body)
     assert response.header("connection") == "close"
+    if otlp_encoding is not None:
+        _assert_otlp_status(response, otlp_encoding)
+        return
     assert response.header("content-type") == "application/json"
     assert response.json()["error"] == REASONS[status], response.body
+
+
+def _protobuf_status(body: bytes) -> Tuple[int, str]:
+    """``(code, message)`` of a binary google.rpc.Status: field 1 varint, field 2 string."""
+    code, message, at = 0, "", 0
+    while at < len(body):
+        tag = body[at]
+        at += 1
+        value = shift = 0
+        while True:  # a varint: the code, or the message's length
+            byte = body[at]
+            at += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        if tag == 0x08:
+            code = value
+        else:
+            assert tag == 0x12, body
+            message = body[at:at + value].decode("utf-8")
+            at += value
+    return code, message
+
+
+def _assert_otlp_status(response: Response, encoding: str) -> None:
+    """An OTLP/HTTP failure: a google.rpc.Status with a code and a message, in ``encoding``."""
+    if encoding == "protobuf":
+        assert response.header("content-type") == "application/x-protobuf"
+        code, message = _protobuf_status(response.body)
+    else:
+        assert response.header("content-type") == "application/json"
+        doc = response.json()
+        code, message = doc["code"], doc["message"]
+    assert code > 0 and message, response.body
 
 
 def _ids(responses: Sequence[Response]) -> List[str]:
@@ -159,6 +200,7 @@ class Case(NamedTuple):
     piece: int = 0  # send in pieces this large, DRIP apart (slow-drip clients)...
     whole: int = 0  # ... after sending this many bytes at once
     stored: Tuple[bytes, ...] = ()  # bodies of the records the bad input's 202s stand for
+    otlp: Optional[str] = None  # an OTLP request: the encoding its Status answer comes in
 
 
 DRIP = 0.05
@@ -265,6 +307,32 @@ CASES = [
     Case("blank-lines-then-eof", b"\r\n\r\n\n", CLOSE, shutdown=True),
 ]
 
+OTLP = b"POST /otlp/v1/logs HTTP/1.1\r\n"
+PROTO = b"Content-Type: application/x-protobuf"
+JSON = b"Content-Type: application/json"
+BODY = b"\x0a\x00"  # an ExportLogsServiceRequest with one empty ResourceLogs
+
+CASES += [
+    # OTLP/HTTP: every failure has a google.rpc.Status body, JSON when the
+    # request's own content type is not an OTLP one.
+    Case("otlp-no-content-type", _cl(b"2", BODY, line=OTLP), 415, otlp="json"),
+    Case("otlp-text-plain", _cl(b"2", BODY, b"Content-Type: text/plain", line=OTLP), 415, otlp="json"),
+    Case("otlp-protobuf-brotli", _cl(b"2", BODY, PROTO, b"Content-Encoding: br", line=OTLP), 415,
+         otlp="protobuf"),
+    Case("otlp-json-zstd", _cl(b"2", b"{}", JSON, b"Content-Encoding: zstd", line=OTLP), 415, otlp="json"),
+    Case("otlp-get", _head(H, line=b"GET /otlp/v1/logs HTTP/1.1\r\n"), 405, otlp="json"),
+    Case("otlp-no-length", _head(H, PROTO, line=OTLP), 411, otlp="protobuf"),
+    Case("otlp-declared-too-large", _cl(b"%d" % (MAX_BODY + 1), b"", PROTO, line=OTLP), 413, otlp="protobuf"),
+    Case("otlp-json-declared-too-large", _cl(b"%d" % (MAX_BODY + 1), b"", JSON, line=OTLP), 413, otlp="json"),
+    Case("otlp-content-type-too-long", _cl(b"2", b"{}", JSON + b"; x=" + b"t" * 300, line=OTLP), 400,
+         otlp="json"),
+    Case("otlp-shorter-then-eof", _cl(b"100", BODY, PROTO, line=OTLP), 400, shutdown=True, otlp="protobuf"),
+    Case("otlp-shorter-then-silence", _cl(b"100", BODY, JSON, line=OTLP), 408, otlp="json"),
+    # A head that is not valid HTTP is answered as on any path: Sluice's JSON error.
+    Case("otlp-cl-and-te", _head(H, PROTO, b"Content-Length: 3", b"Transfer-Encoding: chunked", line=OTLP)
+         + ABC_CHUNKED, 400),
+]
+
 
 def _send_case(conn: RawConnection, case: Case) -> None:
     sock = conn.sock
@@ -312,7 +380,7 @@ def _exercise(address: Tuple[str, int], case: Case,
     statuses: Tuple[int, ...] = case.outcome if isinstance(case.outcome, tuple) else (int(case.outcome),)
     assert [r.status for r in after] == list(statuses), [(r.status, r.body) for r in after]
     if statuses[-1] != 202:
-        _assert_error(after[-1], statuses[-1])
+        _assert_error(after[-1], statuses[-1], case.otlp)
     return accepted, [r.json()["id"] for r in after if r.status == 202]
 
 

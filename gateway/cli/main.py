@@ -1,6 +1,7 @@
 """The ``sluice`` command: ``serve`` runs the gateway, ``read`` shows stored records,
 ``config check`` prints the effective configuration, ``keys`` and ``tenants``
-manage API keys and limits in Redis (:mod:`gateway.admin_cli`).
+manage API keys and limits in Redis (:mod:`gateway.admin_cli`); ``sluice --version``
+prints the version and the interpreter.
 
 While serving, the gateway reports its state changes as events on stderr
 (:mod:`gateway.logs`); a configuration refused at start is one plain line,
@@ -18,19 +19,27 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import trio
 
+from gateway import __version__
 from gateway.cli import admin as admin_cli
 from gateway.cli import spool as spool_cli
-from gateway.cli.serve import config_error, serve_until_drained, started_fields, watch_signals
+from gateway.cli.serve import config_error, interpreter, serve_until_drained, started_fields, watch_signals
 from gateway.config import settings as _config
 from gateway.config import view as config_view
 from gateway.observe import logs, metrics
 from gateway.server import Gateway, open_listener
 
-__all__ = ["main"]
+__all__ = ["main", "version_line"]
+
+
+def version_line() -> str:
+    """``sluice 0.1.0 (PyPy 7.3.11 (Python 3.9.16))``: what ``sluice --version`` prints."""
+    return "sluice %s (%s)" % (__version__, interpreter())
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description="Log-ingestion gateway.")
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print the version and the Python interpreter, then exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     serve = commands.add_parser("serve", help="run the gateway",

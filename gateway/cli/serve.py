@@ -23,7 +23,7 @@ from gateway.observe import logs
 from gateway.server import Gateway
 from sinks.errors import SinkConfigError
 
-__all__ = ["serve_until_drained", "watch_signals", "started_fields", "config_error"]
+__all__ = ["serve_until_drained", "watch_signals", "started_fields", "config_error", "interpreter"]
 
 
 def started_fields(config: _config.Config, origins: Dict[str, _config.Origin], gateway: Gateway,
@@ -34,11 +34,11 @@ def started_fields(config: _config.Config, origins: Dict[str, _config.Origin], g
         "file (%s)" % os.path.abspath(config.data_dir))
     return dict(url="%s://%s:%d" % ("https" if config.tls else "http", shown, port),
                 sink=sink, access=_describe_access(config), tls=config.tls,
-                interpreter=_interpreter(), pid=os.getpid(),
+                interpreter=interpreter(), pid=os.getpid(),
                 config=config_view.settings_dict(origins))
 
 
-def _interpreter() -> str:
+def interpreter() -> str:
     """``CPython 3.11.7`` or ``PyPy 7.3.11 (Python 3.9.16)``."""
     name, version = platform.python_implementation(), platform.python_version()
     pypy = getattr(sys, "pypy_version_info", None)

@@ -123,11 +123,12 @@ HTTP_REQUESTS = Family(
 INGEST_BODY_BYTES = Family(
     "sluice_ingest_body_bytes", COUNTER, "Body bytes of accepted records (envelope line not included)")
 REQUEST_DURATION = Family(
-    "sluice_request_duration_seconds", HISTOGRAM, "Accepted records: request head parsed to 202 sent")
+    "sluice_request_duration_seconds", HISTOGRAM,
+    "Accepted records: request head parsed to the answer sent (202; 200 on OTLP/HTTP)")
 REQUEST_STAGE_DURATION = Family(
     "sluice_request_stage_duration_seconds", HISTOGRAM,
     "Accepted records by stage: body (head parsed to body in the ring), sink (to the sink "
-    "accepting it), respond (to the 202 sent)", ("stage",))
+    "accepting it), respond (to the answer sent)", ("stage",))
 CONNECTIONS = Family("sluice_connections", GAUGE, "Open client connections")
 INTERNAL_ERRORS = Family("sluice_internal_errors", COUNTER, "Connections dropped by an unexpected error")
 RING_USED = Family("sluice_ring_used_bytes", GAUGE, "Ring bytes held by records in flight")

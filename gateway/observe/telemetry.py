@@ -59,6 +59,7 @@ __all__ = [
     "STAGE_BOUNDS",
     "RECENT_PAUSES",
     "ROUTES",
+    "INGEST_ROUTES",
     "STATUSES",
     "OTHER",
     "Histogram",
@@ -88,11 +89,14 @@ RECENT_PAUSES = 128
 #: routes.  Any other path, and a request whose head could not be read, counts
 #: under :data:`OTHER`, so a client cannot grow the table (or a metric's label
 #: values) by inventing paths.
-ROUTES: Tuple[bytes, ...] = (b"/v1/logs", b"/healthz", b"/readyz", b"/metrics")
+ROUTES: Tuple[bytes, ...] = (b"/v1/logs", b"/otlp/v1/logs", b"/healthz", b"/readyz", b"/metrics")
+#: The routes that store a record: their success answers (``202``, and
+#: ``200`` on OTLP/HTTP) count in the request stages.
+INGEST_ROUTES = frozenset((b"/v1/logs", b"/otlp/v1/logs"))
 #: The statuses the gateway answers with (gateway/errors.py, plus 200 and
 #: 202); any other counts under :data:`OTHER`.
-STATUSES: Tuple[int, ...] = (200, 202, 400, 401, 403, 404, 405, 408, 411, 413, 429, 431, 500, 501, 503,
-                             505)
+STATUSES: Tuple[int, ...] = (200, 202, 400, 401, 403, 404, 405, 408, 411, 413, 415, 429, 431, 500, 501,
+                             503, 505)
 #: The route or status of a :class:`RequestCounts` cell outside those lists.
 OTHER = "other"
 
@@ -512,10 +516,10 @@ class Telemetry:
 
     def answered(self, status: int, parsed: float, routed: float, sent: float,
                  path: Optional[bytes] = None) -> None:
-        """A response to a request on ``path`` went out; only accepted records (202)
-        count in the stages."""
+        """A response to a request on ``path`` went out; only accepted records (202,
+        or 200 on an :data:`INGEST_ROUTES` path) count in the stages."""
         self.requests.add(path, status)
-        if status == 202:
+        if status == 202 or (status == 200 and path in INGEST_ROUTES):
             self.stages.respond.add(sent - routed)
             self.stages.total.add(sent - parsed)
 
