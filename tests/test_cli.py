@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Mapping, Optional
 
 import pytest
 
+from gateway import __version__
 from gateway.config.settings import SETTINGS
 from sinks.envelope import envelope
 from sinks.file import FRAME_HEADER, SEGMENT_MAGIC
@@ -53,6 +55,17 @@ def _one_line_error(result: subprocess.CompletedProcess, prefix: str = "sluice: 
 def _post(gateway: GatewayProcess, body: bytes):
     status, _, answer = http_post(gateway.address, body, {"Content-Type": "text/plain"})
     return status, answer
+
+
+# -- version -------------------------------------------------------------------
+
+
+def test_version_prints_the_version_and_the_interpreter():
+    result = sluice("--version")
+    assert result.returncode == 0 and result.stderr == b""
+    line = result.stdout.decode()
+    assert line.startswith("sluice %s (" % __version__) and line.endswith(")\n"), line
+    assert platform.python_implementation() in line and platform.python_version() in line
 
 
 # -- help ----------------------------------------------------------------------
