@@ -336,6 +336,7 @@ async def test_a_file_sink_gateway_reports_what_it_was_sent(tmp_path) -> None:
     info = metrics.samples("sluice_build_info")
     assert info == [({"version": gateway.__version__, "interpreter": sys.implementation.name,
                       "python_version": platform.python_version()}, 1.0)]
+    assert metrics.value("sluice_processes") == 1
     kinds = {labels["kind"] for labels, _ in metrics.samples("sluice_gc_pause_seconds_count")}
     assert kinds == ({"minor", "major_step"} if not CPYTHON else {"gen0", "gen1", "gen2"})
     assert metrics.value("sluice_gc_major_collection_seconds_count") is not None
@@ -482,10 +483,12 @@ def test_two_processes_sharing_a_metrics_dir_report_their_sum(start_gateway, tmp
         len(b"record %d" % i) for n in (3, 5) for i in range(n))
     assert metrics.value("sluice_ring_capacity_bytes") == 3 * 1024 * 1024  # summed over the living
     assert metrics.value("sluice_build_info", interpreter=sys.implementation.name) == 1
+    assert metrics.value("sluice_processes") == 2
     assert metrics.value("sluice_request_duration_seconds_count") == 8
     second.stop()  # a clean exit removes its gauges; its counters stay
     metrics = scrape(first.address)
     assert metrics.value("sluice_ring_capacity_bytes") == 1024 * 1024
+    assert metrics.value("sluice_processes") == 1
     assert metrics.value("sluice_http_requests_total", route="/v1/logs", status="202") == 8
     assert sorted(n.split("_")[0] for n in os.listdir(directory) if n.endswith("_%d.db" % second.pid)) \
         == ["counter", "histogram"]

@@ -203,6 +203,9 @@ RESIDENT_MEMORY = Family("sluice_resident_memory_bytes", GAUGE, "Resident memory
 BUILD_INFO = Family(
     "sluice_build_info", GAUGE, "Always 1: the gateway's version and interpreter",
     ("version", "interpreter", "python_version"), combine="livemax")
+PROCESSES = Family(
+    "sluice_processes", GAUGE,
+    "Gateway processes serving: 1 per process, summed over the running ones (the workers)")
 
 #: Every metric, in exposition order.
 FAMILIES: Tuple[Family, ...] = (
@@ -212,7 +215,7 @@ FAMILIES: Tuple[Family, ...] = (
     SINK_BATCH_BYTES, SINK_CALL_DURATION, SINK_CALLS, SINK_RETRIES, SINK_THROTTLES,
     SINK_RECORDS_PER_KINESIS_RECORD, SINK_KINESIS_RECORDS, SINK_PAYLOAD_UNITS, SINK_SENT_BYTES,
     ACCESS_DECISIONS, REDIS_PIPELINES, REDIS_BATCH_DURATION, REDIS_FAILURES, REDIS_UP, GC_PAUSE,
-    GC_MAJOR, LOOP_LAG, RESIDENT_MEMORY, BUILD_INFO,
+    GC_MAJOR, LOOP_LAG, RESIDENT_MEMORY, BUILD_INFO, PROCESSES,
 )
 
 _STAGES = ("body", "sink", "respond")
@@ -251,6 +254,7 @@ def gateway_samples(gateway: Any) -> List[Sample]:
     if rss is not None:
         out.append((RESIDENT_MEMORY, (), rss))
     out.append((BUILD_INFO, _BUILD, 1))
+    out.append((PROCESSES, (), 1))
     return out
 
 
