@@ -434,6 +434,19 @@ async def test_put_records_calls_against_moto(moto, stream) -> None:
     assert metrics.samples("sluice_sink_throttles_total") == []
 
 
+async def test_spool_gauges_with_ack_spool(tmp_path) -> None:
+    flags = ["--ack", "spool", "--spool-dir", str(tmp_path / "spool"), "--spool-size", "4MiB"]
+    async with gateway_in_process(flags, data_dir=str(tmp_path / "data")) as (gw, port):
+        answers = [await trio.to_thread.run_sync(post, port, b"spooled %d" % i) for i in range(3)]
+        metrics = await scrape_port(port)
+    assert [a[0] for a in answers] == [202] * 3
+    assert metrics.value("sluice_spool_limit_bytes") == 4 * 1024 * 1024
+    assert metrics.value("sluice_spool_used_bytes") > 0
+    assert 0 <= metrics.value("sluice_spool_pending_records") <= 3
+    # The delivering sink's own series are there too.
+    assert metrics.value("sluice_sink_records_stored_total") is not None
+
+
 async def test_retries_by_reason_and_throttles_by_code(fault_server, aws_env) -> None:
     aws_env()
     fake = fault_server.fake

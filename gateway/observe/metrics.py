@@ -177,6 +177,11 @@ SINK_PAYLOAD_UNITS = Family(
 SINK_SENT_BYTES = Family(
     "sluice_sink_sent_bytes", COUNTER,
     "Data plus partition key bytes of the Kinesis records sent (each attempt counts)")
+SPOOL_USED = Family(
+    "sluice_spool_used_bytes", GAUGE, "Spool bytes on disk, shipped or not (--ack spool)")
+SPOOL_LIMIT = Family("sluice_spool_limit_bytes", GAUGE, "Spool size limit (--spool-size)")
+SPOOL_PENDING = Family(
+    "sluice_spool_pending_records", GAUGE, "Records in the spool not yet stored by the sink behind it")
 ACCESS_DECISIONS = Family(
     "sluice_access_decisions", COUNTER, "Access-control decisions by outcome", ("outcome",))
 REDIS_PIPELINES = Family(
@@ -214,6 +219,7 @@ FAMILIES: Tuple[Family, ...] = (
     SINK_GIVEN_UP, SINK_HELD, SINK_STORED_BYTES, SINK_WRITE_ERRORS, SINK_BATCH_RECORDS,
     SINK_BATCH_BYTES, SINK_CALL_DURATION, SINK_CALLS, SINK_RETRIES, SINK_THROTTLES,
     SINK_RECORDS_PER_KINESIS_RECORD, SINK_KINESIS_RECORDS, SINK_PAYLOAD_UNITS, SINK_SENT_BYTES,
+    SPOOL_USED, SPOOL_LIMIT, SPOOL_PENDING,
     ACCESS_DECISIONS, REDIS_PIPELINES, REDIS_BATCH_DURATION, REDIS_FAILURES, REDIS_UP, GC_PAUSE,
     GC_MAJOR, LOOP_LAG, RESIDENT_MEMORY, BUILD_INFO, PROCESSES,
 )
@@ -259,8 +265,14 @@ def gateway_samples(gateway: Any) -> List[Sample]:
 
 
 def _sink_samples(sink: Any, out: List[Sample]) -> None:
-    # With a spool in front (--ack spool) these are the delivering sink's.
-    sink = getattr(sink, "inner", sink)
+    inner = getattr(sink, "inner", None)
+    if inner is not None:
+        # A spool in front (--ack spool): its own state, then the delivering sink's.
+        spool = sink.statistics()
+        out.append((SPOOL_USED, (), spool["used_bytes"]))
+        out.append((SPOOL_LIMIT, (), spool["limit_bytes"]))
+        out.append((SPOOL_PENDING, (), spool["pending_records"]))
+        sink = inner
     stats = sink.statistics()
     stored = stats.get("stored", stats.get("records"))
     if stored is not None:
