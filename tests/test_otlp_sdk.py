@@ -10,6 +10,7 @@ none lost, none twice.  Over a tenant's rate limit the exporter sees ``429``
 with ``Retry-After``, waits, retries, and still nothing is lost or duplicated.
 The SDK has no JSON exporter, so JSON is a hand-built request from the same
 records (protobuf's JSON mapping, enums as integers, as OTLP/JSON wants).
+Last, the decoder docs/opentelemetry.md gives consumers reads every record.
 
 The client packages are CPython-only test dependencies (tox.ini); the module is
 skipped where they are not installed (PyPy).
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
 import time
 import zlib
 from typing import Any, Dict, List, Sequence, Tuple
@@ -46,6 +49,7 @@ from opentelemetry.sdk._logs.export import (  # noqa: E402
 from opentelemetry.sdk.resources import Resource  # noqa: E402
 
 from gateway.access import keystore  # noqa: E402
+from sinks.file import read_records  # noqa: E402
 from tests.support.gateway import (  # noqa: E402
     RawConnection,
     get_request,
@@ -260,3 +264,31 @@ def test_protobuf_answers_parse_as_otlp_messages(gateway, admin):
     assert (status, answer_headers["content-type"]) == (401, "application/json")
     doc = json.loads(answer)
     assert json_format.ParseDict(doc, Status()).code == 16
+
+
+def _documented_decoder():
+    """The ``otlp_logs`` function docs/opentelemetry.md gives consumers."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "docs", "opentelemetry.md")
+    with open(path, encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
+    (code,) = [block for block in blocks if "def otlp_logs" in block]
+    namespace: Dict[str, Any] = {}
+    exec(code.split("\n\n\nfor ")[0], namespace)  # the function, not the loop that prints
+    return namespace["otlp_logs"]
+
+
+def test_the_documented_decoder_reads_every_otlp_record(gateway):
+    otlp_logs = _documented_decoder()
+    found = 0
+    for record in read_records(gateway.data_dir):
+        data = bytes(record)
+        meta_line, _, body = data.partition(b"\n")
+        meta = json.loads(meta_line)
+        if meta["content_type"] not in ("application/x-protobuf", "application/json"):
+            continue
+        request = otlp_logs(data)
+        assert request == decode(meta, body)
+        assert bodies(request)
+        found += 1
+    assert found >= BATCHES  # the records of the tests above (protobuf and JSON, gzip or not)
