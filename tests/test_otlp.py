@@ -1,4 +1,4 @@
-"""gateway.otlp without sockets, then ``POST /otlp/v1/logs`` on a gateway in this process.
+"""gateway.otlp without sockets, the gateway on in-memory connections, then on real sockets.
 
 The answers' bytes are checked against the protobuf wire format by a decoder
 written here (so the tests run on PyPy, where the protobuf package is not a
@@ -20,7 +20,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import errors, otlp
+from sinks.errors import SinkUnavailable
 from tests.support.gateway import RawConnection, gateway_in_process, post_request, wait_for_records
+from tests.support.units import make_gateway, parse_responses, serve
+from tests.support.units import post as unit_post
 
 PATH = "/otlp/v1/logs"
 
@@ -151,6 +154,42 @@ def test_status_protobuf_parses_as_google_rpc_status(code, message):
     parsed = status_pb2.Status.FromString(otlp.status_protobuf(code, message))
     assert parsed.code == code
     assert message.encode("utf-8").startswith(parsed.message.encode("utf-8"))
+
+
+# -- the gateway, on in-memory connections ----------------------------------------------
+
+PROTOBUF = [(b"Content-Type", b"application/x-protobuf")]
+RING_FLAGS = ("--ring-size", "72KiB", "--max-body", "30000", "--ring-wait", "1s")
+
+
+async def test_full_ring_is_503_with_retry_after_and_a_status(autojump_clock):
+    gateway, sink = make_gateway(*RING_FLAGS, hold=True)
+    filled = await serve(gateway, [unit_post(b"a" * 30000, target=otlp.LOGS_PATH, headers=PROTOBUF)
+                                   + unit_post(b"b" * 30000, target=otlp.LOGS_PATH, headers=PROTOBUF)])
+    assert [(r.status, r.body) for r in parse_responses(filled.sent)] == [(200, b""), (200, b"")]
+    refused = await serve(gateway, [unit_post(b"c" * 20000, target=otlp.LOGS_PATH, headers=PROTOBUF)])
+    (answer,) = parse_responses(refused.sent)
+    assert (answer.status, answer.header(b"retry-after")) == (503, b"1")
+    assert answer.header(b"content-type") == b"application/x-protobuf"
+    assert parse_status(answer.body)[0] == 14  # UNAVAILABLE: the exporter retries after Retry-After
+    assert len(sink.records) == 2  # held records intact, the refused one not stored
+    sink.release_held()
+    assert gateway.ring.used == 0
+
+
+async def test_a_sink_that_cannot_store_is_503_and_the_slot_comes_back():
+    gateway, sink = make_gateway()
+
+    def refuse(record):
+        raise SinkUnavailable("shutting down", retry_after=2.0)
+
+    sink.on_put = refuse
+    transport = await serve(gateway, [unit_post(b"{}", target=otlp.LOGS_PATH,
+                                                headers=[(b"Content-Type", b"application/json")])])
+    (answer,) = parse_responses(transport.sent)
+    assert (answer.status, answer.header(b"retry-after")) == (503, b"2")
+    assert json.loads(answer.body) == {"code": 14, "message": "shutting down"}
+    assert sink.records == [] and gateway.ring.used == 0
 
 
 # -- over real sockets ----------------------------------------------------------------

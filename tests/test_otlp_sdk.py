@@ -10,7 +10,9 @@ none lost, none twice.  Over a tenant's rate limit the exporter sees ``429``
 with ``Retry-After``, waits, retries, and still nothing is lost or duplicated.
 The SDK has no JSON exporter, so JSON is a hand-built request from the same
 records (protobuf's JSON mapping, enums as integers, as OTLP/JSON wants).
-Last, the decoder docs/opentelemetry.md gives consumers reads every record.
+With ``--ack kinesis`` (moto as Kinesis) the exporter's success means the
+record is already in the stream.  Last, the decoder docs/opentelemetry.md
+gives consumers reads every record.
 
 The client packages are CPython-only test dependencies (tox.ini); the module is
 skipped where they are not installed (PyPy).
@@ -23,6 +25,7 @@ import json
 import os
 import re
 import time
+import uuid
 import zlib
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -57,6 +60,7 @@ from tests.support.gateway import (  # noqa: E402
     running_gateway,
     stored,
 )
+from tests.support.kinesis import aws_env_fixture, moto_fixture, read_stream  # noqa: E402, F401 - fixtures
 from tests.support.redis import RedisServer  # noqa: E402
 
 BATCHES = 4
@@ -212,6 +216,27 @@ def test_exporter_with_a_wrong_key_fails_without_retrying(gateway, admin):
     finally:
         exporter.shutdown()
     assert _otlp_answers(gateway).get("401", 0) == before + 1
+
+
+def test_with_ack_kinesis_success_means_the_batch_is_in_the_stream(moto, aws_env):
+    aws_env(moto.key, moto.secret, moto.region)
+    client = moto.client("kinesis")
+    stream = "otlp-" + uuid.uuid4().hex[:12]
+    client.create_stream(StreamName=stream, ShardCount=1)
+    batches = make_batches("KINESIS", batches=2)
+    flags = ["--sink", "kinesis", "--stream", stream, "--endpoint-url", moto.url, "--ack", "kinesis"]
+    with running_gateway(flags) as proc:
+        exporter = OTLPLogExporter(endpoint=proc.url("/otlp/v1/logs"), compression=Compression.Gzip)
+        try:
+            for n, batch in enumerate(batches, 1):
+                assert exporter.export(batch) is LogRecordExportResult.SUCCESS
+                # Acknowledged only once Kinesis stored it: it is there already.
+                records = read_stream(client, stream)
+                assert len(records) == n
+                meta_line, _, body = records[-1]["Data"].partition(b"\n")
+                assert decode(json.loads(meta_line), body) == encode_logs(batch)
+        finally:
+            exporter.shutdown()
 
 
 # -- hand-built requests: JSON, and the answers' bytes -----------------------------------
