@@ -37,13 +37,14 @@ import json
 import socket as _stdlib_socket
 import time
 import traceback
-from typing import TYPE_CHECKING, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 
 import trio
 
 from buffers import BufferPool, RingBuffer, WaitingRing
 from gateway import errors, otlp
 from gateway.access.limiter import api_key_from_headers
+from gateway.config.errors import ConfigError
 from gateway.config.settings import Config
 from gateway.http.connection import CLOSED, NEED_DATA, HTTPConnection, RequestHead
 from gateway.http.transport import SocketTransport, TLSHandshakeFailed, TLSTransport, Transport
@@ -52,7 +53,7 @@ from gateway.observe.loop import watch_loop
 from gateway.observe.memory import limit_malloc_arenas
 from gateway.observe.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.observe.telemetry import Histogram, Telemetry
-from sinks.base import Record, Release, Sink, health_reporter
+from sinks.base import Record, Release, Sink, body_room, health_reporter
 from sinks.envelope import MAX_FIELD_BYTES, RecordIds, envelope
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def make_sink(config: Config, ring: WaitingRing, release: Optional[Release] = No
 
         # The sink encodes records straight from the ring's buffer.
         return StreamSink(release, ring.buffer, StreamOptions.from_config(config),
-                          given_up=given_up, report=report, histogram=Histogram)
+                          given_up=given_up, report=report, histogram=Histogram, log=logs.emit)
     from sinks.file import FileSink
 
     return FileSink(release, config.data_dir, segment_bytes=config.segment_size,
@@ -233,6 +234,7 @@ class Gateway:
         try:
             async with trio.open_nursery() as sink_nursery:
                 await sink_nursery.start(self.sink.run)
+                self._check_ring()
                 if self.access is not None:
                     # Returns after one probe of Redis, answered or not.
                     await sink_nursery.start(self.access.run)
@@ -458,10 +460,27 @@ class Gateway:
         if action == "healthz":
             return 200, b'{"status":"ok"}'
         ready, reason = self.readiness()
-        doc = {"status": "ready"} if ready else {"status": "not_ready", "reason": reason}
+        doc: Dict[str, object] = {"status": "ready"} if ready else {"status": "not_ready", "reason": reason}
+        if self.sink.max_record_bytes is not None:
+            # The record limit in force (a Kinesis stream's may change while running).
+            doc["max_record_bytes"] = self.sink.max_record_bytes
         if self.access is not None:
             doc["redis"] = self.access.redis_state
         return (200 if ready else 503), json.dumps(doc, separators=(",", ":")).encode()
+
+    @property
+    def max_record(self) -> int:
+        """Largest ring slot a request may take now: ``--max-body``'s record,
+        within the sink's record limit (a Kinesis stream's own, which may change)."""
+        limit = self.sink.max_record_bytes
+        return self.config.max_record if limit is None else min(self.config.max_record, limit)
+
+    def _check_ring(self) -> None:
+        """Once the sink knows its record limit: the ring holds two of the largest records."""
+        if self.ring.capacity < 2 * self.max_record:
+            raise ConfigError(
+                "--ring-size: must hold at least two of the largest records (2 x %d bytes, the %s "
+                "sink's record limit), got %d" % (self.max_record, self.sink.name, self.ring.capacity))
 
     def readiness(self) -> Tuple[bool, str]:
         """Whether this process takes records now, and why not."""
@@ -474,7 +493,7 @@ class Gateway:
         ready, reason = self.sink.ready()
         if not ready:
             return False, "sink: " + reason
-        if not self.ring.can_reserve(self.config.max_record):
+        if not self.ring.can_reserve(self.max_record):
             return False, "buffer full"
         return True, "ok"
 
@@ -523,11 +542,9 @@ class Gateway:
         partition_key, hash_key, key_bytes = self.sink.record_keys(record_id, tenant, head.header)
         meta = envelope(record_id, tenant, now_ms, head.content_type, head.content_encoding)
         offset = len(meta)
-        room = config.max_body
         limit = self.sink.max_record_bytes
+        room = body_room(config.max_body, limit, offset, key_bytes)
         if limit is not None:
-            # The sink's limit counts the envelope line and the partition key too.
-            room = max(0, min(room, limit - offset - key_bytes))
             if length is not None and length > room:
                 raise errors.PayloadTooLarge(
                     "record of %d bytes (envelope %d + body %d + partition key %d) exceeds the "

@@ -40,7 +40,7 @@ import trio
 from buffers import Slot
 
 __all__ = ["Record", "Sink", "Release", "RecordKeys", "HeaderLookup", "HealthReport", "Log", "Observer",
-           "HistogramFactory", "no_log", "discard_histogram", "health_reporter", "log_health"]
+           "HistogramFactory", "no_log", "body_room", "discard_histogram", "health_reporter", "log_health"]
 
 Release = Callable[[Slot], None]
 #: ``(partition key, explicit hash key, bytes the key adds to the record)``.
@@ -97,6 +97,18 @@ def health_reporter(log: Log) -> HealthReport:
 
 
 log_health = health_reporter(no_log)
+
+
+def body_room(max_body: int, record_limit: Optional[int], envelope_bytes: int, key_bytes: int) -> int:
+    """The largest body one request may send: ``--max-body``, within the sink's record limit.
+
+    A sink's record limit counts the envelope line and the partition key
+    too, so what is left for the body is the limit less both; ``max_body``
+    can only lower that.
+    """
+    if record_limit is None:
+        return max_body
+    return max(0, min(max_body, record_limit - envelope_bytes - key_bytes))
 
 
 class Record:

@@ -208,7 +208,7 @@ def test_unknown_option():
 @pytest.mark.parametrize("flags, env", [
     (["--ring-size", "1MiB"], {}),  # 1 MiB body + envelope does not fit twice
     ([], {"SLUICE_RING_SIZE": "2MiB"}),  # exactly 2 x 1 MiB: no room for the envelopes
-    (["--max-body", "20MiB"], {}),  # 32 MiB ring < 2 x 20 MiB
+    (["--max-body", "20MiB", "--ring-size", "32MiB"], {}),  # 32 MiB ring < 2 x 20 MiB
 ])
 def test_ring_too_small_for_two_largest_records(flags, env):
     with pytest.raises(ConfigError) as info:

@@ -210,15 +210,15 @@ async def test_queue_full_is_refused(autojump_clock):
         assert [(await h.put(b"%d" % i))[0] for i in range(3)] == ["ok", "ok", "refused"]
 
 
-async def test_describe_stream_summary_lowers_the_record_limit(autojump_clock):
-    fake = FakeStreams(max_record_size_kib=512)
-    _, h = harness(fake)
+async def test_describe_stream_summary_sets_the_record_limit(autojump_clock):
+    fake = FakeStreams(max_record_size_kib=2048)
+    _, h = harness(fake, max_record_bytes=0)  # auto
     async with running_sink(h):
-        assert h.sink.max_record_bytes == 512 * 1024
-        assert h.sink.stream_max_record_bytes == 512 * 1024
-    _, larger = harness(FakeStreams(max_record_size_kib=10240))
+        assert h.sink.max_record_bytes == 2 * MIB
+        assert h.sink.stream_max_record_bytes == 2 * MIB
+    _, larger = harness(FakeStreams(max_record_size_kib=10240), max_record_bytes=MIB)
     async with running_sink(larger):
-        assert larger.sink.max_record_bytes == MIB  # the flag's limit stands
+        assert larger.sink.max_record_bytes == MIB  # the flag's lower limit wins
 
 
 async def test_describe_stream_summary_denied_keeps_the_flag(autojump_clock):

@@ -32,8 +32,11 @@ def started_fields(config: _config.Config, origins: Dict[str, _config.Origin], g
     shown = "[%s]" % host if ":" in host else host
     sink = gateway.sink.describe() if config.sink != "file" or config.ack == "spool" else (
         "file (%s)" % os.path.abspath(config.data_dir))
+    fields: Dict[str, Any] = {}
+    if gateway.sink.max_record_bytes is not None:
+        fields["max_record_bytes"] = gateway.sink.max_record_bytes
     return dict(url="%s://%s:%d" % ("https" if config.tls else "http", shown, port),
-                sink=sink, access=_describe_access(config), tls=config.tls,
+                sink=sink, **fields, access=_describe_access(config), tls=config.tls,
                 interpreter=interpreter(), pid=os.getpid(),
                 config=config_view.settings_dict(origins))
 

@@ -41,6 +41,8 @@ RELATIVE_PATH = os.path.join("docs", "configuration.md")
 _VALUE_KINDS = {
     "parse_size": "a size: bytes, or a number with `B`, `KiB`, `MiB`, `GiB` (also `k`, `M`, `G`; "
                   "all binary)",
+    "parse_size_or_auto": "`auto`, or a size: bytes, or a number with `B`, `KiB`, `MiB`, `GiB` "
+                          "(also `k`, `M`, `G`; all binary)",
     "parse_duration": "a duration: seconds, or a number with `ms`, `s`, `m`, `h`",
     "parse_listen": "`HOST:PORT` (`[::1]:8080` for IPv6)",
     "parse_workers": "a whole number, or `auto`",
@@ -121,7 +123,7 @@ def _duration(value: float) -> str:
 
 def _bound(setting: Setting, value: float) -> str:
     kind = getattr(setting.parse, "__name__", "")
-    if kind == "parse_size":
+    if kind in ("parse_size", "parse_size_or_auto"):
         return _code(_size(value))
     if kind == "parse_duration":
         return _code(_duration(value))

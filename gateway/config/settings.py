@@ -23,6 +23,8 @@ from gateway.config.settings_file import read_settings_file
 from gateway.http.connection import DEFAULT_MAX_HEAD
 from gateway.http.tls import CertificateError, server_context
 from sinks.aws.limits import (
+    FIREHOSE_MAX_RECORD_BYTES,
+    KINESIS_DEFAULT_MAX_RECORD_BYTES,
     KINESIS_LARGE_MAX_RECORD_BYTES,
     NAME_PATTERN,
     PUT_RECORDS_LARGE_MAX_REQUEST_BYTES,
@@ -55,6 +57,17 @@ def parse_size(text: str) -> int:
         raise ValueError("not a size: %r (use e.g. 1048576, 64KiB, 32MiB)" % text)
     unit = (match.group(2) or "").lower()[:1]
     return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+#: ``auto`` for a size: decided from the sink (see `_resolve_record_sizes`).
+AUTO_SIZE = "auto"
+
+
+def parse_size_or_auto(text: str) -> Optional[int]:
+    """`parse_size`, or None for ``auto``."""
+    if text.strip().lower() == AUTO_SIZE:
+        return None
+    return parse_size(text)
 
 
 def parse_duration(text: str) -> float:
@@ -217,11 +230,14 @@ SETTINGS: List[Setting] = [
             "where records go: file (segment files in --data-dir), kinesis (--stream), "
             "firehose (--delivery-stream) or null (dropped)"),
     Setting("data_dir", str, "./sluice-data", "directory of the file sink's segments"),
-    Setting("ring_size", parse_size, "32MiB",
-            "bytes preallocated for bodies in flight; at least twice the largest record",
+    Setting("ring_size", parse_size_or_auto, "auto",
+            "bytes preallocated for bodies in flight; at least twice the largest record; auto: "
+            "32MiB, or four of the largest records when more (pages are resident only once used)",
             minimum=64 * KiB),
-    Setting("max_body", parse_size, "1MiB",
-            "largest body accepted; larger ones get 413 before they are read", minimum=0),
+    Setting("max_body", parse_size_or_auto, "auto",
+            "largest body accepted; larger ones get 413 before they are read; auto: 1MiB, or with "
+            "--sink kinesis/firehose the record limit less the envelope line and partition key "
+            "(a value can only lower that)", minimum=0),
     Setting("max_head", parse_size, str(DEFAULT_MAX_HEAD),
             "largest request head (request line + headers); larger gets 431 (h11 and node.js: 16KiB)",
             minimum=1 * KiB),
@@ -285,9 +301,10 @@ SETTINGS: List[Setting] = [
             "kinesis: partition key: random (the record id), tenant, or header:NAME"),
     Setting("explicit_hash_key_header", _header_name, "",
             "kinesis: request header whose value is sent as ExplicitHashKey"),
-    Setting("max_record_size", parse_size, "1MiB",
-            "kinesis/firehose: largest record (envelope + body + partition key); larger gets 413 "
-            "(Kinesis: 1MiB unless the stream allows up to 10MiB; Firehose: 1000KiB at most)",
+    Setting("max_record_size", parse_size_or_auto, "auto",
+            "kinesis/firehose: largest record (envelope + body + partition key); larger gets 413; "
+            "auto: the stream's MaxRecordSizeInKiB (1MiB to 10MiB, read at start and every minute), "
+            "Firehose 1000KiB; a value lowers it, and one above the stream's is refused at start",
             minimum=1 * KiB, maximum=KINESIS_LARGE_MAX_RECORD_BYTES),
     Setting("batch_records", _int, str(PUT_RECORDS_MAX_RECORDS),
             "kinesis/firehose: records per request (service limit: 500)",
@@ -394,7 +411,8 @@ class Config:
     ack: str = "kinesis"
     partition_key: str = "random"
     explicit_hash_key_header: str = ""
-    max_record_size: int = 1 * MiB
+    #: 0: auto, the stream's own limit (sinks.aws.record_limit.AUTO).
+    max_record_size: int = 0
     batch_records: int = PUT_RECORDS_MAX_RECORDS
     batch_bytes: int = 5 * MiB
     linger: Optional[float] = None  # auto
@@ -529,13 +547,18 @@ def load_with_origins(flags: Mapping[str, Optional[str]],
             value = setting.parse(text)
         except ValueError as exc:
             raise ConfigError("%s: %s" % (source, exc)) from None
+        if value is None:  # auto: resolved below, once every setting is read
+            values[setting.name] = value
+            continue
         if setting.minimum is not None and value < setting.minimum:  # type: ignore[operator]
             raise ConfigError("%s: must be at least %s, got %r" % (source, setting.minimum, text))
         if setting.maximum is not None and value > setting.maximum:  # type: ignore[operator]
             raise ConfigError("%s: must be at most %s, got %r" % (source, setting.maximum, text))
         values[setting.name] = value
+    body_auto = values["max_body"] is None
+    _resolve_record_sizes(values)
     config = Config(**values)  # type: ignore[arg-type]
-    _check(config)
+    _check(config, stream_decides=body_auto and config.sink == "kinesis" and not config.max_record_size)
     _check_access(config, given)
     _check_spool(config, given)
     _check_tls(config, given)
@@ -591,7 +614,39 @@ def _check_access(config: Config, given: Mapping[str, str]) -> None:
         raise ConfigError("--redis-cluster: Redis Cluster needs a redis:// or rediss:// URL")
 
 
-def _check(config: Config) -> None:
+#: The ring's default size: room for many ordinary bodies in flight at once.
+DEFAULT_RING_SIZE = 32 * MiB
+#: With larger records, the default ring holds this many of the largest:
+#: two being received while two more wait in requests to the sink.
+DEFAULT_RING_RECORDS = 4
+#: --max-body auto without a record limit (file and null sinks).
+DEFAULT_MAX_BODY = 1 * MiB
+
+
+def _resolve_record_sizes(values: Dict[str, object]) -> None:
+    """Turn ``auto`` sizes into bytes: record limit, then body, then ring."""
+    sink = values["sink"]
+    record = values["max_record_size"]
+    if record is None:
+        values["max_record_size"] = record = 0
+    assert isinstance(record, int)
+    ceiling: Optional[int] = None
+    if sink == "kinesis":
+        # Until the stream is read, a record may be as large as any stream takes.
+        ceiling = record or KINESIS_LARGE_MAX_RECORD_BYTES
+    elif sink == "firehose":
+        ceiling = min(record or FIREHOSE_MAX_RECORD_BYTES, FIREHOSE_MAX_RECORD_BYTES)
+    if values["max_body"] is None:
+        # The sink trims each request's body by its envelope line and key.
+        values["max_body"] = ceiling if ceiling is not None else DEFAULT_MAX_BODY
+    if values["ring_size"] is None:
+        body = values["max_body"]
+        assert isinstance(body, int)
+        largest = body + MAX_ENVELOPE_BYTES
+        values["ring_size"] = max(DEFAULT_RING_SIZE, -(-DEFAULT_RING_RECORDS * largest // MiB) * MiB)
+
+
+def _check(config: Config, *, stream_decides: bool = False) -> None:
     if config.sink == "kinesis" and not config.stream:
         raise ConfigError("--stream: required with --sink kinesis (the data stream to put records to)")
     if config.sink == "firehose" and not config.delivery_stream:
@@ -602,7 +657,15 @@ def _check(config: Config) -> None:
                           "no aggregated records from a producer (leave it off)")
     if config.sink == "firehose" and config.delivery_stream.startswith("arn:"):
         raise ConfigError("--delivery-stream: give the delivery stream's name, not its ARN")
-    if config.ring_size < 2 * config.max_record:
+    if stream_decides:
+        # The stream's limit is read at start (Gateway.serve checks the ring
+        # again then); every stream takes 1 MiB records at least.
+        if config.ring_size < 2 * KINESIS_DEFAULT_MAX_RECORD_BYTES:
+            raise ConfigError(
+                "--ring-size: must hold at least two of the largest records (2 x %d bytes, the "
+                "smallest record limit of a stream), got %d"
+                % (KINESIS_DEFAULT_MAX_RECORD_BYTES, config.ring_size))
+    elif config.ring_size < 2 * config.max_record:
         raise ConfigError(
             "--ring-size: must hold at least two of the largest records (2 x %d bytes for "
             "--max-body %d), got %d" % (config.max_record, config.max_body, config.ring_size))

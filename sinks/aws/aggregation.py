@@ -390,9 +390,17 @@ class AggregatingBuilder:
         self._ring = memoryview(ring)
         self.plan = Plan(max_records=batch.max_records, max_bytes=batch.max_bytes,
                          record_limit=batch.max_record_bytes, aggregate_limit=aggregate_limit)
+        self._aggregate_limit = aggregate_limit
         self.writer = AggregateWriter(self.plan.record_limit)
         self._scratch = batch.source(self.writer.buffer)
         self.count = 0
+
+    def set_limits(self, max_bytes: int, record_limit: int) -> None:
+        """Plan by the stream's current limits (the batch was sized for the largest)."""
+        plan = self.plan
+        plan.max_bytes = min(max_bytes, self.batch.max_bytes)
+        plan.record_limit = min(record_limit, plan.max_bytes, self.batch.max_record_bytes)
+        plan.aggregate_limit = min(self._aggregate_limit, plan.record_limit)
 
     @property
     def bytes(self) -> int:

@@ -49,7 +49,6 @@ and is logged once; after the hold the next records try again.
 from __future__ import annotations
 
 import functools
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ import trio
 
 from sinks.aws.aggregation import KPL, KPL_MAX_AGGREGATE_BYTES, OFF, AggregatingBuilder, payload_units
 from sinks.aws.delivery import STORED, Delivery, Entry, QueueFull, Settled
+from sinks.aws.describe import read_record_limit
 from sinks.aws.errors import (
     MESSAGE_MAX_CHARS,
     CredentialsError,
@@ -70,8 +70,8 @@ from sinks.aws.errors import (
 from sinks.aws.http import Endpoint, NoRegion, Reply, open_botocore_endpoint
 from sinks.aws.limits import (
     FIREHOSE_MAX_RECORD_BYTES,
+    KINESIS_DEFAULT_MAX_RECORD_BYTES,
     KINESIS_LARGE_MAX_RECORD_BYTES,
-    KINESIS_TARGET_PREFIX,
     MIB,
     PUT_RECORD_BATCH_MAX_RECORDS,
     PUT_RECORD_BATCH_MAX_REQUEST_BYTES,
@@ -89,18 +89,29 @@ from sinks.aws.putrecords import (
     parse_put_record_batch_response,
     parse_put_records_response,
 )
+from sinks.aws.record_limit import (
+    AUTO,
+    REFRESH_INTERVAL,
+    RecordLimitTooHigh,
+    StreamLimits,
+    check_configured,
+    is_size_error,
+    stream_limits,
+)
 from sinks.aws.trio_http import open_trio_endpoint
 from sinks.backoff import RetryPolicy
 from sinks.base import (
     HeaderLookup,
     HealthReport,
     HistogramFactory,
+    Log,
     Record,
     RecordKeys,
     Release,
     Sink,
     discard_histogram,
     log_health,
+    no_log,
 )
 from sinks.errors import SinkConfigError, SinkUnavailable
 
@@ -165,7 +176,9 @@ class StreamOptions:
     ack: bool = True
     partition_key: str = "random"
     explicit_hash_key_header: str = ""
-    max_record_bytes: int = 1 * MIB
+    #: ``--max-record-size``; `AUTO` follows the stream's limit (Kinesis)
+    #: or the service's (Firehose).
+    max_record_bytes: int = AUTO
     batch_records: int = PUT_RECORDS_MAX_RECORDS
     batch_bytes: int = PUT_RECORDS_MAX_REQUEST_BYTES
     linger: float = LINGER
@@ -204,13 +217,16 @@ class StreamOptions:
         )
 
     def limits(self) -> Tuple[int, int, int]:
-        """``(records, bytes)`` per request and bytes per record, within the service's limits."""
+        """``(records, bytes)`` per request and bytes per record, before a stream's limit is read
+        (Kinesis: ``--max-record-size``, or with `AUTO` the 1 MiB every stream takes)."""
         if self.service == KINESIS:
-            record = min(self.max_record_bytes, KINESIS_LARGE_MAX_RECORD_BYTES)
-            # A large record needs a request that can hold it.
-            request = min(max(self.batch_bytes, record), PUT_RECORDS_LARGE_MAX_REQUEST_BYTES)
-            return min(self.batch_records, PUT_RECORDS_MAX_RECORDS), request, record
-        record = min(self.max_record_bytes, FIREHOSE_MAX_RECORD_BYTES)
+            configured = min(self.max_record_bytes, KINESIS_LARGE_MAX_RECORD_BYTES)
+            stream = configured if configured != AUTO else KINESIS_DEFAULT_MAX_RECORD_BYTES
+            limits = stream_limits(stream, AUTO, self.batch_bytes)
+            return min(self.batch_records, PUT_RECORDS_MAX_RECORDS), limits.request_bytes, limits.record_bytes
+        record = FIREHOSE_MAX_RECORD_BYTES
+        if self.max_record_bytes != AUTO:
+            record = min(self.max_record_bytes, record)
         request = min(self.batch_bytes, PUT_RECORD_BATCH_MAX_REQUEST_BYTES)
         return min(self.batch_records, PUT_RECORD_BATCH_MAX_RECORDS), request, record
 
@@ -260,6 +276,11 @@ class _Builder:
         """``(user records, bytes)`` of each service record of the call (metrics)."""
         return [(1, size) for size in self.sizes]
 
+    def set_limits(self, max_bytes: int, record_limit: int) -> None:
+        """Admit by the stream's current limits (the batch was sized for the largest)."""
+        self._max_bytes = min(max_bytes, self.batch.max_bytes)
+        self._record_limit = min(record_limit, self._max_bytes, self.batch.max_record_bytes)
+
     def encode_all(self, entries: List[Entry]) -> None:
         encode = self.encode
         for entry in entries:
@@ -293,8 +314,9 @@ class StreamSink(Sink):
     def __init__(self, release: Release, buffer: Any, options: StreamOptions, *,
                  endpoint: Optional[Endpoint] = None, report: HealthReport = log_health,
                  rng: Optional[random.Random] = None, given_up: Optional[Release] = None,
-                 histogram: HistogramFactory = discard_histogram) -> None:
+                 histogram: HistogramFactory = discard_histogram, log: Log = no_log) -> None:
         super().__init__(release)
+        self._log = log
         self._given_up = given_up or release
         #: Entries whose client waits in `put` (``ack``), for `stop_waiting`.
         self._waiting: Set[Entry] = set()
@@ -318,7 +340,10 @@ class StreamSink(Sink):
         #: Largest record (envelope + body + partition key) accepted; the
         #: server answers 413 above it before reading the body.
         self.max_record_bytes: Optional[int] = record_bytes
+        #: Kinesis: the stream's MaxRecordSizeInKiB in bytes, once read.
         self.stream_max_record_bytes: Optional[int] = None
+        #: Set to read the stream's limit again now (a record refused for its size).
+        self._limit_stale = trio.Event()
         self._delivery = Delivery(
             RetryPolicy(deadline=options.retry_deadline), linger=options.linger,
             max_records=records, max_bytes=request_bytes,
@@ -357,14 +382,17 @@ class StreamSink(Sink):
         try:
             if self._endpoint is None:
                 self._endpoint = await self._open_endpoint()
-            if self._kinesis:
-                await self._look_up_record_limit()
             for _ in range(self.options.max_in_flight):
                 self._builders.append(self._new_builder())
+            if self._kinesis:
+                await self._start_record_limit()
             self._free = list(self._builders)
             task_status.started()
             async with trio.open_nursery() as calls:
+                if self._kinesis:
+                    calls.start_soon(self._follow_record_limit)
                 await self._send_loop(calls)
+                calls.cancel_scope.cancel()
         finally:
             for builder in self._builders:
                 builder.close()
@@ -440,9 +468,11 @@ class StreamSink(Sink):
         endpoint = self._endpoint
         where = "" if endpoint is None else ", region %s, endpoint %s" % (endpoint.region, endpoint.url)
         what = "stream" if self._kinesis else "delivery stream"
-        return "%s (%s %s%s, ack %s, max record %d bytes)" % (
+        stream = self.stream_max_record_bytes
+        limit = "" if stream is None else ", stream's limit %d KiB" % (stream // 1024)
+        return "%s (%s %s%s, ack %s, max record %d bytes%s)" % (
             self.name, what, self.options.stream, where,
-            "stored" if self.options.ack else "received", self.max_record_bytes or 0)
+            "stored" if self.options.ack else "received", self.max_record_bytes or 0, limit)
 
     def statistics(self) -> dict:
         stats = self._delivery.statistics()
@@ -469,45 +499,85 @@ class StreamSink(Sink):
             raise SinkConfigError("--region", "no AWS region configured; give --region or set "
                                   "AWS_DEFAULT_REGION (or a profile's region)") from None
 
-    async def _look_up_record_limit(self) -> None:
-        """Read the stream's MaxRecordSizeInKiB, where DescribeStreamSummary is allowed."""
+    async def _start_record_limit(self) -> None:
+        """Read the stream's limit before taking records; refuse a setting above it."""
+        stream = await self._read_record_limit()
+        configured = self.options.max_record_bytes
+        if stream is None:
+            # Not readable (no kinesis:DescribeStreamSummary permission, an
+            # endpoint without it): --max-record-size stands, or the 1 MiB
+            # every stream takes.
+            stream = configured if configured != AUTO else KINESIS_DEFAULT_MAX_RECORD_BYTES
+        else:
+            try:
+                check_configured(configured, stream)
+            except RecordLimitTooHigh as exc:
+                raise SinkConfigError("--max-record-size", str(exc)) from None
+        # Not capped by the ring here: the server refuses to start with a ring too small.
+        self._set_record_limit(stream, ring_cap=False)
+
+    async def _follow_record_limit(self) -> None:
+        """Read the stream's limit every `REFRESH_INTERVAL`, or at once after a size error."""
+        while True:
+            with trio.move_on_after(REFRESH_INTERVAL):
+                await self._limit_stale.wait()
+            self._limit_stale = trio.Event()
+            stream = await self._read_record_limit()
+            if stream is None or stream == self.stream_max_record_bytes:
+                continue
+            before = self.max_record_bytes
+            self._set_record_limit(stream)
+            self._log("record_limit_changed", sink=self.name, stream=self.options.stream,
+                      stream_max_record_bytes=stream, max_record_bytes=self.max_record_bytes,
+                      was=before)
+            if self._failure is not None and is_size_error(self._failure.code, self._failure.message):
+                # Refused for a limit that has changed since: take records again.
+                self._failure = None
+                self._failure_until = float("-inf")
+                if self._logged is not None:
+                    self._logged = None
+                    self._report(self.name, True, "the stream's record limit is now %d bytes"
+                                 % (self.max_record_bytes or 0))
+
+    def _set_record_limit(self, stream: int, ring_cap: bool = True) -> None:
+        """Enforce the limits that follow from the stream's ``stream`` bytes per record."""
+        limits: StreamLimits = stream_limits(stream, self.options.max_record_bytes,
+                                             self.options.batch_bytes)
+        record = limits.record_bytes
+        if ring_cap:
+            # A stream raised while running is followed as far as the ring holds two records.
+            record = min(record, len(self._buffer) // 2)
+        self.stream_max_record_bytes = stream
+        self.max_record_bytes = record
+        self._request_bytes = limits.request_bytes
+        self._delivery.max_bytes = limits.request_bytes
+        for builder in self._builders:
+            builder.set_limits(limits.request_bytes, record)
+
+    async def _read_record_limit(self) -> Optional[int]:
+        """The stream's limit in bytes, or None when it cannot be read now."""
         assert self._endpoint is not None
-        stream = self.options.stream
-        doc = {"StreamARN": stream} if stream.startswith("arn:") else {"StreamName": stream}
-        try:
-            reply = await self._endpoint.call(KINESIS_TARGET_PREFIX + ".DescribeStreamSummary",
-                                              json.dumps(doc).encode())
-        except CredentialsError as exc:
-            self._trip(exc)
-            return
-        except ServiceError:
-            return  # unreachable for now: the flag's limit stands
-        if reply.status != 200:
-            error = _classify(reply)
-            if isinstance(error, CredentialsError) or error.code == "ResourceNotFoundException":
-                self._trip(error)
-            return  # e.g. no kinesis:DescribeStreamSummary permission: the flag's limit stands
-        try:
-            summary = json.loads(reply.body)["StreamDescriptionSummary"]
-            kib = summary.get("MaxRecordSizeInKiB")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return
-        if isinstance(kib, int) and kib > 0:
-            self.stream_max_record_bytes = kib * 1024
-            if self.max_record_bytes is None or kib * 1024 < self.max_record_bytes:
-                self.max_record_bytes = kib * 1024
+        stream, error = await read_record_limit(self._endpoint, self.options.stream)
+        if error is not None:
+            self._trip(error)
+        return stream
 
     def _new_builder(self) -> Any:
-        records, request_bytes, _ = self.options.limits()
-        record_bytes = self.max_record_bytes or request_bytes
+        records, request_bytes, record_bytes = self.options.limits()
         if self._kinesis:
             stream = self.options.stream
             arn = stream if stream.startswith("arn:") else None
+            # Sized for the largest request and record any stream takes, so
+            # a stream raised while running needs no new builders; the
+            # body is an mmap, so pages a batch never reaches cost nothing.
             kbatch = PutRecordsBatch(None if arn else stream, stream_arn=arn, max_records=records,
-                                     max_bytes=request_bytes, max_record_bytes=record_bytes)
+                                     max_bytes=PUT_RECORDS_LARGE_MAX_REQUEST_BYTES,
+                                     max_record_bytes=KINESIS_LARGE_MAX_RECORD_BYTES)
             if self.options.aggregation == KPL:
-                return AggregatingBuilder(kbatch, self._buffer,
-                                          aggregate_limit=self.options.aggregation_max_bytes)
+                aggregating = AggregatingBuilder(kbatch, self._buffer,
+                                                 aggregate_limit=self.options.aggregation_max_bytes)
+                aggregating.set_limits(self._request_bytes, self.max_record_bytes or record_bytes)
+                return aggregating
             ksource = kbatch.source(self._buffer)
 
             def add_record(entry: Entry) -> bool:
@@ -515,7 +585,9 @@ class StreamSink(Sink):
                 return kbatch.add_from(ksource, slot.offset, slot.offset + slot.size,
                                        entry.partition_key or entry.record.id, entry.hash_key)
 
-            return _Builder(kbatch, ksource, add_record)
+            builder = _Builder(kbatch, ksource, add_record)
+            builder.set_limits(self._request_bytes, self.max_record_bytes or record_bytes)
+            return builder
         fbatch = FirehoseBatch(self.options.stream, max_records=records, max_bytes=request_bytes,
                                max_record_bytes=record_bytes)
         fsource = fbatch.source(self._buffer)
@@ -651,6 +723,9 @@ class StreamSink(Sink):
 
     def _trip(self, error: ServiceError) -> None:
         """A permanent error: refuse records for a while and say why, once."""
+        if self._kinesis and is_size_error(error.code, error.message):
+            # The stream's limit may have been lowered: read it again now.
+            self._limit_stale.set()
         self._failure = error
         self._failure_until = trio.current_time() + self.options.failure_hold
         self._give_back(self._delivery.give_up_all(error))

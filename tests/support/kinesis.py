@@ -183,13 +183,19 @@ class FakeStreams:
             return 400, _error("ResourceNotFoundException", "Stream %s not found" % stream)
         entries = []
         total = 0
+        # With MaxRecordSizeInKiB set, a record over it fails alone, as Kinesis answers it.
+        stream_limit = self.max_record_size_kib * 1024 if kinesis and self.max_record_size_kib else None
+        oversized: Dict[int, int] = {}
         for record in records:
             data = base64.b64decode(record["Data"], validate=True)
             key = record.get("PartitionKey") if kinesis else None
             if kinesis and (not isinstance(key, str) or not 1 <= len(key) <= 256):
                 return 400, _error("ValidationException", "bad partition key")
             size = len(data) + (len(key.encode()) if key else 0)
-            if size > self.max_record_bytes:
+            if stream_limit is not None:
+                if size > stream_limit:
+                    oversized[len(entries)] = size
+            elif size > self.max_record_bytes:
                 return 400, _error("ValidationException", "record of %d bytes too large" % size)
             total += size
             entries.append((data, key, record.get("ExplicitHashKey")))
@@ -200,6 +206,12 @@ class FakeStreams:
         for index, (data, key, hash_key) in enumerate(entries):
             self.attempts[data] += 1
             code = self.fail_record(data, self.attempts[data]) if self.fail_record else None
+            if index in oversized:
+                call.failed.append(index)
+                results.append({"ErrorCode": "InvalidArgumentException",
+                                "ErrorMessage": "Record data size %d exceeds the stream's max record "
+                                                "size of %d bytes" % (oversized[index], stream_limit)})
+                continue
             if code is not None:
                 call.failed.append(index)
                 results.append({"ErrorCode": code, "ErrorMessage": "injected"})
