@@ -39,6 +39,7 @@ from tests.support.gateway import (
     post_request,
     stored,
 )
+from tests.support.kinesis import FakeStreams, FaultServer, aws_env_fixture  # noqa: F401 - fixture
 from tests.support.redis import running_redis
 from tests.support.units import make_gateway, parse_responses, post
 
@@ -283,6 +284,8 @@ CASES = [
     Case("long-chunk-extension", CHUNKED + b"3;" + b"e" * (20 * KiB), 431),
     Case("declared-too-large", _cl(b"%d" % (MAX_BODY + 1), b""), 413),
     Case("declared-20-digits", _cl(b"9" * 20, b""), 413),
+    # Refused from the head: no 100 Continue first, so the client sends nothing.
+    Case("declared-too-large-expect-100", _cl(b"%d" % (MAX_BODY + 1), b"", b"Expect: 100-continue"), 413),
     Case("chunked-too-large", CHUNKED + b"8000\r\n" + b"a" * 0x8000 + b"\r\n8001\r\n" + b"a" * 0x8001
          + b"\r\n0\r\n\r\n", 413),
     Case("chunk-size-huge", CHUNKED + b"f" * 20 + b"\r\n" + b"a" * (MAX_BODY + 1), 413),
@@ -715,3 +718,48 @@ async def test_bad_api_keys_get_401_from_the_head(tmp_path, redis_url, name):
     for record_id, body in accepted.items():
         meta, stored_body = records[record_id]
         assert stored_body == body and meta["tenant"] == "Tenant_%s" % name.replace("-", "_")
+
+
+def _stream_limit_exchange(address: Tuple[str, int], room: int) -> List[List[int]]:
+    """Statuses of: one byte over, exactly the room (body then sent), a chunked body growing past it."""
+    out = []
+    for length in (room + 1, room):
+        with RawConnection(address) as conn:
+            conn.send(_cl(b"%d" % length, b"", b"Expect: 100-continue", b"Connection: close"))
+            first = conn.read_response()
+            if first.status == 100:
+                conn.send(b"b" * length)
+            out.append([first.status] + [r.status for r in conn.read_to_end()[0]])
+    with RawConnection(address) as conn:
+        half = b"%x\r\n" % (room // 2 + 1) + b"c" * (room // 2 + 1) + b"\r\n"
+        conn.send(CHUNKED + half)
+        try:
+            conn.send(half + b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        out.append([r.status for r in conn.read_to_end()[0]])
+    return out
+
+
+async def test_the_streams_record_limit_413s_from_the_head_and_chunked_past_it(aws_env):
+    """Against a stream whose MaxRecordSizeInKiB is 1024: envelope and key come off the body's room."""
+    aws_env()
+    server = FaultServer(FakeStreams(max_record_size_kib=1024))
+    try:
+        flags = ["--sink", "kinesis", "--stream", "logs", "--endpoint-url", server.url, "--linger", "1ms"]
+        async with gateway_in_process(flags) as (gateway, port):
+            limit = gateway.sink.max_record_bytes
+            room = limit - len(_envelope_of(gateway)) - 26  # a record id as partition key
+            statuses = await trio.to_thread.run_sync(_stream_limit_exchange, ("127.0.0.1", port), room)
+            assert gateway.statistics()["internal_errors"] == 0 and gateway.ring.used == 0
+        assert limit == 1024 * KiB
+        assert statuses == [[413], [100, 202], [413]]
+        assert [len(d.partition(b"\n")[2]) for d in server.fake.stored_datas()] == [room]
+    finally:
+        server.stop()
+
+
+def _envelope_of(gateway: Any) -> bytes:
+    from sinks.envelope import envelope
+
+    return envelope(gateway.ids.next(0), None, 1795680518430, None, None)

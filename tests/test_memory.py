@@ -96,3 +96,37 @@ async def test_traced_memory_does_not_grow_with_body_size(tmp_path):
     assert large_peak <= small_peak + SAME_WITHIN, report
     assert max(small_peak, large_peak) < PEAK_BOUND, report
     assert max(small_retained, large_retained) < RETAINED_BOUND, report
+
+
+#: A body of the largest record a Kinesis stream takes (MaxRecordSizeInKiB 10240).
+HUGE_BODY = 10 * 1024 * 1024 - 8 * 1024
+HUGE_REQUESTS = 10
+
+
+async def test_traced_memory_does_not_grow_with_10_mib_bodies(tmp_path):
+    """The same bounds with bodies of 10 MiB: one copy would exceed them 25 times over."""
+    # The ring holds four bodies; a disk slower than loopback must not turn into 503s.
+    config = from_args(["--data-dir", str(tmp_path), "--max-body", "10MiB", "--ring-wait", "60s"], {})
+    gateway = Gateway(config)
+    listener = await open_listener("127.0.0.1", 0)
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(gateway.serve, [listener])
+        await _run_client(port, 2, HUGE_BODY)
+        small_peak, _ = await _traced_run(port, SMALL_BODY)
+        await _run_client(port, 2, HUGE_BODY)
+        import tracemalloc
+
+        tracemalloc.start()
+        try:
+            baseline, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            await _run_client(port, HUGE_REQUESTS, HUGE_BODY)
+            _, peak = tracemalloc.get_traced_memory()
+            gc.collect()
+            current, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        gateway.drain()
+    report = dict(small_peak=small_peak, huge_peak=peak - baseline, huge_retained=current - baseline)
+    assert peak - baseline <= small_peak + SAME_WITHIN, report
+    assert peak - baseline < PEAK_BOUND and current - baseline < RETAINED_BOUND, report
