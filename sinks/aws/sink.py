@@ -530,14 +530,6 @@ class StreamSink(Sink):
             self._log("record_limit_changed", sink=self.name, stream=self.options.stream,
                       stream_max_record_bytes=stream, max_record_bytes=self.max_record_bytes,
                       was=before)
-            if self._failure is not None and is_size_error(self._failure.code, self._failure.message):
-                # Refused for a limit that has changed since: take records again.
-                self._failure = None
-                self._failure_until = float("-inf")
-                if self._logged is not None:
-                    self._logged = None
-                    self._report(self.name, True, "the stream's record limit is now %d bytes"
-                                 % (self.max_record_bytes or 0))
 
     def _set_record_limit(self, stream: int, ring_cap: bool = True) -> None:
         """Enforce the limits that follow from the stream's ``stream`` bytes per record."""
@@ -703,8 +695,14 @@ class StreamSink(Sink):
             else:
                 release(entry.record.slot)
         self._give_back(settled.given_up)
-        if settled.permanent is not None:
-            self._trip(settled.permanent)
+        permanent = settled.permanent
+        if permanent is not None and self._kinesis and is_size_error(permanent.code, permanent.message):
+            # Only these records were too large: the stream's limit was lowered
+            # behind the sink's back.  They are given up; read the limit again
+            # now and keep taking records rather than stop the sink.
+            self._limit_stale.set()
+        elif permanent is not None:
+            self._trip(permanent)
         elif settled.stored and self._failure is not None:
             self._failure = None
             self._failure_until = float("-inf")
@@ -723,9 +721,6 @@ class StreamSink(Sink):
 
     def _trip(self, error: ServiceError) -> None:
         """A permanent error: refuse records for a while and say why, once."""
-        if self._kinesis and is_size_error(error.code, error.message):
-            # The stream's limit may have been lowered: read it again now.
-            self._limit_stale.set()
         self._failure = error
         self._failure_until = trio.current_time() + self.options.failure_hold
         self._give_back(self._delivery.give_up_all(error))
