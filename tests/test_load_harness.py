@@ -56,6 +56,12 @@ def test_mix_is_fixed_and_bounded() -> None:
     assert len(bodies.body(65536)) == 65536
 
 
+def test_5m_mix_raises_the_gateways_max_body() -> None:
+    assert bodies.sizes_for("5m") == [5 * 1024 * 1024]
+    assert bodies.largest_body(["1k", "5m"]) == 5 * 1024 * 1024
+    assert len(bodies.body(5 * 1024 * 1024)) == 5 * 1024 * 1024
+
+
 def test_put_records_limits() -> None:
     ok = b'{"StreamName":"s","Records":[' + b",".join([b'{"Data":"eHg=","PartitionKey":"k"}'] * 500) + b"]}"
     assert check_put_records(ok) == (500, None)

@@ -7,6 +7,9 @@ Body-size mixes (``--sizes``):
 * ``1m``: 1,000,000 bytes: 1 MB rather than 1 MiB so that with the Kinesis
   sink the record (envelope line + body + partition key) stays under the
   service's 1 MiB record limit.
+* ``5m``: 5 MiB (5,242,880 bytes): records a Kinesis stream takes only with
+  its MaxRecordSizeInKiB raised; the harness raises the gateway's
+  ``--max-body`` to fit (docs/sinks.md, "Record size").
 * ``mix``: a fixed cycle of 100 sizes: 80 x 1 KiB, 15 x 16 KiB, 4 x 256 KiB,
   1 x 1,000,000 bytes, shuffled with a fixed seed (mean about 36 KiB), so that
   every run sends the same sequence.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import random
 from typing import Dict, List, Optional
 
-__all__ = ["MIXES", "sizes_for", "body", "request_head", "PATH"]
+__all__ = ["MIXES", "sizes_for", "body", "request_head", "PATH", "largest_body"]
 
 PATH = "/v1/logs"
 _MIX_PARTS = ((80, 1024), (15, 16 * 1024), (4, 256 * 1024), (1, 1_000_000))
@@ -36,8 +39,8 @@ def _mix(parts=_MIX_PARTS) -> List[int]:
     return sizes
 
 
-MIXES: Dict[str, List[int]] = {"1k": [1024], "64k": [65536], "1m": [1_000_000], "mix": _mix(),
-                               "seed": _mix(_SEED_PARTS)}
+MIXES: Dict[str, List[int]] = {"1k": [1024], "64k": [65536], "1m": [1_000_000], "5m": [5 * 1024 * 1024],
+                               "mix": _mix(), "seed": _mix(_SEED_PARTS)}
 
 
 def sizes_for(mix: str) -> List[int]:
@@ -46,6 +49,11 @@ def sizes_for(mix: str) -> List[int]:
         return MIXES[mix]
     except KeyError:
         raise ValueError("unknown body mix %r (one of %s)" % (mix, ", ".join(MIXES))) from None
+
+
+def largest_body(mixes: List[str]) -> int:
+    """The largest body any of ``mixes`` sends."""
+    return max(max(sizes_for(mix)) for mix in mixes)
 
 
 def body(size: int) -> bytes:

@@ -19,14 +19,16 @@ import time
 from typing import Any, Dict, List, Optional
 
 from . import report, servers, wrk
-from .bodies import MIXES
+from .bodies import MIXES, largest_body
 from .procstat import TreeSampler, cpu_seconds
 
 __all__ = ["main"]
 
 #: Open-loop rates per mix when --rate is not given: well inside what every
 #: server here sustains, so the latencies say something about service time.
-DEFAULT_RATES = {"1k": 2000.0, "64k": 1000.0, "1m": 100.0, "mix": 1000.0, "seed": 500.0}
+DEFAULT_RATES = {"1k": 2000.0, "64k": 1000.0, "1m": 100.0, "5m": 20.0, "mix": 1000.0, "seed": 500.0}
+#: The gateway's --max-body unless a mix sends more (then raised to fit it).
+GATEWAY_MAX_BODY = 1024 * 1024
 #: Seconds between a client's launch and its first request.
 START_DELAY = 1.0
 
@@ -184,6 +186,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("--workers: comma-separated whole numbers, e.g. 1,2")
     if not set(modes) <= {"open", "closed"} or not 0 < args.duration <= 3600:
         raise SystemExit("--modes or --duration out of range")
+    largest = largest_body(mixes)
+    if largest > GATEWAY_MAX_BODY:
+        if args.sink == "kinesis":
+            # The Kinesis stub is a 1 MiB stream (bench/load/stubs.py).
+            raise SystemExit("--sizes: bodies over 1 MiB need --sink null or file")
+        if not any(a.startswith("--max-body") for a in args.gateway_arg):
+            args.gateway_arg = ["--max-body=%d" % largest] + list(args.gateway_arg)
     implementation = subprocess.run([python, "-c", "import platform;print(platform.python_implementation())"],
                                     capture_output=True, text=True, timeout=60, check=True).stdout.strip()
     warmup = args.warmup if args.warmup is not None else (5.0 if implementation == "PyPy" else 2.0)

@@ -337,7 +337,7 @@ http {{
     log_format bench '$status $request_length';
     access_log {access};
     client_body_temp_path {dir}/body;
-    client_max_body_size 2m;
+    client_max_body_size 11m;
     client_body_buffer_size 2m;
     client_body_in_single_buffer on;
     keepalive_requests 1000000;
