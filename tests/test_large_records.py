@@ -123,8 +123,11 @@ async def test_a_10240_kib_stream_takes_the_largest_body(kinesis_local, stream):
     name = stream(10240)
     largest = 10 * MIB - envelope_len() - KEY
     body = _pattern(largest)
-    async with gateway_in_process(_flags(kinesis_local, name)) as (gateway, port):
+    flags = _flags(kinesis_local, name)
+    async with gateway_in_process(flags) as (gateway, port):
         assert (await _readyz(port))["max_record_bytes"] == 10 * MIB
+        started = _started(gateway, flags, port)
+        assert started["max_record_bytes"] == 10 * MIB and "stream's limit 10240 KiB" in started["sink"]
         head = (b"POST /v1/logs HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n"
                 b"Expect: 100-continue\r\n\r\n" % (largest + 1))
         status, _, refusal = await trio.to_thread.run_sync(http_exchange, port, head)
@@ -148,6 +151,19 @@ async def test_settings_the_stream_cannot_take_stop_the_start(kinesis_local, str
         async with gateway_in_process(_flags(kinesis_local, name, *flags)):
             pass
     assert message in str(_config_error(info.value))
+
+
+def _started(gateway, flags, port):
+    """The fields of the gateway's ``started`` event."""
+    import argparse
+
+    from gateway.cli.serve import started_fields
+    from gateway.config.settings import add_arguments, load_with_origins
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    _, origins = load_with_origins(vars(parser.parse_args(flags)), {})
+    return started_fields(gateway.config, origins, gateway, "127.0.0.1", port)
 
 
 def _config_error(exc):
