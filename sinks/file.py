@@ -36,6 +36,7 @@ from typing import Iterator, List, Optional, Tuple
 import trio
 
 from sinks.base import HealthReport, Record, Release, Sink, log_health
+from sinks.digests import crc32
 from sinks.errors import SinkUnavailable
 from sinks.segments import writev
 
@@ -238,7 +239,7 @@ class FileSink(Sink):
         for i in range(start, stop):
             view = batch[i].slot.view
             header = self._header_views[i - start]
-            FRAME_HEADER.pack_into(header, 0, len(view), zlib.crc32(view))
+            FRAME_HEADER.pack_into(header, 0, len(view), crc32(view))
             iov.append(header)
             iov.append(view)
         good = self._segment_size

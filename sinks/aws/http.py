@@ -23,7 +23,8 @@ reused while a thread still sends it; urllib3's connect and read timeouts
 bound how long a thread can take.
 
 Copies: the body goes through as a ``memoryview`` of the batch buffer.  It
-is hashed in place (``hashlib.sha256`` takes the view) into the
+is hashed in place (`sinks.digests.sha256_hex`, which on PyPy does not
+copy it as ``hashlib.sha256`` would) into the
 ``X-Amz-Content-SHA256`` header, which ``SigV4Auth`` signs instead of
 hashing the body itself, and it is attached to the prepared request after
 botocore's preparer ran (that preparer compares the body with ``b""``, which
@@ -33,7 +34,6 @@ Foreign exceptions are translated here, once.
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Optional
@@ -42,6 +42,7 @@ import trio
 
 from sinks.aws.errors import CredentialsError, TransientError
 from sinks.aws.limits import JSON_CONTENT_TYPE
+from sinks.digests import sha256_hex
 
 __all__ = [
     "Reply",
@@ -219,7 +220,7 @@ class BotocoreEndpoint(Endpoint):
         request = AWSRequest(method="POST", url=self.url, headers={
             "X-Amz-Target": target,
             "Content-Type": JSON_CONTENT_TYPE,
-            "X-Amz-Content-SHA256": hashlib.sha256(body).hexdigest(),
+            "X-Amz-Content-SHA256": sha256_hex(body),
         })
         SigV4Auth(credentials, self.signing_name, self.region).add_auth(request)
         prepared = request.prepare()

@@ -56,6 +56,8 @@ from array import array
 from collections import deque
 from typing import Deque, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
+from sinks.digests import crc32
+
 __all__ = [
     "SPOOL_MAGIC",
     "FRAME",
@@ -174,7 +176,7 @@ def encode_keys(partition_key: Optional[str], hash_key: Optional[str],
 
 def pack_header(buffer, offset: int, keys: bytes, pk_len: int, hk_len: int, record) -> None:
     """Write the 12-byte frame header of ``keys`` + ``record`` into ``buffer`` at ``offset``."""
-    crc = zlib.crc32(record, zlib.crc32(keys)) if keys else zlib.crc32(record)
+    crc = crc32(record, zlib.crc32(keys)) if keys else crc32(record)
     FRAME.pack_into(buffer, offset, len(keys) + len(record), crc, pk_len, hk_len)
 
 
