@@ -58,7 +58,6 @@ import trio
 
 from sinks.aws.aggregation import KPL, KPL_MAX_AGGREGATE_BYTES, OFF, AggregatingBuilder, payload_units
 from sinks.aws.delivery import STORED, Delivery, Entry, QueueFull, Settled
-from sinks.aws.describe import read_record_limit
 from sinks.aws.errors import (
     MESSAGE_MAX_CHARS,
     CredentialsError,
@@ -67,6 +66,7 @@ from sinks.aws.errors import (
     classify_error,
     error_class,
 )
+from sinks.aws.follow_limit import RecordLimitFollower
 from sinks.aws.http import Endpoint, NoRegion, Reply, open_botocore_endpoint
 from sinks.aws.limits import (
     FIREHOSE_MAX_RECORD_BYTES,
@@ -89,15 +89,7 @@ from sinks.aws.putrecords import (
     parse_put_record_batch_response,
     parse_put_records_response,
 )
-from sinks.aws.record_limit import (
-    AUTO,
-    REFRESH_INTERVAL,
-    RecordLimitTooHigh,
-    StreamLimits,
-    check_configured,
-    is_size_error,
-    stream_limits,
-)
+from sinks.aws.record_limit import AUTO, is_size_error, stream_limits
 from sinks.aws.trio_http import open_trio_endpoint
 from sinks.backoff import RetryPolicy
 from sinks.base import (
@@ -176,8 +168,7 @@ class StreamOptions:
     ack: bool = True
     partition_key: str = "random"
     explicit_hash_key_header: str = ""
-    #: ``--max-record-size``; `AUTO` follows the stream's limit (Kinesis)
-    #: or the service's (Firehose).
+    #: ``--max-record-size``; `AUTO`: the stream's limit (Kinesis), the service's (Firehose).
     max_record_bytes: int = AUTO
     batch_records: int = PUT_RECORDS_MAX_RECORDS
     batch_bytes: int = PUT_RECORDS_MAX_REQUEST_BYTES
@@ -217,8 +208,7 @@ class StreamOptions:
         )
 
     def limits(self) -> Tuple[int, int, int]:
-        """``(records, bytes)`` per request and bytes per record, before a stream's limit is read
-        (Kinesis: ``--max-record-size``, or with `AUTO` the 1 MiB every stream takes)."""
+        """``(records, bytes)`` per request and bytes per record until a stream's limit is read."""
         if self.service == KINESIS:
             configured = min(self.max_record_bytes, KINESIS_LARGE_MAX_RECORD_BYTES)
             stream = configured if configured != AUTO else KINESIS_DEFAULT_MAX_RECORD_BYTES
@@ -302,7 +292,7 @@ def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
-class StreamSink(Sink):
+class StreamSink(RecordLimitFollower, Sink):
     """Delivers records to a Kinesis data stream or a Firehose delivery stream.
 
     ``buffer`` is the ring's buffer (every record's slot lies in it);
@@ -499,77 +489,18 @@ class StreamSink(Sink):
             raise SinkConfigError("--region", "no AWS region configured; give --region or set "
                                   "AWS_DEFAULT_REGION (or a profile's region)") from None
 
-    async def _start_record_limit(self) -> None:
-        """Read the stream's limit before taking records; refuse a setting above it."""
-        stream = await self._read_record_limit()
-        configured = self.options.max_record_bytes
-        if stream is None:
-            # Not readable (no kinesis:DescribeStreamSummary permission, an
-            # endpoint without it): --max-record-size stands, or the 1 MiB
-            # every stream takes.
-            stream = configured if configured != AUTO else KINESIS_DEFAULT_MAX_RECORD_BYTES
-        else:
-            try:
-                check_configured(configured, stream)
-            except RecordLimitTooHigh as exc:
-                raise SinkConfigError("--max-record-size", str(exc)) from None
-        # Not capped by the ring here: the server refuses to start with a ring too small.
-        self._set_record_limit(stream, ring_cap=False)
-
-    async def _follow_record_limit(self) -> None:
-        """Read the stream's limit every `REFRESH_INTERVAL`, or at once after a size error."""
-        while True:
-            with trio.move_on_after(REFRESH_INTERVAL):
-                await self._limit_stale.wait()
-            self._limit_stale = trio.Event()
-            stream = await self._read_record_limit()
-            if stream is None or stream == self.stream_max_record_bytes:
-                continue
-            before = self.max_record_bytes
-            self._set_record_limit(stream)
-            self._log("record_limit_changed", sink=self.name, stream=self.options.stream,
-                      stream_max_record_bytes=stream, max_record_bytes=self.max_record_bytes,
-                      was=before)
-
-    def _set_record_limit(self, stream: int, ring_cap: bool = True) -> None:
-        """Enforce the limits that follow from the stream's ``stream`` bytes per record."""
-        limits: StreamLimits = stream_limits(stream, self.options.max_record_bytes,
-                                             self.options.batch_bytes)
-        record = limits.record_bytes
-        if ring_cap:
-            # A stream raised while running is followed as far as the ring holds two records.
-            record = min(record, len(self._buffer) // 2)
-        self.stream_max_record_bytes = stream
-        self.max_record_bytes = record
-        self._request_bytes = limits.request_bytes
-        self._delivery.max_bytes = limits.request_bytes
-        for builder in self._builders:
-            builder.set_limits(limits.request_bytes, record)
-
-    async def _read_record_limit(self) -> Optional[int]:
-        """The stream's limit in bytes, or None when it cannot be read now."""
-        assert self._endpoint is not None
-        stream, error = await read_record_limit(self._endpoint, self.options.stream)
-        if error is not None:
-            self._trip(error)
-        return stream
-
     def _new_builder(self) -> Any:
         records, request_bytes, record_bytes = self.options.limits()
         if self._kinesis:
             stream = self.options.stream
             arn = stream if stream.startswith("arn:") else None
-            # Sized for the largest request and record any stream takes, so
-            # a stream raised while running needs no new builders; the
-            # body is an mmap, so pages a batch never reaches cost nothing.
+            # For any stream's largest (mmap: unused pages cost nothing); see set_limits.
             kbatch = PutRecordsBatch(None if arn else stream, stream_arn=arn, max_records=records,
                                      max_bytes=PUT_RECORDS_LARGE_MAX_REQUEST_BYTES,
                                      max_record_bytes=KINESIS_LARGE_MAX_RECORD_BYTES)
             if self.options.aggregation == KPL:
-                aggregating = AggregatingBuilder(kbatch, self._buffer,
-                                                 aggregate_limit=self.options.aggregation_max_bytes)
-                aggregating.set_limits(self._request_bytes, self.max_record_bytes or record_bytes)
-                return aggregating
+                return AggregatingBuilder(kbatch, self._buffer,
+                                          aggregate_limit=self.options.aggregation_max_bytes)
             ksource = kbatch.source(self._buffer)
 
             def add_record(entry: Entry) -> bool:
@@ -577,9 +508,7 @@ class StreamSink(Sink):
                 return kbatch.add_from(ksource, slot.offset, slot.offset + slot.size,
                                        entry.partition_key or entry.record.id, entry.hash_key)
 
-            builder = _Builder(kbatch, ksource, add_record)
-            builder.set_limits(self._request_bytes, self.max_record_bytes or record_bytes)
-            return builder
+            return _Builder(kbatch, ksource, add_record)
         fbatch = FirehoseBatch(self.options.stream, max_records=records, max_bytes=request_bytes,
                                max_record_bytes=record_bytes)
         fsource = fbatch.source(self._buffer)
@@ -697,9 +626,7 @@ class StreamSink(Sink):
         self._give_back(settled.given_up)
         permanent = settled.permanent
         if permanent is not None and self._kinesis and is_size_error(permanent.code, permanent.message):
-            # Only these records were too large: the stream's limit was lowered
-            # behind the sink's back.  They are given up; read the limit again
-            # now and keep taking records rather than stop the sink.
+            # Given up alone (the stream's limit was lowered): re-read it, keep going.
             self._limit_stale.set()
         elif permanent is not None:
             self._trip(permanent)
