@@ -19,7 +19,7 @@ import uuid
 import pytest
 import trio
 
-import sinks.aws.sink
+import sinks.aws.follow_limit
 from tests.support.gateway import gateway_in_process
 from tests.support.kinesis import aws_env_fixture  # noqa: F401 - fixture
 from tests.support.kinesis_local import kinesis_local_fixture  # noqa: F401 - fixture
@@ -90,7 +90,7 @@ async def _readyz(port: int) -> dict:
 async def test_a_2048_kib_stream_takes_1_5_mib_refuses_3_mib_and_follows_a_raise(
         kinesis_local, stream, monkeypatch):
     # Read the limit every half second rather than every minute.
-    monkeypatch.setattr(sinks.aws.sink, "REFRESH_INTERVAL", 0.5)
+    monkeypatch.setattr(sinks.aws.follow_limit, "REFRESH_INTERVAL", 0.5)
     name = stream(2048)
     client = kinesis_local.client()
     body = _pattern(1536 * 1024)
