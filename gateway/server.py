@@ -326,7 +326,7 @@ class Gateway:
     async def _refuse(self, transport: Transport) -> None:
         try:
             error = errors.Overloaded("too many connections", retry_after=1.0)
-            conn = HTTPConnection(bytearray(self.config.max_head), max_head=self.config.max_head)
+            conn = HTTPConnection(bytearray(self.config.max_head), max_head=self.config.max_head, fast=False)
             with trio.move_on_after(LINGER_SECONDS):
                 if isinstance(transport, TLSTransport):
                     await transport.handshake()
@@ -343,7 +343,7 @@ class Gateway:
     async def handle_connection(self, transport: Transport) -> None:
         """Serve requests on ``transport`` until it closes or must close."""
         buffer = self.pool.borrow()
-        conn = HTTPConnection(buffer, max_head=self.config.max_head)
+        conn = HTTPConnection(buffer, max_head=self.config.max_head, fast=self.config.http == "auto")
         try:
             if isinstance(transport, TLSTransport) and not await self._handshake(conn, transport):
                 return
@@ -515,7 +515,7 @@ class Gateway:
         # before 100 Continue: a refused client uploads nothing.  The cost is
         # the declared Content-Length; a chunked body costs 0 bytes here and
         # its size is added to the month's usage once it is stored.
-        admission = await access.check(api_key_from_headers(head.headers), length or 0)
+        admission = await access.check(api_key_from_headers(head.credential_headers), length or 0)
         try:
             return await self._store(head, conn, transport, admission.tenant, parsed)
         except BaseException:

@@ -2,7 +2,8 @@
 
 The driver's part (receiving into ``head_buffer``, reading Content-Length
 bodies itself) is played by the helpers here; the server-level scenarios are
-in test_http.py.
+in test_http.py.  Every test runs with both head engines: the fast path with
+h11 behind it (``--http auto``) and h11 alone (``--http h11``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,24 @@ from hypothesis import strategies as st
 
 from gateway import errors
 from gateway.http.connection import CLOSED, NEED_DATA, HTTPConnection, RequestHead
+from gateway.http.fasthead import FastHead
 from tests.support.units import chunked, get, post
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+HEADS = (RequestHead, FastHead)
+#: Whether _conn() makes connections with the fast path; set per test by _engine.
+FAST = {"on": True}
+
+
+@pytest.fixture(autouse=True, params=["auto", "h11"])
+def _engine(request):
+    FAST["on"] = request.param == "auto"
+    yield request.param
+    FAST["on"] = True
 
 
 def _conn(max_head: int = 1024) -> HTTPConnection:
-    return HTTPConnection(bytearray(max_head + 4096), max_head=max_head)
+    return HTTPConnection(bytearray(max_head + 4096), max_head=max_head, fast=FAST["on"])
 
 
 def _feed(conn: HTTPConnection, data: bytes) -> None:
@@ -34,7 +46,7 @@ def _feed(conn: HTTPConnection, data: bytes) -> None:
         data = data[count:]
 
 
-def _serve_length_body(conn: HTTPConnection, head: RequestHead, more: bytes = b"") -> bytes:
+def _serve_length_body(conn: HTTPConnection, head, more: bytes = b"") -> bytes:
     dest = bytearray(head.content_length)
     filled = conn.take_body(memoryview(dest))
     dest[filled:filled + len(more)] = more  # what the driver reads from the socket itself
@@ -47,7 +59,7 @@ def test_connection_parses_a_head_and_its_fields():
     _feed(conn, post(b"xyz", target=b"/v1/logs?a=b", headers=[
         (b"Content-Type", b"text/plain"), (b"Content-Encoding", b"gzip"), (b"Expect", b"100-Continue")]))
     head = conn.next_request()
-    assert isinstance(head, RequestHead)
+    assert isinstance(head, HEADS)
     assert (head.method, head.target, head.path) == (b"POST", b"/v1/logs?a=b", b"/v1/logs")
     assert head.content_length == 3 and not head.chunked and head.expect_continue
     assert (head.content_type, head.content_encoding) == (b"text/plain", b"gzip")
@@ -74,7 +86,7 @@ def test_finish_body_keeps_h11_in_step_across_keep_alive_cycles():
     _feed(conn, b"".join(post(body) for body in bodies))
     for body in bodies:
         head = conn.next_request()
-        assert isinstance(head, RequestHead)
+        assert isinstance(head, HEADS)
         assert _serve_length_body(conn, head) == body
         out = conn.respond(202, [], b"{}")
         assert out.startswith(b"HTTP/1.1 202 ") and b"connection: close" not in out
@@ -253,14 +265,15 @@ _RESPONSE_CASES = [
 
 @pytest.mark.parametrize("request_bytes,status,close", _RESPONSE_CASES)
 def test_response_written_without_h11_matches_h11(request_bytes: bytes, status: int, close: bool) -> None:
-    # respond() writes the head itself and only tells h11's state machine;
-    # the bytes and what follows (keep-alive or not) must be h11's own.
+    # respond() writes the head itself and at most tells h11's state machine
+    # (not at all for a head the fast path read); the bytes and what follows
+    # (keep-alive or not) must be h11's own.
     outcomes = []
     for through_h11 in (False, True):
-        conn = _conn()
+        conn = HTTPConnection(bytearray(1024 + 4096), max_head=1024, fast=FAST["on"] and not through_h11)
         _feed(conn, request_bytes)
         head = conn.next_request()
-        assert isinstance(head, RequestHead)
+        assert isinstance(head, HEADS)
         if head.content_length:
             _serve_length_body(conn, head)
         else:
@@ -270,7 +283,7 @@ def test_response_written_without_h11_matches_h11(request_bytes: bytes, status: 
             out = conn._respond_h11(status, headers, b'{"ok":1}', close)
         else:
             out = conn.respond(status, headers, b'{"ok":1}', close=close)
-        outcomes.append((out, conn._h11.our_state, conn._h11.their_state, conn.next_cycle()))
+        outcomes.append((out, conn.next_cycle()))
     assert outcomes[0] == outcomes[1]
 
 

@@ -10,6 +10,8 @@ it may only return a request head, ``NEED_DATA`` or ``CLOSED``, or raise a
 same input then goes through the real connection handler over a
 :class:`~gateway.transport.MemoryTransport`: no internal error, only
 documented statuses, one stored record per ``202``, and the ring empty again.
+Both head engines serve every input (the fast path with h11 behind it, and
+h11 alone) and must agree on every outcome.
 
 ``SLUICE_FUZZ_EXAMPLES`` raises the number of examples per test (default 150)
 for a longer run.
@@ -29,6 +31,7 @@ from hypothesis import strategies as st
 
 from gateway import errors
 from gateway.http.connection import CLOSED, NEED_DATA, HTTPConnection, RequestHead
+from gateway.http.fasthead import FastHead
 from gateway.http.transport import MemoryTransport
 from gateway.server import READAHEAD
 from tests.support.units import chunked, make_gateway, parse_responses, post, split_record
@@ -194,11 +197,11 @@ def _next_head(conn: HTTPConnection, peer: _Peer):
         conn.received(peer.recv_into(conn.head_buffer()))
         head = conn.next_request()
         assert not (was_eof and head is NEED_DATA), "NEED_DATA after EOF"
-    assert head is CLOSED or type(head) is RequestHead, head
+    assert head is CLOSED or type(head) in (RequestHead, FastHead), head
     return head
 
 
-def _serve_one(conn: HTTPConnection, peer: _Peer, head: RequestHead) -> Tuple[int, bytes]:
+def _serve_one(conn: HTTPConnection, peer: _Peer, head) -> Tuple[int, bytes]:
     """What server.py's routing does with ``head``, minus the sink: (status, stored body)."""
     if head.method != b"POST" or head.path != b"/v1/logs":
         if head.content_length or head.chunked:
@@ -227,14 +230,15 @@ def _serve_one(conn: HTTPConnection, peer: _Peer, head: RequestHead) -> Tuple[in
     return 202, bytes(dest[:filled])
 
 
-def drive(pieces: Sequence[bytes]) -> List[object]:
+def drive(pieces: Sequence[bytes], fast: bool = True) -> List[object]:
     """Serve one connection's ``pieces``; the outcome of each request in order.
 
     Each outcome is ``(status, body)`` for an answered request, the status of
-    the error that ended the connection, or ``"closed"``.
+    the error that ended the connection, or ``"closed"``.  ``fast`` false:
+    h11 reads every head (``--http h11``).
     """
     peer = _Peer(pieces)
-    conn = HTTPConnection(bytearray(MAX_HEAD + READAHEAD), max_head=MAX_HEAD)
+    conn = HTTPConnection(bytearray(MAX_HEAD + READAHEAD), max_head=MAX_HEAD, fast=fast)
     outcomes: List[object] = []
     try:
         for _ in range(MAX_REQUESTS):
@@ -265,6 +269,7 @@ def drive(pieces: Sequence[bytes]) -> List[object]:
 def test_arbitrary_bytes_get_a_head_or_a_documented_error(data, cuts):
     whole = drive([data])
     assert drive(_split(data, cuts)) == whole
+    assert drive([data], fast=False) == whole
 
 
 @FUZZ
@@ -272,6 +277,7 @@ def test_arbitrary_bytes_get_a_head_or_a_documented_error(data, cuts):
 def test_near_valid_requests_get_a_head_or_a_documented_error(data, cuts):
     whole = drive([data])
     assert drive(_split(data, cuts)) == whole
+    assert drive([data], fast=False) == whole
     assert drive([data[i:i + 1] for i in range(len(data))]) == whole
 
 

@@ -241,6 +241,9 @@ SETTINGS: List[Setting] = [
     Setting("max_head", parse_size, str(DEFAULT_MAX_HEAD),
             "largest request head (request line + headers); larger gets 431 (h11 and node.js: 16KiB)",
             minimum=1 * KiB),
+    Setting("http", _choice("auto", "h11"), "auto",
+            "request-head parser: auto (a fast path for the head shape agents send, h11 for any "
+            "other head) or h11 (h11, the reference, for every head)"),
     Setting("head_timeout", parse_duration, "10s",
             "time allowed for a request head once its first byte arrived; then 408",
             minimum=0.001),
@@ -404,6 +407,7 @@ class Config:
     segment_size: int
     flush_interval: float
     send_timeout: float = 60.0
+    http: str = "auto"
     stream: str = ""
     delivery_stream: str = ""
     region: str = ""

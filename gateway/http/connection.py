@@ -8,7 +8,13 @@ receives into that, reports the count (:meth:`HTTPConnection.received`), and
 calls :meth:`HTTPConnection.next_request` until it returns a
 :class:`RequestHead`.
 
-The head goes through h11, which validates and parses it.  The body does not:
+A head of the shape agents send is read by the fast path
+(:mod:`gateway.http.fasthead`), which keeps offsets into the receive buffer
+and makes almost no garbage; any other head goes through h11, which
+validates and parses it (``fast=False``, ``--http h11``: every head does).
+While a request read by the fast path is served, h11's state machine stays
+idle, and this class keeps the little state such a request needs (body
+finished, answered, keep-alive).  The body never goes through h11:
 h11 would copy it piece by piece, which is slow for 1 MiB bodies and makes
 garbage.  Instead the connection keeps its own receive buffer; a head is handed
 to h11 only up to its blank line, and for ``Content-Length`` bodies the driver
@@ -18,9 +24,10 @@ into the slot.  :meth:`HTTPConnection.finish_body` then tells h11 the body is
 over.  Chunked bodies are rare and go through h11's decoder
 (:meth:`HTTPConnection.read_chunked`), a bounded copy per chunk.
 
-Responses are framed by h11 (:meth:`HTTPConnection.respond`), which also
-decides keep-alive.  After a response, :meth:`HTTPConnection.next_cycle` says
-whether the connection may carry another request.
+Responses are written from preformatted parts (:meth:`HTTPConnection.respond`);
+for a request h11 read, h11's state machine is told and decides keep-alive.
+After a response, :meth:`HTTPConnection.next_cycle` says whether the
+connection may carry another request.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from gateway.errors import (
     RequestError,
     VersionNotSupported,
 )
+from gateway.http.fasthead import FastHead, scan
 
 __all__ = [
     "DEFAULT_MAX_HEAD",
@@ -141,6 +149,11 @@ class RequestHead:
             # framing is faulty, whatever a proxy in front made of it.
             raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
 
+    @property
+    def credential_headers(self) -> List[Tuple[bytes, bytes]]:
+        """Headers to look for the API key in (all of them; see FastHead's)."""
+        return self.headers
+
     def header(self, name: bytes) -> Optional[bytes]:
         """The first value of header ``name`` (lower case), or None."""
         for key, value in self.headers:
@@ -157,7 +170,7 @@ class RequestHead:
 class HTTPConnection:
     """The server side of one HTTP/1.1 connection, without I/O."""
 
-    def __init__(self, buffer: bytearray, *, max_head: int = DEFAULT_MAX_HEAD) -> None:
+    def __init__(self, buffer: bytearray, *, max_head: int = DEFAULT_MAX_HEAD, fast: bool = True) -> None:
         if len(buffer) < max_head:
             raise ValueError("the receive buffer must hold a whole head")
         self.max_head = max_head
@@ -169,6 +182,13 @@ class HTTPConnection:
         self._h11 = self._new_h11()
         self._chunked_h11_fed = False
         self._method = b""
+        #: Reused for every head the fast path reads; None with ``fast=False``.
+        self._fast_head: Optional[FastHead] = FastHead(buffer) if fast else None
+        # The request being served was read by the fast path (h11 stays idle).
+        self._fast = False
+        self._fast_body_done = False
+        self._fast_answered = False
+        self._fast_keep_alive = False
 
     def _new_h11(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
@@ -186,6 +206,8 @@ class HTTPConnection:
         Raises :class:`HeadersTooLarge` when a whole ``max_head`` is buffered
         without a complete head.
         """
+        if self._fast_head is not None:
+            self._fast_head.current = False
         if self._start:
             count = self._end - self._start
             self._view[:count] = self._view[self._start:self._end]
@@ -220,6 +242,13 @@ class HTTPConnection:
             if self._eof:
                 raise BadRequest("connection closed in the middle of a request head")
             return NEED_DATA
+        fast = self._fast_head
+        if fast is not None and scan(buf, self._start, head_end, fast):
+            self._start = head_end
+            self._method = fast.method
+            self._fast = True
+            self._fast_body_done = self._fast_answered = self._fast_keep_alive = False
+            return fast
         # A line of the head that starts with a space or tab: obsolete line
         # folding.  h11 would join it to the line before; a proxy in front may
         # not, and then the two disagree on the headers (and on the framing,
@@ -253,6 +282,9 @@ class HTTPConnection:
 
     def finish_body(self) -> None:
         """The driver has read the whole Content-Length body itself."""
+        if self._fast:
+            self._fast_body_done = True
+            return
         conn = self._h11
         if conn.their_state is h11.SEND_BODY:
             if _CAN_SKIP_BODY:
@@ -302,7 +334,7 @@ class HTTPConnection:
 
     def continue_100(self) -> bytes:
         """The ``100 Continue`` interim response, if the client waits for it."""
-        if not self._h11.client_is_waiting_for_100_continue:
+        if self._fast or not self._h11.client_is_waiting_for_100_continue:
             return b""
         return self._h11.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
 
@@ -315,11 +347,26 @@ class HTTPConnection:
         h11's state machine is told, since building an ``h11.Response`` would
         validate them again on every request.
         """
+        if self._fast:
+            if self._fast_answered:
+                raise RuntimeError("this request was answered already")
+            self._fast_answered = True
+            head = self._fast_head
+            assert head is not None
+            # A body not read to its end leaves the connection out of step.
+            self._fast_keep_alive = head.keep_alive and self._fast_body_done and not close
+            return self._format(status, headers, body, _close_line(head, close))
         conn = self._h11
         if not _CAN_TELL_STATE or conn.our_state is not h11.SEND_RESPONSE \
                 or conn.their_state is not h11.DONE:
             return self._respond_h11(status, headers, body, close=close)
         keep_alive = conn._cstate.keep_alive and not close
+        conn._process_event(h11.SERVER, _SENT_KEEP_ALIVE if keep_alive else _SENT_CLOSE)
+        conn._process_event(h11.SERVER, _SENT_END)
+        return self._format(status, headers, body, b"" if keep_alive else _CLOSE)
+
+    def _format(self, status: int, headers: List[Tuple[bytes, bytes]], body: bytes,
+                close_line: bytes) -> bytes:
         line = _STATUS_LINES.get(status)
         if line is None:
             line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
@@ -327,13 +374,11 @@ class HTTPConnection:
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         parts.append(b"content-length: %d\r\n" % len(body))
-        if not keep_alive:
-            parts.append(b"connection: close\r\n")
+        if close_line:
+            parts.append(close_line)
         parts.append(b"\r\n")
         if body and self._method != b"HEAD":
             parts.append(body)
-        conn._process_event(h11.SERVER, _SENT_KEEP_ALIVE if keep_alive else _SENT_CLOSE)
-        conn._process_event(h11.SERVER, _SENT_END)
         return b"".join(parts)
 
     def _respond_h11(self, status: int, headers: List[Tuple[bytes, bytes]], body: bytes,
@@ -350,6 +395,11 @@ class HTTPConnection:
 
     def respond_error(self, status: int, headers: List[Tuple[bytes, bytes]], body: bytes) -> bytes:
         """Bytes of an error answer, in any state; the connection closes after it."""
+        if self._fast:
+            self._fast_answered = True
+            self._fast_keep_alive = False
+            assert self._fast_head is not None
+            return self._format(status, headers, body, _close_line(self._fast_head, True))
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             # A response was already under way (or h11 gave up): answer on a
             # fresh state machine, as the last thing this connection sends.
@@ -358,11 +408,19 @@ class HTTPConnection:
 
     def discard_buffer(self) -> memoryview:
         """The whole receive buffer, to read and drop bytes into before closing."""
+        if self._fast_head is not None:
+            self._fast_head.current = False
         self._start = self._end = 0
         return self._view
 
     def next_cycle(self) -> bool:
         """After a response: whether another request may follow (keep-alive)."""
+        if self._fast:
+            if not (self._fast_answered and self._fast_keep_alive):
+                return False
+            self._fast = False
+            self._method = b""
+            return True
         conn = self._h11
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return False
@@ -388,6 +446,18 @@ class HTTPConnection:
             self._start, self._end = 0, count + len(leftover)
         self._h11 = self._new_h11()
         self._chunked_h11_fed = False
+
+
+_CLOSE = b"connection: close\r\n"
+# h11 rewrites the header this way when the client asked to close.
+_CLOSE_H11 = b"Connection: close\r\n"
+
+
+def _close_line(head: FastHead, close: bool) -> bytes:
+    """The Connection line h11 would write answering ``head``."""
+    if not head.keep_alive:
+        return _CLOSE_H11
+    return _CLOSE if close else b""
 
 
 def _head_end(buf: bytearray, start: int, end: int) -> int:
