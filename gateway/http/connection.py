@@ -37,6 +37,7 @@ from typing import List, Optional, Tuple
 
 import h11
 
+from buffers.copy import copy_into
 from gateway.errors import (
     BadRequest,
     HeadersTooLarge,
@@ -210,7 +211,7 @@ class HTTPConnection:
             self._fast_head.current = False
         if self._start:
             count = self._end - self._start
-            self._view[:count] = self._view[self._start:self._end]
+            copy_into(self._view, self._view[self._start:self._end])
             self._start, self._end = 0, count
         if self._end >= self.max_head:
             raise HeadersTooLarge("request head larger than %d bytes" % self.max_head)
@@ -276,7 +277,7 @@ class HTTPConnection:
         """Copy buffered body bytes into ``dest``; returns how many."""
         count = min(len(dest), self._end - self._start)
         if count:
-            dest[:count] = self._view[self._start:self._start + count]
+            copy_into(dest, self._view[self._start:self._start + count])
             self._start += count
         return count
 
