@@ -34,6 +34,7 @@ import codecs
 import dataclasses
 import errno
 import json
+import math
 import socket as _stdlib_socket
 import time
 import traceback
@@ -114,6 +115,32 @@ def _answer_headers(head: RequestHead) -> List[Tuple[bytes, bytes]]:
     if head.path == otlp.LOGS_PATH:
         return otlp.success_headers(head.content_type)
     return _HEADERS.get(head.path, _JSON)
+
+
+class _Deadline:
+    """One connection's time limit: a cancel scope whose deadline moves.
+
+    A fresh cancel scope per wait (idle, head, body, answer) costs several
+    objects per request; the connection keeps one, entered once, and moves
+    its deadline as a request goes from phase to phase.  When it expires the
+    connection is over, and :attr:`phase` says what was being waited for.
+    """
+
+    __slots__ = ("scope", "phase", "head", "parsed")
+
+    IDLE, HEAD, BODY, SINK, SEND, ERROR = "idle", "head", "body", "sink", "send", "error"
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.phase = self.IDLE
+        #: The request being served (None before its head is read), for the access log.
+        self.head: Optional[RequestHead] = None
+        self.parsed = 0.0
+
+    def start(self, phase: str, seconds: float) -> None:
+        """Wait at most ``seconds`` from now for ``phase`` (inf: no limit)."""
+        self.phase = phase
+        self.scope.deadline = trio.current_time() + seconds
 
 
 def make_sink(config: Config, ring: WaitingRing, release: Optional[Release] = None,
@@ -347,8 +374,12 @@ class Gateway:
         try:
             if isinstance(transport, TLSTransport) and not await self._handshake(conn, transport):
                 return
-            while await self._one_request(conn, transport):
-                pass
+            limit = _Deadline()
+            with limit.scope:
+                while await self._one_request(conn, transport, limit):
+                    pass
+            if limit.scope.cancelled_caught:
+                await self._out_of_time(conn, transport, limit)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away; nothing it sent is half-accepted
         except Exception as exc:
@@ -381,65 +412,84 @@ class Gateway:
                         "plain HTTP request sent to the TLS port: use https://"))
         return False
 
-    async def _one_request(self, conn: HTTPConnection, transport: Transport) -> bool:
-        """Serve one request; whether the connection stays open for another."""
-        head: Optional[RequestHead] = None  # for the access log, if the head is refused
+    async def _one_request(self, conn: HTTPConnection, transport: Transport, limit: _Deadline) -> bool:
+        """Serve one request within ``limit``; whether the connection stays open for another."""
+        limit.head = None  # for the access log, if the head is refused
         try:
-            head = await self._read_head(conn, transport)
+            head = await self._read_head(conn, transport, limit)
             if head is None:
                 return False
             self.requests += 1
-            parsed = time.perf_counter()
-            status, body = await self._route(head, conn, transport, parsed)
+            limit.head = head
+            limit.parsed = parsed = time.perf_counter()
+            # From the head on, the whole body has --body-timeout (access
+            # check and ring wait included; both have shorter limits of their own).
+            limit.start(_Deadline.BODY, self.config.body_timeout)
+            status, body = await self._route(head, conn, transport, parsed, limit)
             routed = time.perf_counter()
         except errors.ANSWERED as exc:
-            self.errors += 1
-            self.telemetry.answered_error(None if head is None else head.path, exc.status)
-            await self._answer_error(conn, transport, exc, head)
-            if self.access_log is not None:
-                if head is None:
-                    self.access_log.request(None, None, exc.status, None, None)
-                else:
-                    self.access_log.request(head.method, head.path, exc.status, head.content_length, parsed)
+            await self._refused(conn, transport, exc, limit)
             return False
         close = self.draining
-        with trio.move_on_after(self.config.send_timeout) as sending:
-            await transport.send_all(conn.respond(status, _answer_headers(head), body, close=close))
-        if sending.cancelled_caught:
-            return False  # the client stopped reading its answers: drop it
+        limit.start(_Deadline.SEND, self.config.send_timeout)
+        await transport.send_all(conn.respond(status, _answer_headers(head), body, close=close))
         self.telemetry.answered(status, parsed, routed, time.perf_counter(), head.path)
         if self.access_log is not None:
             self.access_log.request(head.method, head.path, status, head.content_length, parsed)
         return not close and conn.next_cycle()
 
-    async def _read_head(self, conn: HTTPConnection, transport: Transport) -> Optional[RequestHead]:
+    async def _refused(self, conn: HTTPConnection, transport: Transport, exc: errors.Answered,
+                       limit: _Deadline) -> None:
+        """Answer ``exc`` to the request in ``limit`` (or to a head not read); the connection closes."""
+        head = limit.head
+        # The error answer has time limits of its own.
+        limit.start(_Deadline.ERROR, math.inf)
+        self.errors += 1
+        self.telemetry.answered_error(None if head is None else head.path, exc.status)
+        await self._answer_error(conn, transport, exc, head)
+        if self.access_log is not None:
+            if head is None:
+                self.access_log.request(None, None, exc.status, None, None)
+            else:
+                self.access_log.request(head.method, head.path, exc.status, head.content_length, limit.parsed)
+
+    async def _out_of_time(self, conn: HTTPConnection, transport: Transport, limit: _Deadline) -> None:
+        """The connection's deadline passed in ``limit.phase``: 408, or close without a word."""
+        if limit.phase == _Deadline.HEAD:
+            error = errors.RequestTimeout("request head not received in %gs" % self.config.head_timeout)
+        elif limit.phase == _Deadline.BODY:
+            error = errors.RequestTimeout("body not received in %gs" % self.config.body_timeout)
+        else:
+            # Idle between requests (or closed for a drain), or a client that
+            # stopped reading its answers: drop it.
+            return
+        await self._refused(conn, transport, error, limit)
+
+    async def _read_head(self, conn: HTTPConnection, transport: Transport,
+                         limit: _Deadline) -> Optional[RequestHead]:
         head = conn.next_request()
         if head is NEED_DATA and not conn.buffered:
             # Between requests: wait quietly for the next one, or close.
-            with trio.CancelScope(deadline=trio.current_time() + self.config.idle_timeout) as idle:
-                if self.draining:
-                    idle.cancel()
-                self._idle_scopes.add(idle)
-                try:
-                    conn.received(await transport.recv_into(conn.head_buffer()))
-                finally:
-                    self._idle_scopes.discard(idle)
-            if idle.cancelled_caught:
+            if self.draining:
                 return None
+            limit.start(_Deadline.IDLE, self.config.idle_timeout)
+            self._idle_scopes.add(limit.scope)
+            try:
+                conn.received(await transport.recv_into(conn.head_buffer()))
+            finally:
+                self._idle_scopes.discard(limit.scope)
             head = conn.next_request()
         if head is NEED_DATA:
-            with trio.move_on_after(self.config.head_timeout):
-                while head is NEED_DATA:
-                    conn.received(await transport.recv_into(conn.head_buffer()))
-                    head = conn.next_request()
-            if head is NEED_DATA:
-                raise errors.RequestTimeout("request head not received in %gs" % self.config.head_timeout)
+            limit.start(_Deadline.HEAD, self.config.head_timeout)
+            while head is NEED_DATA:
+                conn.received(await transport.recv_into(conn.head_buffer()))
+                head = conn.next_request()
         if head is CLOSED:
             return None
         return head
 
     async def _route(self, head: RequestHead, conn: HTTPConnection,
-                     transport: Transport, parsed: float) -> Tuple[int, bytes]:
+                     transport: Transport, parsed: float, limit: _Deadline) -> Tuple[int, bytes]:
         methods = _ROUTES.get(head.path)
         if methods is None:
             raise errors.NotFound("no route %s" % head.path.decode("latin-1"))
@@ -447,9 +497,9 @@ class Gateway:
         if action is None:
             raise errors.MethodNotAllowed(_ALLOW[head.path], "use %s" % _ALLOW[head.path].decode())
         if action == "ingest":
-            return await self._ingest(head, conn, transport, parsed)
+            return await self._ingest(head, conn, transport, parsed, limit)
         if action == "ingest_otlp":
-            return await self._ingest_otlp(head, conn, transport, parsed)
+            return await self._ingest_otlp(head, conn, transport, parsed, limit)
         if head.content_length or head.chunked:
             raise errors.BadRequest("%s takes no body" % head.path.decode())
         # Close the (empty) request body in h11 too, or the connection could
@@ -498,7 +548,7 @@ class Gateway:
         return True, "ok"
 
     async def _ingest(self, head: RequestHead, conn: HTTPConnection,
-                      transport: Transport, parsed: float) -> Tuple[int, bytes]:
+                      transport: Transport, parsed: float, limit: _Deadline) -> Tuple[int, bytes]:
         config = self.config
         head.require_body_framing()
         length = head.content_length
@@ -510,29 +560,29 @@ class Gateway:
                 raise errors.BadRequest("header value longer than %d bytes" % MAX_FIELD_BYTES)
         access = self.access
         if access is None:
-            return await self._store(head, conn, transport, None, parsed)
+            return await self._store(head, conn, transport, None, parsed, limit)
         # Decided from the head alone, before a ring slot is reserved and
         # before 100 Continue: a refused client uploads nothing.  The cost is
         # the declared Content-Length; a chunked body costs 0 bytes here and
         # its size is added to the month's usage once it is stored.
         admission = await access.check(api_key_from_headers(head.credential_headers), length or 0)
         try:
-            return await self._store(head, conn, transport, admission.tenant, parsed)
+            return await self._store(head, conn, transport, admission.tenant, parsed, limit)
         except BaseException:
             # Not stored: take back the record and bytes the check counted.
             access.add_usage(admission.tenant, -1, -(length or 0))
             raise
 
     async def _ingest_otlp(self, head: RequestHead, conn: HTTPConnection,
-                           transport: Transport, parsed: float) -> Tuple[int, bytes]:
+                           transport: Transport, parsed: float, limit: _Deadline) -> Tuple[int, bytes]:
         """``POST /otlp/v1/logs``: a ``/v1/logs`` ingest answered as OTLP/HTTP (gateway.otlp)."""
         # From the head, before access control counts the request.
         encoding = otlp.check_head(head.content_type, head.content_encoding)
-        await self._ingest(head, conn, transport, parsed)
+        await self._ingest(head, conn, transport, parsed, limit)
         return 200, otlp.SUCCESS_BODIES[encoding]
 
     async def _store(self, head: RequestHead, conn: HTTPConnection, transport: Transport,
-                     tenant_name: Optional[str], parsed: float) -> Tuple[int, bytes]:
+                     tenant_name: Optional[str], parsed: float, deadline: _Deadline) -> Tuple[int, bytes]:
         """Reserve a ring slot, receive the body into it, hand the record to the sink."""
         config = self.config
         length = head.content_length
@@ -553,18 +603,17 @@ class Gateway:
         slot = await ring.reserve(offset + (length if length is not None else room))
         try:
             slot.view[:offset] = meta
-            with trio.move_on_after(config.body_timeout) as scope:
-                # Inside the body's time limit: a client that waits for
-                # 100 Continue but does not read cannot hold the slot.
-                interim = conn.continue_100()
-                if interim:
-                    await transport.send_all(interim)
-                if length is not None:
-                    filled = await self._read_body(conn, transport, slot.view[offset:])
-                else:
-                    filled = await self._read_chunked(conn, transport, slot.view[offset:])
-            if scope.cancelled_caught:
-                raise errors.RequestTimeout("body not received in %gs" % config.body_timeout)
+            # Inside the body's time limit (running since the head): a client
+            # that waits for 100 Continue but does not read cannot hold the slot.
+            interim = conn.continue_100()
+            if interim:
+                await transport.send_all(interim)
+            if length is not None:
+                filled = await self._read_body(conn, transport, slot.view[offset:])
+            else:
+                filled = await self._read_chunked(conn, transport, slot.view[offset:])
+            # The sink's wait has no limit here: the sink keeps its own.
+            deadline.start(_Deadline.SINK, math.inf)
             ring.commit(slot, offset + filled)
             received, used = time.perf_counter(), ring.used
             ring.hand_off(slot)
