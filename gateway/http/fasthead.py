@@ -78,6 +78,10 @@ _AUTHORIZATION = b"authorization"
 _API_KEY = b"x-api-key"
 #: Headers h11 acts on (framing, 100-continue, protocol switch): h11 reads them.
 _TO_H11 = (b"transfer-encoding", b"expect", b"upgrade")
+# "Content-Length" for b"content-length", and so on (b"x-api-key": "X-Api-Key").
+_CAPITALIZED = {name: b"-".join(part[:1].upper() + part[1:] for part in name.split(b"-"))
+                for name in (_HOST, _CONTENT_LENGTH, _CONNECTION, _CONTENT_TYPE, _CONTENT_ENCODING,
+                             _AUTHORIZATION, _API_KEY) + _TO_H11}
 
 
 class FastHead:
@@ -161,10 +165,17 @@ class FastHead:
 def _name_is(buf: bytearray, start: int, end: int, name: bytes) -> bool:
     """Whether ``buf[start:end]`` is ``name`` (lower case) in any case, without a copy.
 
-    ASCII case only, as h11's ``bytes.lower()``.
+    ASCII case only, as h11's ``bytes.lower()``.  The spellings clients use
+    (lower case, capitalized words) are compared by ``startswith`` in C; a
+    byte loop reads the others.
     """
     if end - start != len(name):
         return False
+    if buf.startswith(name, start):
+        return True
+    capitalized = _CAPITALIZED.get(name)
+    if capitalized is not None and buf.startswith(capitalized, start):
+        return True
     for offset in range(end - start):
         c = buf[start + offset]
         if 0x41 <= c <= 0x5A:

@@ -122,7 +122,14 @@ class Histogram:
 
     def add(self, value: float) -> None:
         """Record one value."""
-        self._counts[bisect_left(self.bounds, value)] += 1
+        # A plain loop over the few bounds: on PyPy, bisect is pure Python
+        # and allocated on every call here.
+        bounds = self.bounds
+        index = 0
+        size = len(bounds)
+        while index < size and bounds[index] < value:
+            index += 1
+        self._counts[index] += 1
         totals = self._totals
         totals[0] += value
         if value > totals[1]:
