@@ -1,4 +1,4 @@
-"""SigV4 of a 5 MiB PutRecords call, as ``sinks.aws_http.BotocoreEndpoint`` signs it.
+"""SigV4 of a 5 MiB PutRecords call, as ``sinks.aws.http.BotocoreEndpoint`` signs it.
 
 The payload's SHA-256 goes into ``X-Amz-Content-SHA256`` (hashed from the
 batch's memoryview), botocore's ``SigV4Auth`` signs the request with static

@@ -10,7 +10,7 @@ applies time limits.
 
 An ingest request goes: head parsed and checked (route, length, framing) ->
 access control when ``--redis`` is on (API key, tenant status, rate limits and
-monthly quotas, all decided from the head: :mod:`gateway.access`) -> the
+monthly quotas, all decided from the head: :mod:`gateway.access.control`) -> the
 sink's record keys and record size limit ->
 envelope written into a freshly reserved ring slot -> ``100 Continue`` if the
 client waits for it -> body received straight into the slot -> slot committed
@@ -237,7 +237,7 @@ class Gateway:
         self.errors = 0
         self.internal_errors = 0
         self.telemetry = Telemetry()
-        #: ``GET /metrics``; multiprocess with ``--metrics-dir`` (gateway.metrics).
+        #: ``GET /metrics``; multiprocess with ``--metrics-dir`` (gateway.observe.metrics).
         self.metrics = GatewayMetrics(self, config.metrics_dir)
         #: The TLS context when ``--tls-cert`` is given; None serves plain HTTP.
         self.tls = None

@@ -13,7 +13,7 @@ keys (:meth:`Sink.record_keys`, which may refuse the request) and checks the
 record against :attr:`Sink.max_record_bytes`, so a record the sink could not
 store is refused before it is uploaded.
 
-Behind the spool (``--ack spool``, :mod:`sinks.spooled`) a sink tells stored
+Behind the spool (``--ack spool``, :mod:`sinks.spool.sink`) a sink tells stored
 records from lost ones by its callables: ``release(slot)`` is called only
 once the record is stored (the file sink: written; the null sink: at once;
 the stream sinks without ``--ack kinesis``: stored by the service), and a

@@ -1,4 +1,4 @@
-"""The sinks' HTTP edge (sinks/aws_http.py): botocore's chain, SigV4 and URLLib3Session, in threads."""
+"""The sinks' HTTP edge (sinks/aws/http.py): botocore's chain, SigV4 and URLLib3Session, in threads."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The sinks' send queue and outcome bookkeeping (sinks/delivery.py), with plain values and no I/O."""
+"""The sinks' send queue and outcome bookkeeping (sinks/aws/delivery.py), with plain values and no I/O."""
 
 from __future__ import annotations
 

@@ -379,7 +379,7 @@ def test_guide_names_only_settings_that_exist():
 
 def test_guide_shard_arithmetic_follows_the_limits():
     guide = _read(GUIDE)
-    overhead = 145 + 26  # envelope line and a record id as partition key (gateway/envelope.py)
+    overhead = 145 + 26  # envelope line and a record id as partition key (sinks/envelope.py)
 
     def shards(records_per_second: int, body: int) -> int:
         by_bytes = math.ceil(records_per_second * (body + overhead) / SHARD_WRITE_BYTES_PER_SECOND)

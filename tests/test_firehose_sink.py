@@ -1,4 +1,4 @@
-"""The Firehose sink (sinks/kinesis.py with service "firehose"): PutRecordBatch.
+"""The Firehose sink (sinks/aws/sink.py with service "firehose"): PutRecordBatch.
 
 In memory with the autojump clock, over HTTP with the fault-injecting
 endpoint, and through moto (delivery stream to an S3 bucket) with IAM auth on.

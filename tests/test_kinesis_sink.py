@@ -1,4 +1,4 @@
-"""The Kinesis sink (sinks/kinesis.py).
+"""The Kinesis sink (sinks/aws/sink.py).
 
 Two layers: the sink over a ring with the in-memory endpoint and Trio's
 autojump clock (no sockets, no sleeping), then the whole gateway against moto

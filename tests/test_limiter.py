@@ -1,4 +1,4 @@
-"""gateway.limiter without I/O: key format, GCRA, month math, decisions."""
+"""gateway.access.limiter without I/O: key format, GCRA, month math, decisions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GET /metrics (gateway/metrics.py): Prometheus text exposition of the gateway's counters.
+"""GET /metrics (gateway/observe/metrics.py): Prometheus text exposition of the gateway's counters.
 
 Three layers: the counting and the multiprocess file format with plain
 values (a property test merges what several writers wrote the way a scrape

@@ -1,4 +1,4 @@
-"""Partition keys and explicit hash keys decided from a request head (sinks/keys.py)."""
+"""Partition keys and explicit hash keys decided from a request head (sinks/aws/partition_keys.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The server's use of access control, without sockets or Redis.
 
 A :class:`FakeEdge` stands in for Redis behind a real
-:class:`~gateway.access.AccessControl`: it answers each check the way the
+:class:`~gateway.access.control.AccessControl`: it answers each check the way the
 check script would (a reply per key) and keeps the usage handed to it.
 Connections are memory transports, so each test sees exactly what the server
 sent, and whether a ``100 Continue`` went out before a refusal.
@@ -37,7 +37,7 @@ from tests.support.units import (
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 KEY = keystore.new_api_key("ACME")
 NO_LIMITS = b"0 0 0 0 0 0"
-#: Script replies by outcome (see gateway.limiter.CHECK_SCRIPT).
+#: Script replies by outcome (see gateway.access.limiter.CHECK_SCRIPT).
 REPLIES = {
     "ok": [b"ok", b"k1", NO_LIMITS, 0, b"0", 1, 10],
     "unknown": [b"unknown"],

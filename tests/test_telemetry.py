@@ -1,4 +1,4 @@
-"""gateway.telemetry: histogram math, GC pause recording, the statistics sections."""
+"""gateway.observe.telemetry: histogram math, GC pause recording, the statistics sections."""
 
 from __future__ import annotations
 

@@ -7,12 +7,12 @@ Theory of operation
 leased from Redis (:class:`gateway.access.leasing.Leases`, which sends its
 lease calls through :meth:`AccessControl._pipeline`, and whose slices the
 flush loop hands back when they expire).  With ``admission="exact"`` it
-queues the request's script call (see :mod:`gateway.limiter`) on a bounded
+queues the request's script call (see :mod:`gateway.access.limiter`) on a bounded
 channel.  :meth:`AccessControl.run` takes whatever has queued (up to
 ``batch_max_checks``) as one batch and sends it as one pipeline per Redis
 node: for one server from the event loop
 (:class:`gateway.redis_async.AsyncRedisEdge`), for a cluster from a worker
-thread (:class:`gateway.keystore.RedisEdge`: sync redis-py, since
+thread (:class:`gateway.access.keystore.RedisEdge`: sync redis-py, since
 ``redis.asyncio`` does not run under trio).  Checks of one key in a batch
 are one script call (:meth:`AccessControl._execute`).  While a batch is
 in flight the next one fills up, so under load one round trip carries many
@@ -35,7 +35,7 @@ task then probes (connect, PING, SCRIPT LOAD) with exponential backoff and
 sets ``ok`` again.  While not ``ok``, checks do not touch Redis: with
 ``on_redis_failure="closed"`` they raise AccessUnavailable; with ``"open"``,
 keys that Redis confirmed within ``stale_key_ttl`` are admitted by a
-:class:`~gateway.limiter.LocalLimiter` at the tenant's rate divided by
+:class:`~gateway.access.limiter.LocalLimiter` at the tenant's rate divided by
 ``instance_count`` (monthly quotas are not enforced meanwhile), and the usage
 so admitted is added to Redis as soon as it answers again.  A batch lost with
 its connection may have been counted by Redis already: such usage is counted
@@ -533,7 +533,7 @@ class AccessControl:
         """One pipeline: the checks of ``live`` plus any usage counted locally.
 
         Checks of one key are sent as one script call for all of them (their
-        records and bytes summed, see :func:`~gateway.limiter.check_call`'s
+        records and bytes summed, see :func:`~gateway.access.limiter.check_call`'s
         ``strict``).  Admitted, every one is admitted, as it would have been
         one after the other; refused for a rate or quota, they are asked
         again one by one, so a group never gets less than the requests alone

@@ -56,8 +56,8 @@ class AccessStatistics:
 class Edge(Protocol):
     """What AccessControl needs of Redis; sync, called from worker threads.
 
-    :class:`gateway.keystore.RedisEdge` is the real one.  Failures to reach
-    Redis raise :class:`gateway.keystore.EdgeUnavailable`.
+    :class:`gateway.access.keystore.RedisEdge` is the real one.  Failures to reach
+    Redis raise :class:`gateway.access.keystore.EdgeUnavailable`.
     """
 
     def probe(self) -> None:

@@ -14,7 +14,7 @@ so everything the check script touches for one tenant is on one slot)::
                                        the month does
     sluice:tenants                SET of tenant names (admin listing only)
 
-API keys look like ``sluice1.<tenant>.<secret>`` (see :mod:`gateway.limiter`);
+API keys look like ``sluice1.<tenant>.<secret>`` (see :mod:`gateway.access.limiter`);
 the key itself is never stored, only the SHA-256 of the whole string.  A key
 id (12 hex digits, random) names a key in listings and logs.
 
@@ -24,7 +24,7 @@ Redis Cluster is chosen by ``cluster=True`` (the CLI's ``--redis-cluster``)
 or by the URL forms ``redis+cluster://`` and ``rediss+cluster://`` naming any
 one node.  Admin operations here are plain sync redis-py calls.
 :class:`RedisEdge` is the sync half of the gateway's hot path: it runs
-batches of check scripts for :class:`gateway.access.AccessControl`, which
+batches of check scripts for :class:`gateway.access.control.AccessControl`, which
 calls it from worker threads.
 """
 

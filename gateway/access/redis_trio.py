@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :class:`AsyncRedisEdge` does for a single Redis server what
-:class:`gateway.keystore.RedisEdge` does from worker threads: one pipeline
+:class:`gateway.access.keystore.RedisEdge` does from worker threads: one pipeline
 of check scripts (plus usage to add) per call, one round trip.  It speaks
 RESP2 through the sans-I/O :mod:`gateway.resp` on Trio streams, so a batch
 costs no thread hand-off; on PyPy the hand-off (and the interpreter lock it
@@ -13,7 +13,7 @@ Connections are opened on demand, each used by one pipeline at a time and
 kept for the next (:data:`MAX_IDLE_CONNECTIONS`).  A connection that failed,
 timed out or was cancelled mid-pipeline is closed, never reused: replies may
 be left unread on it.  Failures to reach Redis raise
-:class:`~gateway.keystore.EdgeUnavailable`, as the thread edge's do.
+:class:`~gateway.access.keystore.EdgeUnavailable`, as the thread edge's do.
 
 URLs are read by redis-py's own parser (``redis://``, ``rediss://`` with its
 ``ssl_*`` query options, ``unix://``, user, password and database), so both

@@ -4,7 +4,7 @@ manage API keys and limits in Redis (:mod:`gateway.admin_cli`); ``sluice --versi
 prints the version and the interpreter.
 
 While serving, the gateway reports its state changes as events on stderr
-(:mod:`gateway.logs`); a configuration refused at start is one plain line,
+(:mod:`gateway.observe.logs`); a configuration refused at start is one plain line,
 ``sluice: error: ...``, and exit status 2.
 """
 

@@ -246,7 +246,7 @@ class Supervisor:
     """Runs the workers of one gateway until SIGTERM/SIGINT; :meth:`run` returns the exit status.
 
     ``load`` reads the configuration again (on SIGHUP) and raises
-    :class:`~gateway.config.ConfigError`; ``port`` is the reserved port and
+    :class:`~gateway.config.errors.ConfigError`; ``port`` is the reserved port and
     ``metrics_dir`` the prepared multiprocess metrics directory
     (``private_metrics``: made for this supervisor alone).
     """

@@ -16,7 +16,7 @@ control and listening socket, bound with ``SO_REUSEPORT`` to the one
   message when it refuses its configuration (then exits with status 2), and
   closes it.  End of file before either is a failed start (a crash).
 - ``PROMETHEUS_MULTIPROC_DIR`` in its environment, so ``/metrics`` reports
-  every worker (:func:`gateway.metrics.configure`).  When the supervisor made
+  every worker (:func:`gateway.observe.metrics.configure`).  When the supervisor made
   that directory for itself (no ``--metrics-dir``) it removes it at exit; if
   it was killed instead, the last worker to leave removes it: every worker
   holds a shared ``flock`` on :data:`METRICS_LOCK` there, and one that can

@@ -261,7 +261,7 @@ SETTINGS: List[Setting] = [
             minimum=1),
     Setting("ring_wait", parse_duration, "1s",
             "how long a request waits for ring space before 503 + Retry-After", minimum=0),
-    # Worker processes (gateway/supervisor.py): above 1, a supervising parent
+    # Worker processes (gateway/cli/supervisor.py): above 1, a supervising parent
     # starts them, each with its own socket on --listen (SO_REUSEPORT).
     Setting("workers", parse_workers, "auto",
             "gateway processes sharing --listen (SO_REUSEPORT) under a supervising parent that "
@@ -275,21 +275,21 @@ SETTINGS: List[Setting] = [
             minimum=64 * KiB),
     Setting("flush_interval", parse_duration, "50ms",
             "file sink: queued records are written at least this often", minimum=0.001),
-    # TLS termination (gateway/tls.py): both files or neither.
+    # TLS termination (gateway/http/tls.py): both files or neither.
     Setting("tls_cert", str, "",
             "PEM file of the certificate (chain) served to clients: turns TLS on, with --tls-key"),
     Setting("tls_key", str, "", "PEM file of --tls-cert's private key (not encrypted)"),
-    # Logs (gateway/logs.py): events on stderr, never per request unless sampled.
+    # Logs (gateway/observe/logs.py): events on stderr, never per request unless sampled.
     Setting("log_format", _choice("json", "text"), "json",
             "stderr lines: json (one object per line) or text (ts level event key=value)"),
     Setting("access_log_sample", _fraction, "0",
             "fraction of requests logged as access events, 0 (off) to 1 (all); e.g. 0.001",
             minimum=0, maximum=1),
-    # Metrics (gateway/metrics.py): GET /metrics, one registry per process unless this is set.
+    # Metrics (gateway/observe/metrics.py): GET /metrics, one registry per process unless this is set.
     Setting("metrics_dir", str, "",
             "directory of multiprocess metrics (prometheus-client's PROMETHEUS_MULTIPROC_DIR "
             "format), emptied at start; /metrics then reports every process writing there"),
-    # Kinesis and Firehose sinks.  Bounds: sinks/limits.py.
+    # Kinesis and Firehose sinks.  Bounds: sinks/aws/limits.py.
     Setting("stream", _stream_name, "", "kinesis sink: the data stream's name or ARN"),
     Setting("delivery_stream", _stream_name, "", "firehose sink: the delivery stream's name"),
     Setting("region", str, "",
@@ -340,7 +340,7 @@ SETTINGS: List[Setting] = [
             "kinesis with --aggregation kpl: an aggregate closes at this many bytes (partition key "
             "+ data) or at the stream's record limit, whichever is lower (Kinesis Producer Library "
             "AggregationMaxSize: 51200)", minimum=1 * KiB, maximum=KINESIS_LARGE_MAX_RECORD_BYTES),
-    # The write-ahead spool (sinks/spool.py, sinks/spooled.py): --ack spool.
+    # The write-ahead spool (sinks/spool/): --ack spool.
     Setting("spool_dir", str, "",
             "--ack spool: directory of the spool's segment files (required with --ack spool)"),
     Setting("spool_size", parse_size, "1GiB",
@@ -349,7 +349,7 @@ SETTINGS: List[Setting] = [
     Setting("spool_sync_interval", parse_duration, "5ms",
             "--ack spool: requests arriving within this long share one fsync (group commit); "
             "it adds up to this much latency", minimum=0, maximum=1.0),
-    # Access control (gateway/access.py).  Off unless --redis is given; the
+    # Access control (gateway/access/).  Off unless --redis is given; the
     # other settings of this group need it.  SLUICE_REDIS_URL is also what the
     # keys and tenants commands read, so one variable serves both.
     Setting("redis", parse_redis_url, "",

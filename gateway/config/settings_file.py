@@ -6,7 +6,7 @@ The file is flat: each key is a setting's name as in
 float or boolean.  Values become the same text a flag would carry and go
 through the same parsers, so ``ring_size = "256MiB"`` and
 ``ring_size = 268435456`` mean the same.  Anything else (an unknown key, a
-table, an array, a date) is refused with a :class:`~gateway.config.ConfigError`
+table, an array, a date) is refused with a :class:`~gateway.config.errors.ConfigError`
 that names the file and the key.
 
 Reading the file does no parsing of values; :func:`gateway.config.load` does,

@@ -5,11 +5,11 @@ Theory of operation
 Nothing on the per-request path touches prometheus-client.  Requests,
 stages, bytes, the ring, the sink, access control and GC pauses are counted
 where they happen, in plain ints and the fixed arrays of
-:mod:`gateway.telemetry` (a request costs a few dict lookups and array
+:mod:`gateway.observe.telemetry` (a request costs a few dict lookups and array
 stores, and allocates nothing that lives on).  This module turns those
 counters into samples only when they are read (:func:`gateway_samples`: a
 list of ``(family, label values, value)``, where the value of a histogram
-is a :class:`~gateway.telemetry.Histogram`).  Every metric is one row of
+is a :class:`~gateway.observe.telemetry.Histogram`).  Every metric is one row of
 :data:`FAMILIES`.
 
 Single-process mode (no directory, the default).  A scrape runs
@@ -285,7 +285,7 @@ def _sink_samples(sink: Any, out: List[Sample]) -> None:
         out.append((SINK_STORED_BYTES, (), stats["bytes"]))
     if "write_errors" in stats:
         out.append((SINK_WRITE_ERRORS, (), stats["write_errors"]))
-    # The Kinesis and Firehose sink (sinks.kinesis.StreamSink) times its calls.
+    # The Kinesis and Firehose sink (sinks.aws.sink.StreamSink) times its calls.
     for family, name in ((SINK_BATCH_RECORDS, "batch_records"), (SINK_BATCH_BYTES, "batch_bytes"),
                          (SINK_CALL_DURATION, "call_seconds"),
                          (SINK_RECORDS_PER_KINESIS_RECORD, "records_per_kinesis_record")):

@@ -36,7 +36,7 @@ parsed -> body received (in the ring) -> sink accepted -> response sent.  The
 server keeps the marks in local variables and passes them in; nothing here
 holds per-request state.  Answers are counted by route and status in a fixed
 table (:class:`RequestCounts`), and accepted body bytes in a plain int.
-``gateway.metrics`` reads all of this when metrics are scraped or published.
+``gateway.observe.metrics`` reads all of this when metrics are scraped or published.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 `Delivery` is the bookkeeping of the Kinesis and Firehose sinks without any
-I/O: the Trio driver (``sinks.kinesis``) asks it what to send and tells it
+I/O: the Trio driver (``sinks.aws.sink``) asks it what to send and tells it
 what came back, passing the clock and the random draws in.
 
 Each record the sink holds is an `Entry`, in one of these states (everything

@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-The Trio driver (``sinks.kinesis``) sees an `Endpoint`: ``await
+The Trio driver (``sinks.aws.sink``) sees an `Endpoint`: ``await
 call(target, body)`` returns a `Reply` (any HTTP status) or raises a
-`~sinks.aws_errors.ServiceError` when no answer came (connection refused or
+`~sinks.aws.errors.ServiceError` when no answer came (connection refused or
 reset, timeout) or the request could not be signed (no credentials).
 `MemoryEndpoint` is the in-memory twin for tests without sockets.
 

@@ -6,13 +6,13 @@ Theory of operation
 (Firehose) calls.  The decisions are made by the sans-I/O pieces; this
 module only waits, calls and wakes clients:
 
-* ``sinks.keys`` decides partition keys from the request head (the server
+* ``sinks.aws.partition_keys`` decides partition keys from the request head (the server
   asks through `StreamSink.record_keys`, before the body is read);
-* ``sinks.delivery`` keeps the send queue, decides when a batch goes and
+* ``sinks.aws.delivery`` keeps the send queue, decides when a batch goes and
   what each response means for each record (stored, retried after a backoff
-  from ``sinks.retry``, or given up);
-* ``sinks.putrecords`` builds each request body in place and reads the
-  answers; ``sinks.aws_http`` signs and sends (in worker threads).
+  from ``sinks.backoff``, or given up);
+* ``sinks.aws.putrecords`` builds each request body in place and reads the
+  answers; ``sinks.aws.http`` signs and sends (in worker threads).
 
 Tasks.  `put` queues the record and, with ``ack`` on, waits for its
 outcome.  One send loop (`run`) starts a call whenever the queue holds a
@@ -185,7 +185,7 @@ class StreamOptions:
 
     @classmethod
     def from_config(cls, config: Any) -> StreamOptions:
-        """The options of ``config`` (a gateway.config.Config)."""
+        """The options of ``config`` (a gateway.config.settings.Config)."""
         service = config.sink
         return cls(
             service=service,

@@ -1,11 +1,11 @@
-"""The spool's files: the blocking calls of ``sinks.spooled``, each run in a worker thread.
+"""The spool's files: the blocking calls of ``sinks.spool.sink``, each run in a worker thread.
 
 :class:`SpoolFiles` owns the directory lock, the open segment's descriptor and
 the descriptors segments are read back from.  Every method blocks; the Trio
 driver calls them through ``trio.to_thread.run_sync``, one writing call at a
 time (the writer task) beside at most one reading call (the shipper) and one
 confirming call (housekeeping), which touch different files.  What to write
-and where is decided by ``sinks.spool``; these methods only carry it out.
+and where is decided by ``sinks.spool.layout``; these methods only carry it out.
 """
 from __future__ import annotations
 

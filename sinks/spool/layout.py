@@ -6,7 +6,7 @@ With ``--ack spool`` every record is appended to a local segment file and
 fsynced before its client gets ``202``; a shipper then sends the spooled
 records to the real sink, and a segment is deleted once every record in it
 is stored.  This module decides everything about that and does no I/O: the
-Trio driver (``sinks.spooled``) reads and writes the files and passes bytes
+Trio driver (``sinks.spool.sink``) reads and writes the files and passes bytes
 in.
 
 Files.  A spool directory holds segments ``<sequence>.spool`` (16 decimal

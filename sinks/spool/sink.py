@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 `SpooledSink` wraps the real sink (the *inner* sink: file, null, Kinesis or
-Firehose).  The decisions live in the sans-I/O ``sinks.spool``; this module
+Firehose).  The decisions live in the sans-I/O ``sinks.spool.layout``; this module
 moves bytes between the ring, the spool files and the inner sink.
 
 Writing (group commit).  `put` promises the record its frame's bytes of
@@ -184,7 +184,8 @@ class SpooledSink(Sink):
     @classmethod
     def from_config(cls, config, ring: WaitingRing, make_inner: MakeInner, *,
                     log: Log = no_log) -> SpooledSink:
-        """The spool ``config`` (a gateway.config.Config) asks for, in front of ``make_inner``'s sink."""
+        """The spool ``config`` (a ``gateway.config.settings.Config``) asks for, in front of
+        ``make_inner``'s sink."""
         return cls(ring.release, ring, config.spool_dir, make_inner, limit=config.spool_size,
                    sync_interval=config.spool_sync_interval, max_record=config.max_record, log=log)
 

@@ -21,7 +21,7 @@ from tests.support.gateway import RawConnection, Response, post_request
 
 __all__ = ["KEY_PATTERN", "Answer", "post", "head_only", "sluice", "wait_until", "assert_no_key"]
 
-#: What an API key looks like (gateway.limiter: ``sluice1.<tenant>.<secret>``).
+#: What an API key looks like (gateway.access.limiter: ``sluice1.<tenant>.<secret>``).
 KEY_PATTERN = re.compile(r"sluice1\.[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{43}")
 #: A CLI run that has not finished by then is stuck.
 CLI_TIMEOUT = 60.0
