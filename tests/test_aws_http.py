@@ -13,6 +13,7 @@ from botocore.credentials import RefreshableCredentials
 from sinks.aws.errors import CredentialsError, TransientError
 from sinks.aws.http import BotocoreEndpoint, NoRegion, open_botocore_endpoint
 from sinks.aws.putrecords import PutRecordsBatch
+from tests.support.batches import add
 from tests.support.kinesis import (  # noqa: F401 - fixtures
     aws_env_fixture,
     fault_server_fixture,
@@ -24,7 +25,7 @@ from tests.support.kinesis import (  # noqa: F401 - fixtures
 def body(stream="logs", datas=(b"hello",)):
     batch = PutRecordsBatch(stream)
     for data in datas:
-        batch.add(data, "key")
+        add(batch, data, "key")
     return batch, batch.body()
 
 

@@ -71,10 +71,11 @@ def test_put_records_limits() -> None:
 
 def test_put_records_stub_counts_what_the_sink_sends() -> None:
     from sinks.aws.putrecords import PutRecordsBatch
+    from tests.support.batches import add
 
     batch = PutRecordsBatch("logs")
     for i in range(3):
-        batch.add(b"x" * (100 * i), "k%d" % i)
+        add(batch, b"x" * (100 * i), "k%d" % i)
     assert check_put_records(bytes(batch.body())) == (3, None)
 
 
@@ -115,10 +116,11 @@ def test_gc_summary_counts_only_the_window() -> None:
 
 def test_put_records_stub_takes_five_mib_of_records() -> None:
     from sinks.aws.putrecords import PutRecordsBatch
+    from tests.support.batches import add
 
     batch = PutRecordsBatch("logs")
     for i in range(5):
-        batch.add(b"x" * 1_000_000, "k%d" % i)
+        add(batch, b"x" * 1_000_000, "k%d" % i)
     assert check_put_records(bytes(batch.body())) == (5, None)
 
 

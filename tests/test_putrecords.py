@@ -13,19 +13,17 @@ from hypothesis import strategies as st
 
 from sinks.aws import putrecords
 from sinks.aws.b64 import available_backends
+from sinks.aws.errors import MalformedResponse, PermanentError, ThrottledError, TransientError
 from sinks.aws.limits import EXPLICIT_HASH_KEY_MAX, KIB, MIB
 from sinks.aws.putrecords import (
     FirehoseBatch,
-    MalformedResponse,
-    PermanentError,
     PutRecordsBatch,
     RecordRejected,
     RecordTooLarge,
-    ThrottledError,
-    TransientError,
     parse_put_record_batch_response,
     parse_put_records_response,
 )
+from tests.support.batches import add
 
 BACKENDS = available_backends()
 SESSION = botocore.session.get_session()
@@ -121,12 +119,12 @@ def test_put_records_body_is_botocores(backend, records, from_source):
         start, offset = offset, offset + len(data)
         if utf16_units(key) > 256:
             with pytest.raises(RecordRejected):
-                batch.add(data, key, hash_key)
+                add(batch, data, key, hash_key)
             continue
         if from_source:
             assert batch.add_from(source, start, offset, key, hash_key)
         else:
-            assert batch.add(memoryview(ring)[start:offset], key, hash_key)
+            assert add(batch, memoryview(ring)[start:offset], key, hash_key)
         accepted.append((data, key, hash_key))
     if accepted:
         assert bytes(batch.body()) == botocore_request("kinesis", kinesis_params(accepted))["body"]
@@ -141,7 +139,7 @@ def test_put_records_body_is_botocores(backend, records, from_source):
 def test_firehose_body_is_botocores(backend, records):
     batch = FirehoseBatch("delivery-1", backend=backend)
     for data in records:
-        assert batch.add(data)
+        assert add(batch, data)
     assert bytes(batch.body()) == botocore_request("firehose", firehose_params(records, "delivery-1"))["body"]
 
 
@@ -151,7 +149,7 @@ def test_firehose_body_is_botocores(backend, records):
 ])
 def test_stream_arn(name, arn):
     batch = PutRecordsBatch(name, stream_arn=arn)
-    batch.add(b"x", "k")
+    add(batch, b"x", "k")
     assert bytes(batch.body()) == botocore_request(
         "kinesis", kinesis_params([(b"x", "k", None)], name, arn))["body"]
 
@@ -161,7 +159,7 @@ def test_key_memo_overflow_stays_correct(monkeypatch):
     batch = PutRecordsBatch("logs")
     records = [(b"d%d" % i, "key-%d" % (i % 7), None) for i in range(40)]
     for r in records:
-        assert batch.add(*r)
+        assert add(batch, *r)
     assert bytes(batch.body()) == botocore_request("kinesis", kinesis_params(records))["body"]
 
 
@@ -191,15 +189,15 @@ def test_add_refuses_exactly_at_the_limits(max_records, max_bytes, max_record_by
         payload = sum(len(d) + len(k.encode("utf-8")) for d, k, _ in held)
         if size > min(max_record_bytes, max_bytes):
             with pytest.raises(RecordTooLarge) as info:
-                batch.add(data, key)
+                add(batch, data, key)
             assert info.value.size == size and info.value.status == 413
             continue
         fits = len(held) < max_records and payload + size <= max_bytes
-        assert batch.add(data, key) is fits
+        assert add(batch, data, key) is fits
         if not fits:
             seal()
             payload = 0
-            assert batch.add(data, key)
+            assert add(batch, data, key)
         held.append((data, key, None))
         assert len(batch) == len(held) <= max_records
         assert batch.payload_bytes == payload + size <= max_bytes
@@ -212,17 +210,17 @@ def test_default_kinesis_limits(backend):
     batch = PutRecordsBatch("logs", backend=backend)
     big = blob(MIB - 1)
     for _ in range(5):
-        assert batch.add(big, "k")
+        assert add(batch, big, "k")
     assert batch.payload_bytes == 5 * MIB
-    assert not batch.add(b"", "k")  # one more byte breaks 5 MiB
+    assert not add(batch, b"", "k")  # one more byte breaks 5 MiB
     with pytest.raises(RecordTooLarge):
-        batch.add(big, "kk")  # 1 MiB + 1
+        add(batch, big, "kk")  # 1 MiB + 1
     assert bytes(batch.body()) == botocore_request(
         "kinesis", kinesis_params([(big, "k", None)] * 5))["body"]
     batch.reset()
     for _ in range(500):
-        assert batch.add(b"x", "k")
-    assert not batch.add(b"", "k")
+        assert add(batch, b"x", "k")
+    assert not add(batch, b"", "k")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -235,7 +233,7 @@ def test_worst_case_bodies_fit_the_preallocated_buffer(backend):
     size -= (size - 1) % 3
     records = [(blob(size, i), key, str(EXPLICIT_HASH_KEY_MAX)) for i in range(500)]
     for r in records:
-        assert kinesis.add(*r)
+        assert add(kinesis, *r)
     body = kinesis.body()
     assert body.nbytes <= kinesis.capacity
     assert bytes(body) == botocore_request("kinesis", kinesis_params(records, "k" * 128))["body"]
@@ -245,7 +243,7 @@ def test_worst_case_bodies_fit_the_preallocated_buffer(backend):
     size -= (size - 1) % 3
     datas = [blob(size, i) for i in range(500)]
     for d in datas:
-        assert firehose.add(d)
+        assert add(firehose, d)
     assert firehose.body().nbytes <= firehose.capacity
     assert bytes(firehose.body()) == botocore_request("firehose", firehose_params(datas, "f" * 64))["body"]
 
@@ -254,11 +252,11 @@ def test_default_firehose_limits():
     batch = FirehoseBatch("logs")
     chunk = blob(1000 * KIB)
     for _ in range(4):
-        assert batch.add(chunk)
-    assert not batch.add(blob(96 * KIB + 1))  # 4 MiB is 4,000 KiB + 96 KiB
-    assert batch.add(blob(96 * KIB))
+        assert add(batch, chunk)
+    assert not add(batch, blob(96 * KIB + 1))  # 4 MiB is 4,000 KiB + 96 KiB
+    assert add(batch, blob(96 * KIB))
     with pytest.raises(RecordTooLarge):
-        batch.add(blob(1000 * KIB + 1))
+        add(batch, blob(1000 * KIB + 1))
 
 
 @pytest.mark.parametrize("key", [
@@ -267,15 +265,15 @@ def test_default_firehose_limits():
 def test_bad_partition_keys_are_rejected(key):
     batch = PutRecordsBatch("logs")
     with pytest.raises(RecordRejected) as info:
-        batch.add(b"data", key)
+        add(batch, b"data", key)
     assert info.value.status == 400
     assert len(batch) == 0
 
 
 def test_partition_key_length_counts_utf16_units():
     batch = PutRecordsBatch("logs")
-    assert batch.add(b"", "\U0001F600" * 128)
-    assert batch.add(b"", "é" * 256)
+    assert add(batch, b"", "\U0001F600" * 128)
+    assert add(batch, b"", "é" * 256)
     assert batch.payload_bytes == 4 * 128 + 2 * 256
 
 
@@ -285,15 +283,15 @@ def test_partition_key_length_counts_utf16_units():
 ])
 def test_bad_explicit_hash_keys_are_rejected(hash_key):
     with pytest.raises(RecordRejected):
-        PutRecordsBatch("logs").add(b"data", "k", hash_key)
+        add(PutRecordsBatch("logs"), b"data", "k", hash_key)
 
 
 def test_rejection_wins_over_a_full_batch():
     batch = PutRecordsBatch("logs", max_records=1)
-    assert batch.add(b"x", "k")
-    assert not batch.add(b"x", "k")
+    assert add(batch, b"x", "k")
+    assert not add(batch, b"x", "k")
     with pytest.raises(RecordTooLarge):
-        batch.add(blob(MIB), "k")
+        add(batch, blob(MIB), "k")
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -319,8 +317,8 @@ def test_bad_firehose_config(kwargs):
 
 def test_large_record_stream_config():
     batch = PutRecordsBatch("logs", max_bytes=10 * MIB, max_record_bytes=10 * MIB)
-    assert batch.add(blob(10 * MIB - 1), "k")
-    assert not batch.add(b"", "k")
+    assert add(batch, blob(10 * MIB - 1), "k")
+    assert not add(batch, b"", "k")
 
 
 # -- lifecycle and zero-copy -------------------------------------------------
@@ -330,13 +328,13 @@ def test_seal_reset_and_reuse():
     batch = PutRecordsBatch("logs")
     with pytest.raises(ValueError):
         batch.body()
-    batch.add(b"one", "k")
+    add(batch, b"one", "k")
     first = batch.body()
     assert batch.sealed
     with pytest.raises(RuntimeError):
-        batch.add(b"two", "k")
+        add(batch, b"two", "k")
     batch.reset()
-    batch.add(b"two", "k")
+    add(batch, b"two", "k")
     second = batch.body()
     assert first.obj is second.obj is batch._buf  # one buffer for the batch's life
     assert bytes(second) == botocore_request("kinesis", kinesis_params([(b"two", "k", None)]))["body"]

@@ -239,10 +239,6 @@ class Delivery:
         """Start no call before ``until``."""
         self._paused_until = max(self._paused_until, until)
 
-    @property
-    def paused_until(self) -> float:
-        return self._paused_until
-
     def wake(self, now: float) -> None:
         """Move entries whose backoff is over to the front of the queue."""
         backoff = self._backoff
@@ -336,15 +332,14 @@ class Delivery:
                 self._failed(entry, outcome.error, now, rand, settled, answered=True)
         return settled
 
-    def fail(self, entries: List[Entry], error: ServiceError, now: float, rand: float,
-             retry_after: Optional[float] = None) -> Settled:
+    def fail(self, entries: List[Entry], error: ServiceError, now: float, rand: float) -> Settled:
         """Apply a failed call (non-200, unreadable answer, connection error)."""
         settled = Settled()
         for entry in entries:
             if entry.state == ABANDONED:
                 continue
             self.sending -= 1
-            self._failed(entry, error, now, rand, settled, retry_after)
+            self._failed(entry, error, now, rand, settled)
         return settled
 
     def expire(self, now: float) -> List[Entry]:
@@ -423,8 +418,7 @@ class Delivery:
         self._queued_bytes -= entry.size
 
     def _failed(self, entry: Entry, error: ServiceError, now: float, rand: float,
-                settled: Settled, retry_after: Optional[float] = None, *,
-                answered: bool = False) -> None:
+                settled: Settled, *, answered: bool = False) -> None:
         """``answered``: the error is a failed record of a 200 answer."""
         throttled = isinstance(error, ThrottledError)
         if throttled:
@@ -436,7 +430,7 @@ class Delivery:
             if settled.permanent is None:
                 settled.permanent = error
             return
-        decision = entry.policy.decide(now, rand, throttled=throttled, retry_after=retry_after)
+        decision = entry.policy.decide(now, rand, throttled=throttled)
         if isinstance(decision, GiveUp):
             entry.error = _deadline_error(error, decision.attempts)
             self._give_up(entry)

@@ -18,13 +18,13 @@ left out.  botocore emits members in the order of the caller's dict, so
 ``StreamName`` then ``StreamARN``; ``Data``, ``ExplicitHashKey``,
 ``PartitionKey`` per record; ``DeliveryStreamName`` then ``Records``.
 
-``add`` returns False when the record would break a batch limit (records per
+``add_from`` returns False when the record would break a batch limit (records per
 request or bytes per request): seal this batch and start another.  A record
 no batch can carry raises `RecordRejected`.  Sizes count raw bytes before
 base64, with the partition key as UTF-8, as the services do.
 
 Responses: `parse_put_records_response` and `parse_put_record_batch_response`
-read a 200 body into a `PutRecordsResult`; `classify_error` turns any other
+read a 200 body into a `PutRecordsResult`; `sinks.aws.errors.classify_error` turns any other
 response into a `ServiceError`, and per-record failures get the same
 classes, so the sender has one tree to decide on.
 """
@@ -39,13 +39,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from sinks.aws.b64 import AUTO, NUL_SLACK, Base64Writer, Source, encoded_length
 from sinks.aws.errors import (
-    CredentialsError,
     MalformedResponse,
-    PermanentError,
     ServiceError,
     ThrottledError,
-    TransientError,
-    classify_error,
     classify_record_error,
 )
 from sinks.aws.limits import (
@@ -79,15 +75,6 @@ __all__ = [
     "PutRecordsResult",
     "parse_put_records_response",
     "parse_put_record_batch_response",
-    # Re-exported from sinks.aws_errors so senders import one module.
-    "ServiceError",
-    "TransientError",
-    "ThrottledError",
-    "PermanentError",
-    "CredentialsError",
-    "MalformedResponse",
-    "classify_error",
-    "classify_record_error",
 ]
 
 # Escaped partition keys are remembered per batch; the number of distinct
@@ -340,18 +327,6 @@ class PutRecordsBatch(_Batch):
         closing = _HASH_KEY_OPEN + _hash_key(explicit_hash_key) + memo[1]
         return memo[0], closing
 
-    def add(self, data: Any, partition_key: str,
-            explicit_hash_key: Optional[str] = None) -> bool:
-        """Append a record from a one-off buffer; False if the batch is full."""
-        view = data if isinstance(data, memoryview) else memoryview(data)
-        key_size, closing = self._closing(partition_key, explicit_hash_key)
-        size = view.nbytes + key_size
-        if not self._admit(size):
-            return False
-        pos = self._writer.encode(view, self._open())
-        self._close(pos, closing, size)
-        return True
-
     def add_from(self, source: Source, start: int, stop: int, partition_key: str,
                  explicit_hash_key: Optional[str] = None) -> bool:
         """Append ``source[start:stop]``; False if the batch is full."""
@@ -389,16 +364,6 @@ class FirehoseBatch(_Batch):
                 max_record_bytes, "max_record_bytes", FIREHOSE_MAX_RECORD_BYTES),
             backend=backend,
         )
-
-    def add(self, data: Any) -> bool:
-        """Append a record from a one-off buffer; False if the batch is full."""
-        view = data if isinstance(data, memoryview) else memoryview(data)
-        size = view.nbytes
-        if not self._admit(size):
-            return False
-        pos = self._writer.encode(view, self._open())
-        self._close(pos, _FIREHOSE_CLOSE, size)
-        return True
 
     def add_from(self, source: Source, start: int, stop: int) -> bool:
         """Append ``source[start:stop]``; False if the batch is full."""
