@@ -188,7 +188,7 @@ def make_access(config: Config) -> Optional[AccessControl]:
     from gateway.access.control import AccessConfig, AccessControl
 
     access = AccessControl(AccessConfig.from_config(config),
-                           report=lambda line: _report_access(access, line))
+                           report=lambda line: _report_access(access, line), log=logs.emit)
     return access
 
 

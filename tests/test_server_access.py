@@ -10,7 +10,7 @@ sent, and whether a ``100 Continue`` went out before a refusal.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple
+from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import trio
@@ -45,6 +45,8 @@ REPLIES = {
     "disabled": [b"disabled", b"k1"],
     "rate": [b"rate", b"k1", b"2 5 0 0 0 0", b"requests", b"0.4", 0, b"2.5"],
     "quota": [b"quota", b"k1", b"0 0 0 0 10 0", b"monthly_records", 10, 10, 0],
+    # Not what the script returns: limits with five fields.
+    "malformed": [b"ok", b"k1", b"0 0 0 0 0", 0, b"0", 1, 10],
 }
 
 
@@ -95,14 +97,16 @@ class TenantKeySink(RecordingSink):
 
 
 @asynccontextmanager
-async def gateway_with(edge: FakeEdge, **options) -> AsyncIterator[Tuple[Gateway, TenantKeySink]]:
+async def gateway_with(edge: FakeEdge, *, log: Callable[..., None] = lambda *a, **k: None,
+                       **options) -> AsyncIterator[Tuple[Gateway, TenantKeySink]]:
     config = from_args(list(SMALL_FLAGS), {})
     holder: Dict[str, Gateway] = {}
     sink = TenantKeySink(lambda slot: holder["gateway"].ring.release(slot))
     # FakeEdge answers the exact mode's check script; leases against a real
     # Redis are tested in test_access_lease.py.
     options.setdefault("admission", "exact")
-    access = AccessControl(AccessConfig(redis_url="redis://127.0.0.1:1/0", **options), edge=edge)
+    access = AccessControl(AccessConfig(redis_url="redis://127.0.0.1:1/0", **options), edge=edge,
+                           log=log)
     gateway = holder["gateway"] = Gateway(config, sink, access=access)
     async with trio.open_nursery() as nursery:
         await nursery.start(access.run)
@@ -130,6 +134,26 @@ async def test_admitted_record_names_its_tenant_in_envelope_record_and_partition
     parsed = parse_api_key(KEY)
     assert parsed is not None and edge.calls[0].args[1] == "5"  # charged the Content-Length
     assert edge.calls[0].keys[0].endswith(parsed.key_hash)
+
+
+async def test_a_malformed_script_reply_is_answered_503_counted_and_logged_once():
+    events: List[Tuple[str, str, dict]] = []
+
+    def log(event: str, level: str = "info", **fields) -> None:
+        events.append((event, level, fields))
+
+    async with gateway_with(FakeEdge("malformed"), log=log) as (gateway, sink):
+        for _ in range(3):
+            transport = await serve(gateway, [with_key(b"hello")])
+            assert [r.status for r in parse_responses(transport.sent)] == [503]
+        assert gateway.access is not None
+        stats = gateway.access.statistics()
+    assert stats.malformed_replies == 3 and stats.redis_state == "ok"
+    assert sink.records == []
+    # One event for the first; the next ones within the minute are only counted.
+    assert [(event, level) for event, level, _ in events] == [("redis_malformed_reply", "error")]
+    fields = events[0][2]
+    assert fields["count"] == 1 and "malformed limits" in fields["error"] and "k1" in fields["reply"]
 
 
 @pytest.mark.parametrize("outcome, status", [

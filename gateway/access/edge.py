@@ -48,6 +48,8 @@ class AccessStatistics:
     script_loads: int
     timeouts: int
     redis_failures: int
+    #: Script replies that were not what the check script returns (answered 503).
+    malformed_replies: int
     queued: int
     pending_usage_records: int
     pending_usage_bytes: int

@@ -136,7 +136,8 @@ class Leases:
                 return renewal
             try:
                 result = parse_lease_reply(reply, key.tenant, now)  # type: ignore[arg-type]
-            except ValueError:
+            except (ValueError, TypeError, IndexError) as exc:
+                control._malformed_reply(reply, exc)
                 renewal.failed = True
                 return renewal
             if isinstance(result, Grant):

@@ -192,6 +192,9 @@ REDIS_BATCH_DURATION = Family(
     "Batches of access checks: sent to Redis to every answer back (nodes in parallel)")
 REDIS_FAILURES = Family(
     "sluice_redis_failures", COUNTER, "Redis connections, pipelines or probes that failed")
+REDIS_MALFORMED_REPLIES = Family(
+    "sluice_redis_malformed_replies", COUNTER,
+    "access check script replies that could not be read (answered 503)")
 REDIS_UP = Family(
     "sluice_redis_up", GAUGE, "1 while Redis answers, else 0 (several processes: the lowest)",
     combine="livemin")
@@ -220,8 +223,8 @@ FAMILIES: Tuple[Family, ...] = (
     SINK_BATCH_BYTES, SINK_CALL_DURATION, SINK_CALLS, SINK_RETRIES, SINK_THROTTLES,
     SINK_RECORDS_PER_KINESIS_RECORD, SINK_KINESIS_RECORDS, SINK_PAYLOAD_UNITS, SINK_SENT_BYTES,
     SPOOL_USED, SPOOL_LIMIT, SPOOL_PENDING,
-    ACCESS_DECISIONS, REDIS_PIPELINES, REDIS_BATCH_DURATION, REDIS_FAILURES, REDIS_UP, GC_PAUSE,
-    GC_MAJOR, LOOP_LAG, RESIDENT_MEMORY, BUILD_INFO, PROCESSES,
+    ACCESS_DECISIONS, REDIS_PIPELINES, REDIS_BATCH_DURATION, REDIS_FAILURES, REDIS_MALFORMED_REPLIES,
+    REDIS_UP, GC_PAUSE, GC_MAJOR, LOOP_LAG, RESIDENT_MEMORY, BUILD_INFO, PROCESSES,
 )
 
 _STAGES = ("body", "sink", "respond")
@@ -310,6 +313,7 @@ def _access_samples(access: Any, out: List[Sample]) -> None:
     out.append((REDIS_PIPELINES, (), stats.pipelines))
     out.append((REDIS_BATCH_DURATION, (), access.batch_seconds))
     out.append((REDIS_FAILURES, (), stats.redis_failures))
+    out.append((REDIS_MALFORMED_REPLIES, (), stats.malformed_replies))
     out.append((REDIS_UP, (), 1 if stats.redis_state == "ok" else 0))
 
 
