@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sinks.aws.partition_keys import KeyPolicy, parse_key_setting
+from sinks.aws.partition_keys import KeyPolicy, check_partition_key, key_bytes, parse_key_setting
+from sinks.aws.putrecords import PutRecordsBatch, RecordRejected
+from sinks.aws.services import profile_for
 from sinks.errors import InvalidRecordKey
+from tests.support.batches import add
 
 RID = "01M8BECG8YTGDXTWT500000001"
 
@@ -75,3 +80,29 @@ def test_invalid_explicit_hash_keys_are_bad_requests(value):
 def test_no_hash_key_header_means_none():
     assert KeyPolicy("random", "X-Hash").keys(RID, None, headers())[1] is None
     assert KeyPolicy("random").keys(RID, None, headers(x_hash=b"5"))[1] is None
+
+
+# -- one rule for the head and the body -----------------------------------------
+
+_BATCH = PutRecordsBatch("logs")
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.one_of(st.text(max_size=300), st.text(alphabet="\U0001F600é\ud800x", max_size=140)))
+def test_the_head_check_and_the_body_builder_apply_the_same_key_rule(key):
+    _BATCH.reset()
+    try:
+        size = check_partition_key(key)
+    except InvalidRecordKey:
+        with pytest.raises(RecordRejected):
+            add(_BATCH, b"x", key)
+    else:
+        assert add(_BATCH, b"x", key)
+        assert size == key_bytes(key) and _BATCH.payload_bytes == 1 + size
+
+
+@pytest.mark.parametrize("service, keyed", [("kinesis", True), ("firehose", False)])
+def test_each_service_says_whether_records_carry_keys(service, keyed):
+    profile = profile_for(service)
+    assert profile.keyed is keyed and profile.name == service
+    assert profile.key_bytes("é") == (2 if keyed else 0)

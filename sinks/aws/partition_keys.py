@@ -25,6 +25,11 @@ is sent as the record's ExplicitHashKey.
 
 Header values are bytes; they become text as latin-1, the same mapping the
 envelope uses, so every byte value survives.  Nothing here does I/O.
+
+The service's rules for keys live here and nowhere else: `check_partition_key`
+(length in UTF-16 code units, size in UTF-8 bytes as it counts against the
+record) and `is_explicit_hash_key`, used both when a request head is read and
+when a request body is built (``sinks.aws.putrecords``).
 """
 from __future__ import annotations
 
@@ -35,11 +40,13 @@ from sinks.aws.limits import (
     EXPLICIT_HASH_KEY_MAX,
     EXPLICIT_HASH_KEY_MAX_DIGITS,
     PARTITION_KEY_MAX_CHARS,
+    PARTITION_KEY_MIN_CHARS,
 )
 from sinks.base import HeaderLookup, RecordKeys
 from sinks.errors import InvalidRecordKey
 
-__all__ = ["KeyPolicy", "NO_KEYS", "RANDOM", "TENANT", "HEADER", "parse_key_setting"]
+__all__ = ["KeyPolicy", "NO_KEYS", "RANDOM", "TENANT", "HEADER", "parse_key_setting",
+           "check_partition_key", "key_bytes", "is_explicit_hash_key"]
 
 RANDOM = "random"
 TENANT = "tenant"
@@ -49,7 +56,7 @@ NO_KEYS: RecordKeys = (None, None, 0)
 
 # RFC 9110 token: the characters allowed in a header name.
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_HASH_KEY = re.compile(rb"0|[1-9][0-9]{0,%d}" % (EXPLICIT_HASH_KEY_MAX_DIGITS - 1))
+_HASH_KEY = re.compile(r"0|[1-9][0-9]{0,%d}" % (EXPLICIT_HASH_KEY_MAX_DIGITS - 1))
 
 
 def _header_name(text: str, what: str) -> bytes:
@@ -68,11 +75,40 @@ def parse_key_setting(text: str) -> str:
     raise ValueError("must be random, tenant or header:NAME, not %r" % text)
 
 
-def _key_units(key: str) -> int:
-    """Length in UTF-16 code units, as the service counts characters."""
+def key_bytes(key: str) -> int:
+    """What a partition key adds to its record's size: its UTF-8 bytes."""
+    return len(key) if key.isascii() else len(key.encode("utf-8"))
+
+
+def check_partition_key(key: str) -> int:
+    """Validate a partition key; return `key_bytes`.
+
+    The service counts characters as UTF-16 code units (it is written in
+    Java), which is never fewer than code points: a key that passes here
+    passes either reading.  Raises `InvalidRecordKey`.
+    """
+    if not isinstance(key, str):
+        raise InvalidRecordKey("partition key must be str, not %s" % type(key).__name__)
     if key.isascii():
-        return len(key)
-    return len(key.encode("utf-16-le", "surrogatepass")) // 2
+        units = size = len(key)
+    else:
+        try:
+            size = len(key.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidRecordKey("partition key contains a lone surrogate") from None
+        units = len(key.encode("utf-16-le")) // 2
+    if units > PARTITION_KEY_MAX_CHARS:
+        raise InvalidRecordKey("partition key of %d characters exceeds the %d-character limit"
+                               % (units, PARTITION_KEY_MAX_CHARS))
+    if units < PARTITION_KEY_MIN_CHARS:
+        raise InvalidRecordKey("partition key must have at least %d character" % PARTITION_KEY_MIN_CHARS)
+    return size
+
+
+def is_explicit_hash_key(value: str) -> bool:
+    """Whether ``value`` is an ExplicitHashKey: a decimal number from 0 to 2**128-1."""
+    return (isinstance(value, str) and _HASH_KEY.fullmatch(value) is not None
+            and int(value) <= EXPLICIT_HASH_KEY_MAX)
 
 
 class KeyPolicy:
@@ -96,11 +132,7 @@ class KeyPolicy:
             raw = header(self.header)
         if raw:
             key = raw.decode("latin-1")
-            units = _key_units(key)
-            if units > PARTITION_KEY_MAX_CHARS:
-                raise InvalidRecordKey("partition key of %d characters exceeds the %d-character limit"
-                                 % (units, PARTITION_KEY_MAX_CHARS))
-            size = len(raw) if raw.isascii() else len(key.encode("utf-8"))
+            size = check_partition_key(key)
         else:
             key = record_id
             size = len(record_id)
@@ -108,7 +140,7 @@ class KeyPolicy:
         if self.hash_key_header:
             value = header(self.hash_key_header)
             if value is not None:
-                if not _HASH_KEY.fullmatch(value) or int(value) > EXPLICIT_HASH_KEY_MAX:
+                hash_key = value.decode("latin-1")
+                if not is_explicit_hash_key(hash_key):
                     raise InvalidRecordKey("explicit hash key must be a decimal number from 0 to 2**128-1")
-                hash_key = value.decode("ascii")
         return key, hash_key, size

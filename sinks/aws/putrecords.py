@@ -35,7 +35,7 @@ import mmap
 import re
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from sinks.aws.b64 import AUTO, NUL_SLACK, Base64Writer, Source, encoded_length
 from sinks.aws.errors import (
@@ -46,7 +46,6 @@ from sinks.aws.errors import (
 )
 from sinks.aws.limits import (
     DELIVERY_STREAM_NAME_MAX_CHARS,
-    EXPLICIT_HASH_KEY_MAX,
     EXPLICIT_HASH_KEY_MAX_DIGITS,
     FIREHOSE_MAX_RECORD_BYTES,
     FIREHOSE_TARGET_PREFIX,
@@ -56,7 +55,6 @@ from sinks.aws.limits import (
     KINESIS_TARGET_PREFIX,
     NAME_PATTERN,
     PARTITION_KEY_MAX_CHARS,
-    PARTITION_KEY_MIN_CHARS,
     PUT_RECORD_BATCH_MAX_RECORDS,
     PUT_RECORD_BATCH_MAX_REQUEST_BYTES,
     PUT_RECORDS_LARGE_MAX_REQUEST_BYTES,
@@ -65,8 +63,11 @@ from sinks.aws.limits import (
     STREAM_ARN_MAX_CHARS,
     STREAM_NAME_MAX_CHARS,
 )
+from sinks.aws.partition_keys import check_partition_key, is_explicit_hash_key
+from sinks.errors import InvalidRecordKey
 
 __all__ = [
+    "BatchLimits",
     "PutRecordsBatch",
     "FirehoseBatch",
     "RecordRejected",
@@ -92,7 +93,6 @@ _B64_SLACK_PER_RECORD = 3
 
 _NAME = re.compile(NAME_PATTERN)
 _STREAM_ARN = re.compile(r"arn:aws.*:kinesis:.*:[0-9]{12}:stream/\S+")
-_HASH_KEY = re.compile(r"0|[1-9][0-9]{0,%d}" % (EXPLICIT_HASH_KEY_MAX_DIGITS - 1))
 
 _OPEN_FIRST = b'{"Data": "'
 _OPEN_NEXT = b', {"Data": "'
@@ -124,6 +124,29 @@ class RecordTooLarge(RecordRejected):
         self.limit = limit
 
 
+class BatchLimits(NamedTuple):
+    """One request's limits, and the one rule for whether a record joins a batch.
+
+    ``records`` per request, ``bytes`` per request and ``record_bytes`` per
+    record, in bytes as the service counts them (data plus partition key).
+    """
+
+    records: int
+    bytes: int
+    record_bytes: int
+
+    def admits(self, count: int, used: int, size: int) -> bool:
+        """Whether a record of ``size`` joins a batch of ``count`` records and ``used`` bytes.
+
+        False means the batch is full: seal it and start another.  A record
+        that no batch can carry raises `RecordTooLarge`.
+        """
+        limit = self.record_bytes if self.record_bytes < self.bytes else self.bytes
+        if size > limit:
+            raise RecordTooLarge(size, limit)
+        return count < self.records and used + size <= self.bytes
+
+
 def _json_str(value: str) -> bytes:
     return encode_basestring_ascii(value).encode("ascii")
 
@@ -144,27 +167,15 @@ def _check_limit(value: int, what: str, ceiling: int) -> int:
 
 def _partition_key(key: str) -> Tuple[int, bytes]:
     """Validate *key*; return its UTF-8 size and its JSON string literal."""
-    if not isinstance(key, str):
-        raise RecordRejected(f"partition key must be str, not {type(key).__name__}")
     try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise RecordRejected("partition key contains a lone surrogate") from exc
-    units = len(key) if size == len(key) else len(key.encode("utf-16-le")) // 2
-    if not PARTITION_KEY_MIN_CHARS <= units <= PARTITION_KEY_MAX_CHARS:
-        raise RecordRejected(
-            f"partition key must be {PARTITION_KEY_MIN_CHARS}..{PARTITION_KEY_MAX_CHARS}"
-            f" characters, got {units}"
-        )
+        size = check_partition_key(key)
+    except InvalidRecordKey as exc:
+        raise RecordRejected(str(exc)) from None
     return size, _json_str(key)
 
 
 def _hash_key(value: str) -> bytes:
-    if (
-        not isinstance(value, str)
-        or not _HASH_KEY.fullmatch(value)
-        or int(value) > EXPLICIT_HASH_KEY_MAX
-    ):
+    if not is_explicit_hash_key(value):
         raise RecordRejected(f"explicit hash key must be a decimal 0..2**128-1: {value!r}")
     return value.encode("ascii")
 
@@ -181,8 +192,7 @@ class _Batch:
         self.max_records = max_records
         self.max_bytes = max_bytes
         self.max_record_bytes = max_record_bytes
-        # A record larger than a whole request fits no batch either.
-        self._record_limit = min(max_record_bytes, max_bytes)
+        self.limits = BatchLimits(max_records, max_bytes, max_record_bytes)
         self._head = head
         self._tail = tail
         per_record = len(_OPEN_NEXT) + max_record_tail + _B64_SLACK_PER_RECORD
@@ -249,9 +259,7 @@ class _Batch:
     def _admit(self, size: int) -> bool:
         if self._sealed:
             raise RuntimeError("batch is sealed; reset() it before adding")
-        if size > self._record_limit:
-            raise RecordTooLarge(size, self._record_limit)
-        return self._count < self.max_records and self._payload + size <= self.max_bytes
+        return self.limits.admits(self._count, self._payload, size)
 
     def _open(self) -> int:
         opening = _OPEN_NEXT if self._count else _OPEN_FIRST

@@ -68,28 +68,11 @@ from sinks.aws.errors import (
 )
 from sinks.aws.follow_limit import RecordLimitFollower
 from sinks.aws.http import Endpoint, NoRegion, Reply, open_botocore_endpoint
-from sinks.aws.limits import (
-    FIREHOSE_MAX_RECORD_BYTES,
-    KINESIS_DEFAULT_MAX_RECORD_BYTES,
-    KINESIS_LARGE_MAX_RECORD_BYTES,
-    MIB,
-    PUT_RECORD_BATCH_MAX_RECORDS,
-    PUT_RECORD_BATCH_MAX_REQUEST_BYTES,
-    PUT_RECORDS_LARGE_MAX_REQUEST_BYTES,
-    PUT_RECORDS_MAX_RECORDS,
-    PUT_RECORDS_MAX_REQUEST_BYTES,
-)
+from sinks.aws.limits import MIB, PUT_RECORDS_MAX_RECORDS, PUT_RECORDS_MAX_REQUEST_BYTES
 from sinks.aws.partition_keys import NO_KEYS, KeyPolicy
-from sinks.aws.putrecords import (
-    FirehoseBatch,
-    PutRecordsBatch,
-    PutRecordsResult,
-    RecordResult,
-    RecordTooLarge,
-    parse_put_record_batch_response,
-    parse_put_records_response,
-)
-from sinks.aws.record_limit import AUTO, is_size_error, stream_limits
+from sinks.aws.putrecords import BatchLimits, PutRecordsResult, RecordResult
+from sinks.aws.record_limit import AUTO, is_size_error
+from sinks.aws.services import ServiceProfile, profile_for
 from sinks.aws.trio_http import open_trio_endpoint
 from sinks.backoff import RetryPolicy
 from sinks.base import (
@@ -107,11 +90,8 @@ from sinks.base import (
 )
 from sinks.errors import SinkConfigError, SinkUnavailable
 
-__all__ = ["StreamOptions", "StreamSink", "KINESIS", "FIREHOSE", "FAILURE_HOLD", "LINGER",
-           "LINGER_UNACKNOWLEDGED", "default_linger"]
-
-KINESIS = "kinesis"
-FIREHOSE = "firehose"
+__all__ = ["StreamOptions", "StreamSink", "FAILURE_HOLD", "LINGER", "LINGER_UNACKNOWLEDGED",
+           "default_linger"]
 
 #: Default wait for more records before a batch that is not full goes out,
 #: with ``--ack kinesis``: the client waits for its batch, so the wait stays
@@ -189,7 +169,7 @@ class StreamOptions:
         service = config.sink
         return cls(
             service=service,
-            stream=config.stream if service == KINESIS else config.delivery_stream,
+            stream=getattr(config, profile_for(service).stream_setting),
             region=config.region,
             endpoint_url=config.endpoint_url,
             ack=config.ack == "kinesis",
@@ -207,18 +187,14 @@ class StreamOptions:
             aggregation_max_bytes=config.aggregation_max_bytes,
         )
 
-    def limits(self) -> Tuple[int, int, int]:
-        """``(records, bytes)`` per request and bytes per record until a stream's limit is read."""
-        if self.service == KINESIS:
-            configured = min(self.max_record_bytes, KINESIS_LARGE_MAX_RECORD_BYTES)
-            stream = configured if configured != AUTO else KINESIS_DEFAULT_MAX_RECORD_BYTES
-            limits = stream_limits(stream, AUTO, self.batch_bytes)
-            return min(self.batch_records, PUT_RECORDS_MAX_RECORDS), limits.request_bytes, limits.record_bytes
-        record = FIREHOSE_MAX_RECORD_BYTES
-        if self.max_record_bytes != AUTO:
-            record = min(self.max_record_bytes, record)
-        request = min(self.batch_bytes, PUT_RECORD_BATCH_MAX_REQUEST_BYTES)
-        return min(self.batch_records, PUT_RECORD_BATCH_MAX_RECORDS), request, record
+    @property
+    def profile(self) -> ServiceProfile:
+        """The service's profile (ValueError for an unknown service)."""
+        return profile_for(self.service)
+
+    def limits(self) -> BatchLimits:
+        """Records and bytes per request and bytes per record until a stream's limit is read."""
+        return self.profile.limits(self.batch_records, self.batch_bytes, self.max_record_bytes)
 
 
 class _Builder:
@@ -229,25 +205,21 @@ class _Builder:
     worker thread.
     """
 
-    __slots__ = ("batch", "source", "encode", "count", "bytes", "sizes", "_max_records",
-                 "_max_bytes", "_record_limit")
+    __slots__ = ("batch", "source", "add", "count", "bytes", "sizes", "_limits")
 
-    def __init__(self, batch: Any, source: Any, encode: Callable[[Entry], bool]) -> None:
+    def __init__(self, batch: Any, source: Any,
+                 add: Callable[[Any, Any, int, int, Optional[str], Optional[str]], bool]) -> None:
         self.batch = batch
         self.source = source
-        self.encode = encode
+        self.add = add
         self.count = 0
         self.bytes = 0
         #: Each record's data plus key, for the metrics.
         self.sizes: List[int] = []
-        self._max_records = batch.max_records
-        self._max_bytes = batch.max_bytes
-        self._record_limit = min(batch.max_record_bytes, batch.max_bytes)
+        self._limits: BatchLimits = batch.limits
 
     def admit(self, entry: Entry) -> bool:
-        if entry.size > self._record_limit:
-            raise RecordTooLarge(entry.size, self._record_limit)
-        if self.count >= self._max_records or self.bytes + entry.size > self._max_bytes:
+        if not self._limits.admits(self.count, self.bytes, entry.size):
             return False
         self.count += 1
         self.bytes += entry.size
@@ -268,13 +240,17 @@ class _Builder:
 
     def set_limits(self, max_bytes: int, record_limit: int) -> None:
         """Admit by the stream's current limits (the batch was sized for the largest)."""
-        self._max_bytes = min(max_bytes, self.batch.max_bytes)
-        self._record_limit = min(record_limit, self._max_bytes, self.batch.max_record_bytes)
+        capacity: BatchLimits = self.batch.limits
+        request = min(max_bytes, capacity.bytes)
+        self._limits = capacity._replace(bytes=request,
+                                         record_bytes=min(record_limit, capacity.record_bytes))
 
     def encode_all(self, entries: List[Entry]) -> None:
-        encode = self.encode
+        add, batch, source = self.add, self.batch, self.source
         for entry in entries:
-            if not encode(entry):
+            slot = entry.record.slot
+            if not add(batch, source, slot.offset, slot.offset + slot.size, entry.partition_key,
+                       entry.hash_key):
                 raise RuntimeError("the batch refused a record it had admitted")
 
     def reset(self) -> None:
@@ -286,10 +262,6 @@ class _Builder:
     def close(self) -> None:
         self.source.close()
         self.batch.close()
-
-
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 class StreamSink(RecordLimitFollower, Sink):
@@ -310,20 +282,18 @@ class StreamSink(RecordLimitFollower, Sink):
         self._given_up = given_up or release
         #: Entries whose client waits in `put` (``ack``), for `stop_waiting`.
         self._waiting: Set[Entry] = set()
-        if options.service not in (KINESIS, FIREHOSE):
-            raise ValueError("unknown stream service %r" % options.service)
+        self.profile = profile = options.profile
         if options.aggregation not in (OFF, KPL) or (options.aggregation == KPL
-                                                     and options.service != KINESIS):
+                                                     and not profile.kinesis_records):
             raise ValueError("aggregation %r is not for %s" % (options.aggregation, options.service))
-        self.name = options.service
+        self.name = profile.name
         self.options = options
-        self._kinesis = options.service == KINESIS
         self._buffer = buffer
         self._endpoint = endpoint
         self._report = report
         self._rng = rng or random.Random()
         self._keys = (KeyPolicy(options.partition_key, options.explicit_hash_key_header)
-                      if self._kinesis else None)
+                      if profile.keyed else None)
         records, request_bytes, record_bytes = options.limits()
         self._request_records = records
         self._request_bytes = request_bytes
@@ -374,12 +344,12 @@ class StreamSink(RecordLimitFollower, Sink):
                 self._endpoint = await self._open_endpoint()
             for _ in range(self.options.max_in_flight):
                 self._builders.append(self._new_builder())
-            if self._kinesis:
+            if self.profile.follows_record_limit:
                 await self._start_record_limit()
             self._free = list(self._builders)
             task_status.started()
             async with trio.open_nursery() as calls:
-                if self._kinesis:
+                if self.profile.follows_record_limit:
                     calls.start_soon(self._follow_record_limit)
                 await self._send_loop(calls)
                 calls.cancel_scope.cancel()
@@ -398,14 +368,11 @@ class StreamSink(RecordLimitFollower, Sink):
         if self._failure is not None and now < self._failure_until:
             raise SinkUnavailable("%s: %s" % (self.name, self._failure),
                                   retry_after=self._failure_until - now)
-        key = record.partition_key
-        if self._kinesis and key is None:
-            key = record.id
-        size = record.slot.size + (_utf8_len(key) if self._kinesis and key else 0)
+        key = record.partition_key or record.id
+        size = record.slot.size + self.profile.key_bytes(key)
         waiter = trio.Event() if self.options.ack else None
         try:
-            entry, wake = self._delivery.add(record, key if self._kinesis else None,
-                                             record.explicit_hash_key, size, now, waiter)
+            entry, wake = self._delivery.add(record, key, record.explicit_hash_key, size, now, waiter)
         except QueueFull as exc:
             raise SinkUnavailable(str(exc), retry_after=1.0) from exc
         if wake:
@@ -457,11 +424,10 @@ class StreamSink(RecordLimitFollower, Sink):
         """One line for the startup message."""
         endpoint = self._endpoint
         where = "" if endpoint is None else ", region %s, endpoint %s" % (endpoint.region, endpoint.url)
-        what = "stream" if self._kinesis else "delivery stream"
         stream = self.stream_max_record_bytes
         limit = "" if stream is None else ", stream's limit %d KiB" % (stream // 1024)
         return "%s (%s %s%s, ack %s, max record %d bytes%s)" % (
-            self.name, what, self.options.stream, where,
+            self.name, self.profile.stream_kind, self.options.stream, where,
             "stored" if self.options.ack else "received", self.max_record_bytes or 0, limit)
 
     def statistics(self) -> dict:
@@ -469,7 +435,7 @@ class StreamSink(RecordLimitFollower, Sink):
         stats.update(calls=self.calls, failed_calls=self.failed_calls, dropped=self.dropped,
                      in_flight=self._in_flight, free_builders=len(self._free),
                      failure=None if self._failure is None else str(self._failure))
-        if self._kinesis:
+        if self.profile.kinesis_records:
             stats.update(kinesis_records=self.kinesis_records, payload_units=self.payload_units,
                          sent_bytes=self.sent_bytes)
         return stats
@@ -490,34 +456,13 @@ class StreamSink(RecordLimitFollower, Sink):
                                   "AWS_DEFAULT_REGION (or a profile's region)") from None
 
     def _new_builder(self) -> Any:
-        records, request_bytes, record_bytes = self.options.limits()
-        if self._kinesis:
-            stream = self.options.stream
-            arn = stream if stream.startswith("arn:") else None
-            # For any stream's largest (mmap: unused pages cost nothing); see set_limits.
-            kbatch = PutRecordsBatch(None if arn else stream, stream_arn=arn, max_records=records,
-                                     max_bytes=PUT_RECORDS_LARGE_MAX_REQUEST_BYTES,
-                                     max_record_bytes=KINESIS_LARGE_MAX_RECORD_BYTES)
-            if self.options.aggregation == KPL:
-                return AggregatingBuilder(kbatch, self._buffer,
-                                          aggregate_limit=self.options.aggregation_max_bytes)
-            ksource = kbatch.source(self._buffer)
-
-            def add_record(entry: Entry) -> bool:
-                slot = entry.record.slot
-                return kbatch.add_from(ksource, slot.offset, slot.offset + slot.size,
-                                       entry.partition_key or entry.record.id, entry.hash_key)
-
-            return _Builder(kbatch, ksource, add_record)
-        fbatch = FirehoseBatch(self.options.stream, max_records=records, max_bytes=request_bytes,
-                               max_record_bytes=record_bytes)
-        fsource = fbatch.source(self._buffer)
-
-        def add_firehose(entry: Entry) -> bool:
-            slot = entry.record.slot
-            return fbatch.add_from(fsource, slot.offset, slot.offset + slot.size)
-
-        return _Builder(fbatch, fsource, add_firehose)
+        # Sized for what the stream may allow (mmap: unused pages cost
+        # nothing); admission follows the stream's limit, see set_limits.
+        batch = self.profile.new_batch(self.options.stream, self.profile.capacity(self.options.limits()))
+        if self.options.aggregation == KPL:
+            return AggregatingBuilder(batch, self._buffer,
+                                      aggregate_limit=self.options.aggregation_max_bytes)
+        return _Builder(batch, batch.source(self._buffer), self.profile.add)
 
     # -- sending -------------------------------------------------------------
 
@@ -566,7 +511,7 @@ class StreamSink(RecordLimitFollower, Sink):
             self.calls += 1
             self.batch_records.add(len(entries))
             self.batch_bytes.add(builder.bytes)
-            if self._kinesis:
+            if self.profile.kinesis_records:
                 self._count_sent(builder)
             result: Optional[PutRecordsResult] = None
             error: Optional[ServiceError] = None
@@ -610,9 +555,8 @@ class StreamSink(RecordLimitFollower, Sink):
     def _read(self, reply: Reply, count: int) -> Tuple[Optional[PutRecordsResult], Optional[ServiceError]]:
         if reply.status != 200:
             return None, _classify(reply)
-        parse = parse_put_records_response if self._kinesis else parse_put_record_batch_response
         try:
-            return parse(reply.body, expected=count), None
+            return self.profile.parse(reply.body, expected=count), None
         except MalformedResponse as exc:
             return None, exc
 
@@ -625,7 +569,8 @@ class StreamSink(RecordLimitFollower, Sink):
                 release(entry.record.slot)
         self._give_back(settled.given_up)
         permanent = settled.permanent
-        if permanent is not None and self._kinesis and is_size_error(permanent.code, permanent.message):
+        if (permanent is not None and self.profile.follows_record_limit
+                and is_size_error(permanent.code, permanent.message)):
             # Given up alone (the stream's limit was lowered): re-read it, keep going.
             self._limit_stale.set()
         elif permanent is not None:
@@ -657,17 +602,11 @@ class StreamSink(RecordLimitFollower, Sink):
                          "again every %gs" % (
                              self.options.stream,
                              "" if self._endpoint is None else " at " + self._endpoint.url,
-                             error, _hint(error, self.name), self.options.failure_hold))
+                             error, _hint(error, self.profile), self.options.failure_hold))
 
     def _ack_fields(self, result: Optional[RecordResult]) -> Dict[str, Any]:
         assert result is not None
-        if self._kinesis:
-            fields: Dict[str, Any] = {"shard_id": result.shard_id,
-                                      "sequence_number": result.sequence_number}
-            if result.sub_sequence is not None:
-                fields["sub_sequence"] = result.sub_sequence
-            return fields
-        return {"record_id": result.record_id}
+        return self.profile.ack_fields(result)
 
 
 _XML_CODE = re.compile(rb"<Code>([^<]{1,200})</Code>")
@@ -688,12 +627,11 @@ def _classify(reply: Reply) -> ServiceError:
     return classify_error(reply.status, body, reply.error_type)
 
 
-def _hint(error: ServiceError, service: str) -> str:
+def _hint(error: ServiceError, profile: ServiceProfile) -> str:
     if isinstance(error, CredentialsError):
         return " (check the AWS credentials: access key, secret, session token, clock)"
     if error.code == "ResourceNotFoundException":
         return " (does the stream exist in this region and account?)"
     if error.code in ("AccessDeniedException", "NotAuthorized", "KMSAccessDeniedException"):
-        action = "kinesis:PutRecords" if service == KINESIS else "firehose:PutRecordBatch"
-        return " (the IAM policy must allow %s on the stream)" % action
+        return " (the IAM policy must allow %s on the stream)" % profile.put_action
     return ""
