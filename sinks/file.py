@@ -38,7 +38,7 @@ import trio
 from sinks.base import HealthReport, Record, Release, Sink, log_health
 from sinks.digests import crc32
 from sinks.errors import SinkUnavailable
-from sinks.segments import writev
+from sinks.segments import list_sequences, segment_name, writev
 
 __all__ = [
     "FileSink",
@@ -62,17 +62,10 @@ class SegmentError(Exception):
     """A segment is not in the format above (bad magic or CRC)."""
 
 
-def _segment_name(sequence: int) -> str:
-    return "%016d%s" % (sequence, _SEGMENT_SUFFIX)
-
-
 def list_segments(directory: str) -> List[str]:
     """Paths of the segments in ``directory``, oldest first."""
-    names = sorted(
-        name for name in os.listdir(directory)
-        if name.endswith(_SEGMENT_SUFFIX) and name[:-len(_SEGMENT_SUFFIX)].isdigit()
-    )
-    return [os.path.join(directory, name) for name in names]
+    return [os.path.join(directory, segment_name(sequence, _SEGMENT_SUFFIX))
+            for sequence in list_sequences(directory, _SEGMENT_SUFFIX)]
 
 
 def read_records(directory: str) -> Iterator[memoryview]:
@@ -140,9 +133,9 @@ class FileSink(Sink):
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
             os.makedirs(self.directory, exist_ok=True)
-            existing = list_segments(self.directory)
+            existing = list_sequences(self.directory, _SEGMENT_SUFFIX)
             if existing:
-                self._sequence = int(os.path.basename(existing[-1])[:-len(_SEGMENT_SUFFIX)]) + 1
+                self._sequence = existing[-1] + 1
             self._open_segment()
             task_status.started()
             while not (self._closing and not self._pending):
@@ -255,7 +248,7 @@ class FileSink(Sink):
         self.bytes += size - FRAME_HEADER.size * (stop - start)
 
     def _open_segment(self) -> None:
-        path = os.path.join(self.directory, _segment_name(self._sequence))
+        path = os.path.join(self.directory, segment_name(self._sequence, _SEGMENT_SUFFIX))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         try:
             _writev_all(fd, [memoryview(SEGMENT_MAGIC)], len(SEGMENT_MAGIC))

@@ -15,6 +15,7 @@ import os
 from typing import Dict, List, Sequence, Set, Tuple
 
 from sinks.file import _writev_all
+from sinks.segments import list_sequences
 from sinks.spool.layout import (
     ACKED_SUFFIX,
     FRAME,
@@ -94,10 +95,9 @@ class SpoolFiles:
             found.append((sequence, len(data), scan, acked))
             del data
         known = set(sequences)
-        for name in os.listdir(self.directory):
-            stem = name[:-len(ACKED_SUFFIX)]
-            if name.endswith(ACKED_SUFFIX) and stem.isdigit() and int(stem) not in known:
-                os.unlink(self._path(name))  # its segment was deleted
+        for sequence in list_sequences(self.directory, ACKED_SUFFIX):
+            if sequence not in known:
+                os.unlink(self._path(acked_name(sequence)))  # its segment was deleted
         return found
 
     def create_segment(self, sequence: int) -> None:

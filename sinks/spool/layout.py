@@ -49,13 +49,13 @@ reservation over the limit is refused (the server answers ``503``).
 """
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from array import array
 from collections import deque
 from typing import Deque, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
+from sinks import segments as _segments
 from sinks.digests import crc32
 
 __all__ = [
@@ -140,21 +140,18 @@ def segment_bytes_for(limit: int) -> int:
 
 
 def segment_name(sequence: int) -> str:
-    return "%016d%s" % (sequence, SEGMENT_SUFFIX)
+    """The file name of spool segment ``sequence``."""
+    return _segments.segment_name(sequence, SEGMENT_SUFFIX)
 
 
 def acked_name(sequence: int) -> str:
-    return "%016d%s" % (sequence, ACKED_SUFFIX)
+    """The file name of the confirmations of spool segment ``sequence``."""
+    return _segments.segment_name(sequence, ACKED_SUFFIX)
 
 
 def list_segments(directory: str) -> List[int]:
     """Sequence numbers of the segments in ``directory``, oldest first."""
-    found = []
-    for name in os.listdir(directory):
-        stem = name[:-len(SEGMENT_SUFFIX)]
-        if name.endswith(SEGMENT_SUFFIX) and stem.isdigit():
-            found.append(int(stem))
-    return sorted(found)
+    return _segments.list_sequences(directory, SEGMENT_SUFFIX)
 
 
 def frame_bytes(record_bytes: int, key_bytes: int) -> int:
