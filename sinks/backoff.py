@@ -1,4 +1,4 @@
-"""Retry timing as an immutable value: exponential backoff, full jitter, deadline.
+"""Retry timing as an immutable value: exponential backoff, jitter, deadline.
 
 Theory of operation
 -------------------
@@ -20,6 +20,12 @@ with ``u`` uniform in [0, 1] ("full jitter", from the AWS Architecture Blog's
 ``b`` is ``throttled_base`` for throttling and ``base`` otherwise.  A retry
 that would start after the deadline is not offered: the records are given up
 while there is still time to say so.
+
+The one policy serves every retry in Sluice: the stream sinks' records (full
+jitter, a deadline), access control's reconnects to Redis (`EQUAL_JITTER`,
+so a fleet of gateways does not reconnect in step, and no deadline) and the
+supervisor's restarts of a crashed worker (`NO_JITTER`, no deadline).  With
+``jitter`` *j* the delay is ``min(cap, b * 2**i) * (1 - j + j * u)``.
 """
 from __future__ import annotations
 
@@ -36,6 +42,9 @@ __all__ = [
     "RETRY_AFTER_MAX_EXTRA",
     "GIVE_UP_ATTEMPTS",
     "GIVE_UP_DEADLINE",
+    "FULL_JITTER",
+    "EQUAL_JITTER",
+    "NO_JITTER",
     "RetryPolicy",
     "Retry",
     "GiveUp",
@@ -62,6 +71,12 @@ RETRY_AFTER_MAX_EXTRA = 5.0
 # Past this many doublings the cap wins for any base and cap worth using, and
 # the power of two would overflow a float long after that.
 _MAX_DOUBLINGS = 64
+
+#: Shares of the delay that are random: all of it (spreads retries best), half
+#: of it (never retries sooner than half the ceiling), none (a fixed schedule).
+FULL_JITTER = 1.0
+EQUAL_JITTER = 0.5
+NO_JITTER = 0.0
 
 GIVE_UP_ATTEMPTS = "attempts"
 GIVE_UP_DEADLINE = "deadline"
@@ -92,23 +107,28 @@ class RetryPolicy:
     """Backoff configuration plus the state of one send.
 
     ``max_attempts`` counts every attempt including the first; None leaves
-    the deadline as the only bound.  ``attempts`` and ``started`` are state:
+    the deadline as the only bound, and a ``deadline`` of None retries for
+    ever.  ``jitter`` is the random share of each delay (`FULL_JITTER`,
+    `EQUAL_JITTER`, `NO_JITTER`).  ``attempts`` and ``started`` are state:
     use `start` and `decide` rather than setting them.
     """
 
     base: float = DEFAULT_BASE
     throttled_base: float = DEFAULT_THROTTLED_BASE
     cap: float = DEFAULT_CAP
-    deadline: float = DEFAULT_DEADLINE
+    deadline: Optional[float] = DEFAULT_DEADLINE
     max_attempts: Optional[int] = None
+    jitter: float = FULL_JITTER
     attempts: int = 0
     started: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not (self.base > 0 and self.throttled_base > 0 and self.cap > 0):
             raise ValueError("backoff bases and cap must be positive")
-        if not self.deadline > 0:
+        if self.deadline is not None and not self.deadline > 0:
             raise ValueError("deadline must be positive")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError("jitter must be in [0, 1]")
         if self.max_attempts is not None and self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if self.attempts < 0:
@@ -121,12 +141,19 @@ class RetryPolicy:
     @property
     def deadline_at(self) -> Optional[float]:
         """When the records are given up, once started."""
-        return None if self.started is None else self.started + self.deadline
+        if self.started is None or self.deadline is None:
+            return None
+        return self.started + self.deadline
 
-    def ceiling(self, *, throttled: bool = False) -> float:
-        """Upper bound of the next delay (before any retry-after hint)."""
+    def ceiling(self, *, throttled: bool = False, failed: Optional[int] = None) -> float:
+        """Upper bound of the next delay (before any retry-after hint).
+
+        ``failed``: after that many failed attempts in a row rather than
+        this policy's own count, for a caller that keeps the count itself.
+        """
         base = self.throttled_base if throttled else self.base
-        return min(self.cap, math.ldexp(base, min(self.attempts, _MAX_DOUBLINGS)))
+        doublings = self.attempts if failed is None else max(0, failed - 1)
+        return min(self.cap, math.ldexp(base, min(doublings, _MAX_DOUBLINGS)))
 
     def decide(
         self,
@@ -151,10 +178,11 @@ class RetryPolicy:
         u = rand.random() if isinstance(rand, random.Random) else float(rand)
         if not 0.0 <= u <= 1.0:
             raise ValueError(f"random value must be in [0, 1], got {u!r}")
-        delay = u * self.ceiling(throttled=throttled)
+        jitter = self.jitter
+        delay = self.ceiling(throttled=throttled) * (1.0 - jitter + jitter * u)
         if retry_after is not None and retry_after > delay:
             delay = min(retry_after, delay + RETRY_AFTER_MAX_EXTRA)
         at = now + delay
-        if at > self.started + self.deadline:
+        if self.deadline is not None and at > self.started + self.deadline:
             return GiveUp(GIVE_UP_DEADLINE, failed, elapsed)
         return Retry(delay, at, replace(self, attempts=failed))

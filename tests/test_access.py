@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from gateway.access import keystore
-from gateway.access.control import DOWN, OK, AccessConfig, AccessControl, Backoff
+from gateway.access.control import DOWN, OK, AccessConfig, AccessControl
 from gateway.access.keystore import RedisEdge
 from gateway.access.limiter import check_call, decide, parse_api_key
 from gateway.errors import (
@@ -21,6 +21,7 @@ from gateway.errors import (
     RateLimited,
     Unauthorized,
 )
+from sinks.backoff import Retry
 from tests.support.redis import (  # noqa: F401
     RedisClusterNodes,
     RedisServer,
@@ -332,12 +333,17 @@ def test_config_and_backoff_are_checked_values() -> None:
         AccessConfig(on_redis_failure="maybe")
     with pytest.raises(ValueError):
         AccessConfig(batch_max_checks=0)
-    backoff = Backoff(0.05, 1.0)
-    delays = []
-    for _ in range(8):
-        delays.append(backoff.delay)
-        backoff = backoff.next()
-    assert delays == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+    backoff = AccessConfig(backoff_initial=0.05, backoff_max=1.0).reconnect_backoff.start(0.0)
+    highest, lowest = [], []
+    for n in range(8):
+        # Equal jitter: between half the doubling delay and all of it, for ever.
+        top, bottom = backoff.decide(1e6 * n, 1.0), backoff.decide(1e6 * n, 0.0)
+        assert isinstance(top, Retry) and isinstance(bottom, Retry)
+        highest.append(top.delay)
+        lowest.append(bottom.delay)
+        backoff = top.policy
+    assert highest == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+    assert lowest == [d / 2 for d in highest]
 
 
 @pytest.mark.trio

@@ -8,8 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sinks.backoff import (
+    EQUAL_JITTER,
+    FULL_JITTER,
     GIVE_UP_ATTEMPTS,
     GIVE_UP_DEADLINE,
+    NO_JITTER,
     RETRY_AFTER_MAX_EXTRA,
     GiveUp,
     Retry,
@@ -141,3 +144,29 @@ def test_schedules_respect_every_bound(base, cap, deadline, max_attempts, steps)
             assert decision.policy.attempts < max_attempts
         policy = decision.policy
         now = decision.at
+
+
+def test_without_deadline_or_attempt_limit_it_retries_for_ever():
+    policy = RetryPolicy(base=1.0, cap=4.0, deadline=None).start(0.0)
+    assert policy.deadline_at is None
+    for _ in range(100):
+        decision = policy.decide(1e9, 1.0)
+        assert isinstance(decision, Retry)
+        policy = decision.policy
+    assert decision.delay == 4.0
+
+
+@pytest.mark.parametrize("jitter, u, share", [
+    (FULL_JITTER, 0.0, 0.0), (FULL_JITTER, 0.25, 0.25), (EQUAL_JITTER, 0.0, 0.5),
+    (EQUAL_JITTER, 1.0, 1.0), (NO_JITTER, 0.0, 1.0), (NO_JITTER, 0.7, 1.0),
+])
+def test_jitter_is_the_random_share_of_the_delay(jitter, u, share):
+    policy = RetryPolicy(base=2.0, cap=8.0, jitter=jitter).start(0.0)
+    assert policy.decide(0.0, u).delay == 2.0 * share
+    with pytest.raises(ValueError):
+        RetryPolicy(jitter=1.5)
+
+
+def test_ceiling_after_a_count_kept_by_the_caller():
+    policy = RetryPolicy(base=0.5, cap=30.0, deadline=None, jitter=NO_JITTER)
+    assert [policy.ceiling(failed=n) for n in (1, 2, 3, 7, 8, 100)] == [0.5, 1.0, 2.0, 30.0, 30.0, 30.0]

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional,
 import trio
 
 from gateway.access import keystore
-from gateway.access.edge import AccessStatistics, Backoff, Edge
+from gateway.access.edge import AccessStatistics, Edge
 from gateway.access.keystore import EdgeUnavailable, RedisEdge
 from gateway.access.lease import LEASE_SECONDS
 from gateway.access.leasing import Leases
@@ -83,6 +83,7 @@ from gateway.access.limiter import (
 from gateway.access.redis_trio import AsyncRedisEdge
 from gateway.errors import AccessUnavailable, Unauthorized
 from gateway.observe.telemetry import Histogram
+from sinks.backoff import EQUAL_JITTER, Retry, RetryPolicy
 
 if TYPE_CHECKING:
     from gateway.config.settings import Config
@@ -92,7 +93,6 @@ __all__ = [
     "OK",
     "DOWN",
     "AccessConfig",
-    "Backoff",
     "AccessStatistics",
     "Edge",
     "AccessControl",
@@ -173,6 +173,14 @@ class AccessConfig:
     # Usage counted after a check (chunked body sizes, refunds) waits at most
     # this long for a pipeline to carry it.
     usage_flush_interval: float = 1.0
+
+    @property
+    def reconnect_backoff(self) -> RetryPolicy:
+        """Delays between probes of an unreachable Redis: doubling from ``backoff_initial``
+        to ``backoff_max``, for ever; half of each is random, so a fleet of
+        gateways does not reconnect in step."""
+        return RetryPolicy(base=self.backoff_initial, cap=self.backoff_max, deadline=None,
+                           jitter=EQUAL_JITTER)
 
     @classmethod
     def from_config(cls, config: Config) -> AccessConfig:
@@ -681,14 +689,15 @@ class AccessControl:
         config = self.config
         while True:
             await self._need_recovery.wait()
-            backoff = Backoff(config.backoff_initial, config.backoff_max)
+            backoff = config.reconnect_backoff.start(trio.current_time())
             while True:
-                # Jitter keeps a fleet of gateways from reconnecting in step.
-                await trio.sleep(backoff.delay * (0.5 + random.random() / 2))
+                retry = backoff.decide(trio.current_time(), random.random())
+                assert isinstance(retry, Retry), "a policy without deadline or attempt limit"
+                await trio.sleep(retry.delay)
                 await self._probe()
                 if self._state == OK:
                     break
-                backoff = backoff.next()
+                backoff = retry.policy
             self._need_recovery = trio.Event()
             if self._report is not None:
                 self._report("Redis answers again")

@@ -1,4 +1,5 @@
-"""Values around :class:`gateway.access.control.AccessControl`: its Redis edge, backoff, statistics."""
+"""Values around :class:`gateway.access.control.AccessControl`: its Redis edge and statistics
+(its reconnect backoff is a :class:`sinks.backoff.RetryPolicy`)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,7 @@ from typing import List, Protocol, Sequence, Tuple
 
 from gateway.access.limiter import ScriptCall, UsageDelta
 
-__all__ = ["Backoff", "AccessStatistics", "Edge"]
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays: ``delay`` now, :meth:`next` for the one after."""
-
-    initial: float
-    maximum: float
-    attempt: int = 0
-
-    @property
-    def delay(self) -> float:
-        return min(self.maximum, self.initial * (2 ** min(self.attempt, 30)))
-
-    def next(self) -> Backoff:
-        return Backoff(self.initial, self.maximum, self.attempt + 1)
+__all__ = ["AccessStatistics", "Edge"]
 
 
 @dataclass(frozen=True)

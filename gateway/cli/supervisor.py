@@ -55,6 +55,7 @@ from gateway.cli.worker import ERROR_PREFIX, MAX_STATUS_BYTES, READY_LINE, Worke
 from gateway.config import settings as _config
 from gateway.config import view as config_view
 from gateway.observe import logs, metrics
+from sinks.backoff import NO_JITTER, RetryPolicy
 
 __all__ = [
     "FIXED_SETTINGS",
@@ -100,6 +101,11 @@ class RestartPolicy:
     max_delay: float = RESTART_MAX_DELAY
     stable_after: float = RESTART_STABLE_AFTER
 
+    @property
+    def backoff(self) -> RetryPolicy:
+        """The delays: doubling from ``first_delay`` up to ``max_delay``, without jitter."""
+        return RetryPolicy(base=self.first_delay, cap=self.max_delay, deadline=None, jitter=NO_JITTER)
+
     def next(self, failures: int, ran_for: float) -> Tuple[int, float]:
         """``(failures, delay)`` after a worker that ran ``ran_for`` seconds exited.
 
@@ -107,7 +113,7 @@ class RestartPolicy:
         that never listened ran 0 seconds).
         """
         failures = 1 if ran_for >= self.stable_after else failures + 1
-        return failures, min(self.max_delay, self.first_delay * 2.0 ** min(failures - 1, 64))
+        return failures, self.backoff.ceiling(failed=failures)
 
 
 def _texts(origins: Mapping[str, _config.Origin]) -> Dict[str, str]:

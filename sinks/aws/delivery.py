@@ -213,8 +213,8 @@ class Delivery:
         self._seq += 1
         entry = Entry(record, partition_key, hash_key, size, self._seq,
                       self.policy.start(now), now + self.linger, waiter)
-        deadline = now + self.policy.deadline
-        if deadline < self._expiry_hint:
+        deadline = entry.policy.deadline_at
+        if deadline is not None and deadline < self._expiry_hint:
             self._expiry_hint = deadline
         was_empty = self._queued == 0
         self._queue.append(entry)
