@@ -290,7 +290,7 @@ class Gateway:
                 if cut.cancelled_caught:
                     logs.emit("sink_cut", level="warning", sink=self.sink.name,
                               detail="the sink still held records at the shutdown deadline",
-                              statistics=self.sink.statistics())
+                              statistics=self.sink.statistics().as_dict())
                 sink_nursery.cancel_scope.cancel()
         finally:
             self.telemetry.uninstall()
@@ -679,7 +679,7 @@ class Gateway:
             "errors": self.errors,
             "internal_errors": self.internal_errors,
             "ring": self.ring.statistics(),
-            "sink": self.sink.statistics(),
+            "sink": self.sink.statistics().as_dict(),
             "receive_buffers": self.pool.statistics(),
             "access": dataclasses.asdict(self.access.statistics()) if self.access is not None else None,
         })

@@ -33,14 +33,17 @@ its :data:`HealthReport` (built from the :data:`Log` it is handed by
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol, Sequence, Tuple
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple
 
 import trio
 
 from buffers import Slot
 
-__all__ = ["Record", "Sink", "Release", "RecordKeys", "HeaderLookup", "HealthReport", "Log", "Observer",
-           "HistogramFactory", "no_log", "body_room", "discard_histogram", "health_reporter", "log_health"]
+__all__ = ["Record", "Sink", "SinkStatistics", "Release", "RecordKeys", "HeaderLookup", "HealthReport",
+           "Log", "Observer", "HistogramFactory", "no_log", "body_room", "discard_histogram",
+           "health_reporter", "log_health"]
 
 Release = Callable[[Slot], None]
 #: ``(partition key, explicit hash key, bytes the key adds to the record)``.
@@ -131,6 +134,61 @@ class Record:
         return self.slot.view
 
 
+@dataclass(frozen=True)
+class SinkStatistics:
+    """A snapshot of a sink's counters (:meth:`Sink.statistics`), as ``/metrics`` reads them.
+
+    A counter a sink does not keep is None, and its metric is left out.  Sinks
+    with more to say subclass this with their own fields.
+    """
+
+    #: Records stored: written (file), delivered (Kinesis, Firehose), or
+    #: taken and dropped at once (null).
+    stored: int = 0
+    #: Bytes of those records, where the sink counts them.
+    stored_bytes: Optional[int] = None
+    #: Records taken and not yet stored or given up (None: a sink that never holds any).
+    held: Optional[int] = None
+    #: Records the sink gave up (their retry deadline passed, a permanent error).
+    given_up: int = 0
+    #: Failed writes (a sink writing local files).
+    write_errors: Optional[int] = None
+    #: Calls to a service, and how many of them failed as a whole.
+    calls: Optional[int] = None
+    failed_calls: int = 0
+    #: Records sent again, by reason; throttled records, by the service's code.
+    retry_reasons: Mapping[str, int] = field(default_factory=dict)
+    throttles: Mapping[str, int] = field(default_factory=dict)
+    #: Per call: records, bytes, seconds (a sink calling a service).
+    batch_records: Optional[Observer] = field(default=None, compare=False, repr=False)
+    batch_bytes: Optional[Observer] = field(default=None, compare=False, repr=False)
+    call_seconds: Optional[Observer] = field(default=None, compare=False, repr=False)
+    #: A sink sending Kinesis records: how many (several records share one with
+    #: KPL aggregation), their PUT payload units (25 KB each) and bytes sent,
+    #: and records per Kinesis record.
+    kinesis_records: Optional[int] = None
+    payload_units: int = 0
+    sent_bytes: int = 0
+    records_per_kinesis_record: Optional[Observer] = field(default=None, compare=False, repr=False)
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The counters as plain values (for JSON), without the histograms."""
+        out: Dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in _HISTOGRAMS:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, SinkStatistics):
+                value = value.as_dict()
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+
+_HISTOGRAMS = frozenset({"batch_records", "batch_bytes", "call_seconds", "records_per_kinesis_record"})
+
+
 class Sink:
     """Base class of sinks; subclasses override the I/O."""
 
@@ -169,6 +227,6 @@ class Sink:
     async def aclose(self) -> None:
         """Store or give back everything held, then refuse new records."""
 
-    def statistics(self) -> dict:
+    def statistics(self) -> SinkStatistics:
         """A snapshot of the sink's counters."""
-        return {}
+        return SinkStatistics()

@@ -31,16 +31,18 @@ import errno
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
 import trio
 
-from sinks.base import HealthReport, Record, Release, Sink, log_health
+from sinks.base import HealthReport, Record, Release, Sink, SinkStatistics, log_health
 from sinks.digests import crc32
 from sinks.errors import SinkUnavailable
 from sinks.segments import list_sequences, segment_name, writev
 
 __all__ = [
+    "FileSinkStatistics",
     "FileSink",
     "SEGMENT_MAGIC",
     "FRAME_HEADER",
@@ -93,6 +95,16 @@ def read_records(directory: str) -> Iterator[memoryview]:
                 raise SegmentError("%s: CRC mismatch in the record at byte %d" % (path, pos))
             yield record
             pos = start + length
+
+
+@dataclass(frozen=True)
+class FileSinkStatistics(SinkStatistics):
+    """The file sink's counters: ``held`` records wait for the next write."""
+
+    #: Segment files this sink opened.
+    segments: int = 0
+    #: Bytes of the held records.
+    held_bytes: int = 0
 
 
 class FileSink(Sink):
@@ -173,15 +185,10 @@ class FileSink(Sink):
         self._kick.set()
         await self._done.wait()
 
-    def statistics(self) -> dict:
-        return {
-            "records": self.records,
-            "bytes": self.bytes,
-            "segments": self.segments,
-            "pending_records": len(self._pending),
-            "pending_bytes": self._pending_bytes,
-            "write_errors": self.write_errors,
-        }
+    def statistics(self) -> FileSinkStatistics:
+        return FileSinkStatistics(stored=self.records, stored_bytes=self.bytes, held=len(self._pending),
+                                  write_errors=self.write_errors, segments=self.segments,
+                                  held_bytes=self._pending_bytes)
 
     # -- writing ---------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from sinks.base import Record, Sink
+from sinks.base import Record, Sink, SinkStatistics
 
 __all__ = ["NullSink"]
 
@@ -25,5 +25,5 @@ class NullSink(Sink):
         self._release(record.slot)
         return None
 
-    def statistics(self) -> dict:
-        return {"records": self.records, "bytes": self.bytes}
+    def statistics(self) -> SinkStatistics:
+        return SinkStatistics(stored=self.records, stored_bytes=self.bytes)

@@ -81,8 +81,8 @@ async def test_records_are_written_and_read_back_byte_for_byte(tmp_path):
     assert stored(str(tmp_path)) == datas
     assert harness.ring.used == 0 and harness.ring.live == 0
     stats = harness.sink.statistics()
-    assert stats["records"] == len(datas) and stats["bytes"] == sum(map(len, datas))
-    assert stats["pending_records"] == 0 and stats["segments"] == 1
+    assert stats.stored == len(datas) and stats.stored_bytes == sum(map(len, datas))
+    assert stats.held == 0 and stats.segments == 1
     (segment,) = list_segments(str(tmp_path))
     assert os.path.basename(segment) == "0000000000000000.seg"
     with open(segment, "rb") as f:
@@ -123,7 +123,7 @@ async def test_put_only_queues_until_the_flush(tmp_path):
         await trio.testing.wait_all_tasks_blocked()
         assert [r.slot.state for r in records] == [IN_FLIGHT] * 5
         assert stored(str(tmp_path)) == [] and harness.released == []
-        assert harness.sink.statistics()["pending_records"] == 5
+        assert harness.sink.statistics().held == 5
         await harness.sink.aclose()  # flushes what is queued
     assert [r.slot.state for r in records] == [RELEASED] * 5
     assert stored(str(tmp_path)) == payloads(5)
@@ -164,7 +164,7 @@ async def test_segments_rotate_by_size(tmp_path):
     for path in segments:
         assert os.path.getsize(path) <= 1024
     assert stored(str(tmp_path)) == datas
-    assert harness.sink.statistics()["segments"] == len(segments)
+    assert harness.sink.statistics().segments == len(segments)
 
 
 async def test_record_larger_than_a_segment_gets_a_segment_of_its_own(tmp_path):
@@ -230,7 +230,7 @@ async def test_failed_write_is_retried_without_loss_or_partial_frames(tmp_path, 
         await wait_until(lambda: len(harness.released) == 6)
         assert harness.sink.ready() == (True, "ok")
         await harness.sink.aclose()
-    assert harness.sink.statistics()["write_errors"] == len(failures)
+    assert harness.sink.statistics().write_errors == len(failures)
     assert stored(str(tmp_path)) == datas
     # One report when writes began to fail, however many failed; one when they worked again.
     assert reports == [

@@ -157,7 +157,7 @@ async def test_a_failed_aggregate_is_retried_whole_and_acknowledged_once(autojum
     assert {e["sequence_number"] for _, e in outcomes} == {stored.sequence_number}
     assert sorted(e["sub_sequence"] for _, e in outcomes) == list(range(6))
     stats = h.sink.statistics()
-    assert stats["retries"] == 6 and stats["stored"] == 6 and h.ring_empty
+    assert stats.retries == 6 and stats.stored == 6 and h.ring_empty
 
 
 async def test_partial_failure_retries_only_the_failed_aggregate(autojump_clock):
@@ -185,16 +185,16 @@ async def test_counts_kinesis_records_payload_units_and_bytes(autojump_clock):
     async with running_sink(off):
         await put_all(off, datas, partition_key="k")
     stats = off.sink.statistics()
-    assert (stats["kinesis_records"], stats["payload_units"]) == (20, 20)
-    assert stats["sent_bytes"] == 20 * 1001
+    assert (stats.kinesis_records, stats.payload_units) == (20, 20)
+    assert stats.sent_bytes == 20 * 1001
     fake, on = harness()
     async with running_sink(on):
         await put_all(on, datas, partition_key="k")
     stats = on.sink.statistics()
     (stored,) = fake.stored
-    assert stats["kinesis_records"] == 1
-    assert stats["sent_bytes"] == len(stored.data) + 1
-    assert stats["payload_units"] == -(-(len(stored.data) + 1) // PUT_PAYLOAD_UNIT_BYTES)
+    assert stats.kinesis_records == 1
+    assert stats.sent_bytes == len(stored.data) + 1
+    assert stats.payload_units == -(-(len(stored.data) + 1) // PUT_PAYLOAD_UNIT_BYTES)
 
 
 def test_settings():

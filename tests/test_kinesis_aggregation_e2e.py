@@ -123,7 +123,7 @@ async def test_every_record_comes_back_once_on_its_keys_shard(moto, stream, ack,
         answers = await post_all(port, items)
         inner = getattr(gateway.sink, "inner", gateway.sink)
         with trio.fail_after(60):
-            while inner.statistics()["stored"] < len(items):
+            while inner.statistics().stored < len(items):
                 await trio.sleep(0.05)
     assert [a[0] for a in answers] == [202] * len(items)
     shards = client.list_shards(StreamName=name)["Shards"]
@@ -184,7 +184,7 @@ async def test_failed_and_throttled_aggregates_are_sent_again_whole(fault_server
     failed = [call.datas[i] for call in fake.calls for i in call.failed]
     assert failed and all(d[:4] == MAGIC for d in failed)
     assert {c.fault for c in fake.calls} >= {"status"}
-    assert stats["retries"] >= len(failed) and stats["given_up"] == 0
+    assert stats.retries >= len(failed) and stats.given_up == 0
     assert gateway.ring.used == 0 and gateway.ring.live == 0
 
 

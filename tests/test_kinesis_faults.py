@@ -113,7 +113,7 @@ async def test_mixed_faults_never_acknowledge_an_unstored_record(fault_server, a
     assert counts.get("202", 0) >= 1 and ready[0] == 200
     assert {c.fault for c in fake.calls} >= {"status", "reset", "hang"}
     assert gateway.ring.used == 0 and gateway.ring.live == 0
-    assert gateway.sink.statistics()["held"] == 0
+    assert gateway.sink.statistics().held == 0
 
 
 async def test_an_endpoint_that_keeps_failing_gets_503s_after_the_deadline(fault_server, aws_env, capsys):

@@ -91,7 +91,7 @@ async def test_partial_failure_resends_only_the_failed_entries_in_order(autojump
     assert [c.datas for c in fake.calls] == [datas, [b"r1", b"r3", b"r4"]]
     assert fake.calls[0].failed == [1, 3, 4]
     assert sorted(fake.stored_datas()) == sorted(datas)
-    assert h.sink.statistics()["retries"] == 3 and h.ring_empty
+    assert h.sink.statistics().retries == 3 and h.ring_empty
 
 
 @pytest.mark.parametrize("plan", [
@@ -108,7 +108,7 @@ async def test_failed_calls_are_retried_until_stored(autojump_clock, plan):
         outcomes = await put_all(h, [b"a", b"b"])
     assert [kind for kind, _ in outcomes] == ["ok", "ok"]
     assert fake.stored_datas() == [b"a", b"b"] and len(fake.calls) == 3
-    assert h.sink.statistics()["failed_calls"] == 2 and h.ring_empty
+    assert h.sink.statistics().failed_calls == 2 and h.ring_empty
 
 
 async def test_a_record_past_its_deadline_is_refused_never_acknowledged(autojump_clock):
@@ -175,7 +175,7 @@ async def test_received_mode_drops_records_it_gives_up(autojump_clock):
     fake.plan(*[Plan("status", 500)] * 50)
     async with running_sink(h):
         assert (await h.put(b"lost"))[0] == "ok"
-    assert h.sink.statistics()["dropped"] == 1 and h.ring_empty and fake.stored == []
+    assert h.sink.statistics().dropped == 1 and h.ring_empty and fake.stored == []
 
 
 async def test_a_client_that_goes_away_leaves_no_slot_behind(autojump_clock):
@@ -188,7 +188,7 @@ async def test_a_client_that_goes_away_leaves_no_slot_behind(autojump_clock):
             await h.put(b"backing off")  # cancelled while waiting to retry
         await trio.sleep(5)
         stats = h.sink.statistics()
-    assert stats["abandoned"] == 2 and stats["held"] == 0
+    assert stats.abandoned == 2 and stats.held == 0
     assert fake.stored_datas() == [b"in a call"]  # stored, but its client was gone
     assert h.ring_empty
 

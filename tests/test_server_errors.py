@@ -338,4 +338,4 @@ async def test_failed_requests_give_their_ring_space_back(tmp_path):
         assert stats["ring"]["live_slots"] == 0 and stats["ring"]["used"] == 0, stats
         assert stats["connections"] == 0
         assert (stats["requests"], stats["accepted"], stats["errors"]) == (6, 1, 5), stats
-        assert stats["sink"]["records"] == 1
+        assert stats["sink"]["stored"] == 1

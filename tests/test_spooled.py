@@ -103,10 +103,10 @@ async def test_every_202_is_spooled_then_stored_and_the_spool_empties(tmp_path, 
         ids = accepted_ids(results)
         assert len(ids) == len(bodies)
         sink = gateway.sink
-        await wait_until(lambda: sink.statistics()["pending_records"] == 0)
+        await wait_until(lambda: sink.statistics().pending_records == 0)
         stats = sink.statistics()
         # Many requests, fewer fsyncs: concurrent clients share group commits.
-        assert stats["spooled"] == len(bodies) and stats["groups"] <= len(bodies)
+        assert stats.spooled == len(bodies) and stats.groups <= len(bodies)
         ring = gateway.ring
         assert ring.live == 0
     records = stored(data_dir)
@@ -117,7 +117,7 @@ async def test_every_202_is_spooled_then_stored_and_the_spool_empties(tmp_path, 
     assert body_views and all(view.obj is ring.buffer for view in body_views)
     # A restart deletes the segment whose records are all confirmed.
     async with gateway_in_process(flags, data_dir=data_dir) as (gateway, port):
-        await wait_until(lambda: gateway.sink.statistics()["segments"] == 0)
+        await wait_until(lambda: gateway.sink.statistics().segments == 0)
     assert inspect(spool_dir, capsys)["records"] == 0
 
 
@@ -146,7 +146,7 @@ async def test_a_failed_write_answers_503_and_leaves_no_partial_frame(tmp_path, 
         assert (await post_all(port, [b"third"]))[0][0] == 202
         status, _, _ = await trio.to_thread.run_sync(get, port, "/readyz")
         assert status == 200
-        assert gateway.sink.statistics()["write_errors"] == 1
+        assert gateway.sink.statistics().write_errors == 1
     (sequence,) = list_segments(spool_dir)
     with open(os.path.join(spool_dir, segment_name(sequence)), "rb") as f:
         scan = scan_segment(f.read())
@@ -189,12 +189,12 @@ async def test_sink_down_the_spool_fills_to_its_limit_then_drains(tmp_path, faul
         # takes records again, without a restart.
         down[0] = False
         sink = gateway.sink
-        await wait_until(lambda: sink.statistics()["pending_records"] == 0)
-        await wait_until(lambda: sink.statistics()["segments"] <= 1)
+        await wait_until(lambda: sink.statistics().pending_records == 0)
+        await wait_until(lambda: sink.statistics().segments <= 1)
         later = await post_all(port, [b"after"])
         assert later[0][0] == 202
         ids += accepted_ids(later)
-        await wait_until(lambda: sink.statistics()["pending_records"] == 0)
+        await wait_until(lambda: sink.statistics().pending_records == 0)
     delivered = [json.loads(data.partition(b"\n")[0])["id"] for data in fake.stored_datas()]
     assert set(ids) <= set(delivered)
     assert gateway.ring.live == 0
@@ -215,7 +215,7 @@ async def test_records_left_at_shutdown_stay_spooled_and_go_out_after_a_restart(
     assert shown["pending_records"] == 5 and shown["oldest_pending_ms"] is not None
     down[0] = False
     async with gateway_in_process(flags) as (gateway, port):
-        await wait_until(lambda: gateway.sink.statistics()["pending_records"] == 0)
+        await wait_until(lambda: gateway.sink.statistics().pending_records == 0)
     delivered = [json.loads(data.partition(b"\n")[0])["id"] for data in fake.stored_datas()]
     assert sorted(delivered) == sorted(ids)
     assert inspect(spool_dir, capsys)["pending_records"] == 0
@@ -243,7 +243,7 @@ async def test_moto_gets_every_spooled_record_with_its_partition_key(tmp_path, m
         assert [status for status, _, _ in answers] == [202] * 13
         # The 202 says only the id: the record is spooled, not yet in Kinesis.
         assert all(set(json.loads(body)) == {"id"} for _, _, body in answers)
-        await wait_until(lambda: gateway.sink.statistics()["pending_records"] == 0)
+        await wait_until(lambda: gateway.sink.statistics().pending_records == 0)
     by_id = {}
     for record in read_stream(client, name):
         meta, _, data = record["Data"].partition(b"\n")
@@ -325,8 +325,8 @@ async def test_a_put_cancelled_before_its_group_is_written_leaves_nothing_behind
         driver.ring.release(gone.slot)
         assert driver.sink.state.reserved == 0
         await driver.sink.put(kept)
-        await wait_until(lambda: driver.sink.statistics()["pending_records"] == 0)
-        assert driver.sink.statistics()["spooled"] == 2
+        await wait_until(lambda: driver.sink.statistics().pending_records == 0)
+        assert driver.sink.statistics().spooled == 2
         await driver.sink.aclose()
     assert driver.ring.live == 0
 

@@ -62,6 +62,8 @@ from gateway import __version__
 from gateway.config.settings import Config, ConfigError
 from gateway.observe import logs
 from gateway.observe.telemetry import Histogram, rss_bytes
+from sinks.base import SinkStatistics
+from sinks.spool.sink import SpoolStatistics
 
 __all__ = [
     "CONTENT_TYPE",
@@ -268,43 +270,36 @@ def gateway_samples(gateway: Any) -> List[Sample]:
 
 
 def _sink_samples(sink: Any, out: List[Sample]) -> None:
-    inner = getattr(sink, "inner", None)
-    if inner is not None:
+    stats: SinkStatistics = sink.statistics()
+    if isinstance(stats, SpoolStatistics):
         # A spool in front (--ack spool): its own state, then the delivering sink's.
-        spool = sink.statistics()
-        out.append((SPOOL_USED, (), spool["used_bytes"]))
-        out.append((SPOOL_LIMIT, (), spool["limit_bytes"]))
-        out.append((SPOOL_PENDING, (), spool["pending_records"]))
-        sink = inner
-    stats = sink.statistics()
-    stored = stats.get("stored", stats.get("records"))
-    if stored is not None:
-        out.append((SINK_STORED, (), stored))
-        out.append((SINK_GIVEN_UP, (), stats.get("given_up", 0)))
-    held = stats.get("held", stats.get("pending_records"))
-    if held is not None:
-        out.append((SINK_HELD, (), held))
-    if "bytes" in stats:
-        out.append((SINK_STORED_BYTES, (), stats["bytes"]))
-    if "write_errors" in stats:
-        out.append((SINK_WRITE_ERRORS, (), stats["write_errors"]))
-    # The Kinesis and Firehose sink (sinks.aws.sink.StreamSink) times its calls.
-    for family, name in ((SINK_BATCH_RECORDS, "batch_records"), (SINK_BATCH_BYTES, "batch_bytes"),
-                         (SINK_CALL_DURATION, "call_seconds"),
-                         (SINK_RECORDS_PER_KINESIS_RECORD, "records_per_kinesis_record")):
-        hist = getattr(sink, name, None)
+        out.append((SPOOL_USED, (), stats.used_bytes))
+        out.append((SPOOL_LIMIT, (), stats.limit_bytes))
+        out.append((SPOOL_PENDING, (), stats.pending_records))
+        stats = stats.inner
+    out.append((SINK_STORED, (), stats.stored))
+    out.append((SINK_GIVEN_UP, (), stats.given_up))
+    if stats.held is not None:
+        out.append((SINK_HELD, (), stats.held))
+    if stats.stored_bytes is not None:
+        out.append((SINK_STORED_BYTES, (), stats.stored_bytes))
+    if stats.write_errors is not None:
+        out.append((SINK_WRITE_ERRORS, (), stats.write_errors))
+    # A sink calling a service (Kinesis, Firehose) times its calls.
+    for family, hist in ((SINK_BATCH_RECORDS, stats.batch_records), (SINK_BATCH_BYTES, stats.batch_bytes),
+                         (SINK_CALL_DURATION, stats.call_seconds),
+                         (SINK_RECORDS_PER_KINESIS_RECORD, stats.records_per_kinesis_record)):
         if isinstance(hist, Histogram):
             out.append((family, (), hist))
-    if "calls" in stats:
-        failed = stats.get("failed_calls", 0)
-        out.append((SINK_CALLS, ("ok",), stats["calls"] - failed))
-        out.append((SINK_CALLS, ("failed",), failed))
-    out.extend((SINK_RETRIES, (reason,), n) for reason, n in stats.get("retry_reasons", {}).items())
-    out.extend((SINK_THROTTLES, (code,), n) for code, n in stats.get("throttles", {}).items())
-    if "kinesis_records" in stats:
-        out.append((SINK_KINESIS_RECORDS, (), stats["kinesis_records"]))
-        out.append((SINK_PAYLOAD_UNITS, (), stats["payload_units"]))
-        out.append((SINK_SENT_BYTES, (), stats["sent_bytes"]))
+    if stats.calls is not None:
+        out.append((SINK_CALLS, ("ok",), stats.calls - stats.failed_calls))
+        out.append((SINK_CALLS, ("failed",), stats.failed_calls))
+    out.extend((SINK_RETRIES, (reason,), n) for reason, n in stats.retry_reasons.items())
+    out.extend((SINK_THROTTLES, (code,), n) for code, n in stats.throttles.items())
+    if stats.kinesis_records is not None:
+        out.append((SINK_KINESIS_RECORDS, (), stats.kinesis_records))
+        out.append((SINK_PAYLOAD_UNITS, (), stats.payload_units))
+        out.append((SINK_SENT_BYTES, (), stats.sent_bytes))
 
 
 def _access_samples(access: Any, out: List[Sample]) -> None:

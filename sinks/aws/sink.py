@@ -84,14 +84,15 @@ from sinks.base import (
     RecordKeys,
     Release,
     Sink,
+    SinkStatistics,
     discard_histogram,
     log_health,
     no_log,
 )
 from sinks.errors import SinkConfigError, SinkUnavailable
 
-__all__ = ["StreamOptions", "StreamSink", "FAILURE_HOLD", "LINGER", "LINGER_UNACKNOWLEDGED",
-           "default_linger"]
+__all__ = ["StreamOptions", "StreamSink", "StreamSinkStatistics", "FAILURE_HOLD", "LINGER",
+           "LINGER_UNACKNOWLEDGED", "default_linger"]
 
 #: Default wait for more records before a batch that is not full goes out,
 #: with ``--ack kinesis``: the client waits for its batch, so the wait stays
@@ -195,6 +196,27 @@ class StreamOptions:
     def limits(self) -> BatchLimits:
         """Records and bytes per request and bytes per record until a stream's limit is read."""
         return self.profile.limits(self.batch_records, self.batch_bytes, self.max_record_bytes)
+
+
+@dataclass(frozen=True)
+class StreamSinkStatistics(SinkStatistics):
+    """The Kinesis and Firehose sink's counters; ``held`` records are in one of
+    the states below (see ``sinks.aws.delivery``)."""
+
+    queued: int = 0
+    queued_bytes: int = 0
+    sending: int = 0
+    backoff: int = 0
+    #: Records sent again (they add up to the ``retry_reasons``).
+    retries: int = 0
+    #: Records whose client went away before the outcome.
+    abandoned: int = 0
+    #: Records given up that no client waited for (``--ack received``).
+    dropped: int = 0
+    in_flight: int = 0
+    free_builders: int = 0
+    #: The permanent error the sink refuses records for, if any.
+    failure: Optional[str] = None
 
 
 class _Builder:
@@ -430,15 +452,24 @@ class StreamSink(RecordLimitFollower, Sink):
             self.name, self.profile.stream_kind, self.options.stream, where,
             "stored" if self.options.ack else "received", self.max_record_bytes or 0, limit)
 
-    def statistics(self) -> dict:
-        stats = self._delivery.statistics()
-        stats.update(calls=self.calls, failed_calls=self.failed_calls, dropped=self.dropped,
-                     in_flight=self._in_flight, free_builders=len(self._free),
-                     failure=None if self._failure is None else str(self._failure))
-        if self.profile.kinesis_records:
-            stats.update(kinesis_records=self.kinesis_records, payload_units=self.payload_units,
-                         sent_bytes=self.sent_bytes)
-        return stats
+    def statistics(self) -> StreamSinkStatistics:
+        d = self._delivery.statistics()
+        return StreamSinkStatistics(
+            stored=d["stored"], held=d["held"], given_up=d["given_up"], calls=self.calls,
+            failed_calls=self.failed_calls, retry_reasons=d["retry_reasons"], throttles=d["throttles"],
+            batch_records=self.batch_records, batch_bytes=self.batch_bytes,
+            call_seconds=self.call_seconds, queued=d["queued"], queued_bytes=d["queued_bytes"],
+            sending=d["sending"], backoff=d["backoff"], retries=d["retries"],
+            abandoned=d["abandoned"], dropped=self.dropped, in_flight=self._in_flight,
+            free_builders=len(self._free),
+            failure=None if self._failure is None else str(self._failure),
+            **self._kinesis_record_counts())
+
+    def _kinesis_record_counts(self) -> Dict[str, Any]:
+        if not self.profile.kinesis_records:
+            return {}
+        return dict(kinesis_records=self.kinesis_records, payload_units=self.payload_units,
+                    sent_bytes=self.sent_bytes, records_per_kinesis_record=self.records_per_kinesis_record)
 
     # -- setting up ----------------------------------------------------------
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import trio
@@ -56,6 +57,7 @@ from sinks.base import (
     RecordKeys,
     Release,
     Sink,
+    SinkStatistics,
     health_reporter,
     no_log,
 )
@@ -72,7 +74,7 @@ from sinks.spool.layout import (
     segment_name,
 )
 
-__all__ = ["SpooledSink", "SHIP_RING_SHARE", "ACK_INTERVAL"]
+__all__ = ["SpooledSink", "SpoolStatistics", "SHIP_RING_SHARE", "ACK_INTERVAL"]
 
 #: Share of the ring the shipper may fill with records read back: the rest
 #: stays for requests, so a slow sink never makes the spool refuse clients
@@ -108,6 +110,36 @@ _ID_CHARS = 26
 MakeInner = Callable[[Release, Release], Sink]
 def _reason(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc))
+
+
+@dataclass(frozen=True)
+class SpoolStatistics(SinkStatistics):
+    """The spool's counters: ``stored`` records were fsynced to the spool,
+    ``held`` ones are in it and not yet stored by the ``inner`` sink."""
+
+    inner: SinkStatistics = SinkStatistics()
+    limit_bytes: int = 0
+    used_bytes: int = 0
+    reserved_bytes: int = 0
+    segments: int = 0
+    pending_records: int = 0
+    pending_bytes: int = 0
+    shipping: int = 0
+    confirmed: int = 0
+    retries: int = 0
+    #: Group commits (one fsync each) and the records they spooled.
+    groups: int = 0
+    spooled: int = 0
+    #: Requests refused because the spool was full.
+    refused_full: int = 0
+    shipped: int = 0
+    in_flight: int = 0
+    #: Spooled records larger than the inner sink takes now, dropped.
+    unstorable: int = 0
+    deleted_segments: int = 0
+    #: Bytes of torn tails dropped when segments were recovered.
+    dropped_bytes: int = 0
+    error: Optional[str] = None
 
 
 class _Group:
@@ -298,14 +330,14 @@ class SpooledSink(Sink):
         self._ship_kick.set()
         await self._done.wait()
 
-    def statistics(self) -> dict:
-        stats = self.state.statistics()
-        stats.update(
-            groups=self.groups, spooled=self.spooled, refused_full=self.refused_full,
-            write_errors=self.write_errors, shipped=self.shipped, in_flight=len(self._shipping),
+    def statistics(self) -> SpoolStatistics:
+        state = self.state.statistics()
+        return SpoolStatistics(
+            stored=self.spooled, held=state["pending_records"], write_errors=self.write_errors,
+            inner=self.inner.statistics(), groups=self.groups, spooled=self.spooled,
+            refused_full=self.refused_full, shipped=self.shipped, in_flight=len(self._shipping),
             unstorable=self.unstorable, deleted_segments=self.deleted_segments,
-            dropped_bytes=self.dropped_bytes, error=self._error, inner=self.inner.statistics())
-        return stats
+            dropped_bytes=self.dropped_bytes, error=self._error, **state)
 
     async def _open_directory(self):
         try:
