@@ -242,3 +242,8 @@ async def test_internal_error_event_carries_the_traceback(captured):
     assert "Traceback (most recent call last)" in event["traceback"]
     assert "raise ZeroDivisionError" in event["traceback"]
     assert gateway.internal_errors == 1 and gateway.ring.live == 0
+
+
+def test_event_limiter_lets_one_event_an_interval_through_with_the_count() -> None:
+    limiter = logs.EventLimiter(60.0)
+    assert [limiter.due(t) for t in (0.0, 1.0, 59.9, 60.0, 61.0, 200.0)] == [1, 0, 0, 3, 0, 2]

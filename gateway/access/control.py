@@ -82,8 +82,10 @@ from gateway.access.limiter import (
 )
 from gateway.access.redis_trio import AsyncRedisEdge
 from gateway.errors import AccessUnavailable, Unauthorized
+from gateway.observe.logs import EventLimiter
 from gateway.observe.telemetry import Histogram
 from sinks.backoff import EQUAL_JITTER, Retry, RetryPolicy
+from sinks.base import Log, no_log
 
 if TYPE_CHECKING:
     from gateway.config.settings import Config
@@ -115,11 +117,8 @@ _DECISION_OF = {ADMITTED: "admitted", UNKNOWN: "unknown_key", REVOKED: "revoked_
 #: pipelined check takes about a millisecond; the default --redis-timeout is
 #: 250 ms and the longest 30 s.
 REDIS_BATCH_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-#: Seconds between two ``redis_malformed_reply`` events.  A script reply the
-#: gateway cannot read (a script of another version loaded under the same
-#: name, a proxy answering in its stead) usually comes back for every check;
-#: one event a minute, with the count since the last, says so without a log
-#: line per request.
+#: Seconds between ``redis_malformed_reply`` events: an unreadable script reply
+#: (another script under the same name, a proxy) usually comes for every check.
 MALFORMED_REPLY_LOG_INTERVAL = 60.0
 #: Characters of a malformed reply shown in that event: enough to recognise it.
 MALFORMED_REPLY_LOG_CHARS = 200
@@ -264,10 +263,6 @@ def _limited(reply: object) -> bool:
     return outcome in (RATE, QUOTA)
 
 
-def _no_log(event: str, level: str = "info", **fields: object) -> None:
-    """The log of an access control nobody listens to (tests, tools)."""
-
-
 class AccessControl:
     """Decides whether each request may go on; see the module docstring.
 
@@ -278,13 +273,11 @@ class AccessControl:
     def __init__(self, config: AccessConfig = AccessConfig(), *, edge: Optional[Edge] = None,
                  clock: Callable[[], float] = time.time,
                  report: Optional[Callable[[str], None]] = None,
-                 log: Callable[..., None] = _no_log) -> None:
+                 log: Log = no_log) -> None:
         self.config = config
         self._report = report
         self._log = log
-        #: trio time of the last ``redis_malformed_reply`` event, and replies since.
-        self._malformed_logged_at = float("-inf")
-        self._malformed_unlogged = 0
+        self._malformed = EventLimiter(MALFORMED_REPLY_LOG_INTERVAL)
         self._run_scope: Optional[trio.CancelScope] = None
         self._closed = False
         self._last_failure = ""
@@ -634,14 +627,10 @@ class AccessControl:
     def _malformed_reply(self, reply: object, error: Exception) -> None:
         """Count a script reply ``decide`` could not read; log it at most once a minute."""
         self._counts["malformed_replies"] += 1
-        self._malformed_unlogged += 1
-        now = trio.current_time()
-        if now - self._malformed_logged_at < MALFORMED_REPLY_LOG_INTERVAL:
-            return
-        self._log("redis_malformed_reply", level="error", error=str(error),
-                  reply=repr(reply)[:MALFORMED_REPLY_LOG_CHARS], count=self._malformed_unlogged)
-        self._malformed_logged_at = now
-        self._malformed_unlogged = 0
+        count = self._malformed.due(trio.current_time())
+        if count:
+            self._log("redis_malformed_reply", level="error", error=str(error),
+                      reply=repr(reply)[:MALFORMED_REPLY_LOG_CHARS], count=count)
 
     def _settle_one(self, p: _Pending, decision: Optional[Decision]) -> None:
         p.decision = decision

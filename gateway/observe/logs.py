@@ -20,7 +20,7 @@ import sys
 import time
 from typing import IO, Any, Dict, Optional
 
-__all__ = ["emit", "configure", "FORMATS", "AccessLog"]
+__all__ = ["emit", "configure", "FORMATS", "AccessLog", "EventLimiter"]
 
 #: ``--log-format`` choices.
 FORMATS = ("json", "text")
@@ -77,6 +77,29 @@ def emit(event: str, level: str = "info", **fields: Any) -> None:
         stream.flush()
     except (OSError, ValueError):
         pass
+
+
+class EventLimiter:
+    """Lets an event that can happen on every request be logged at most once per ``interval``.
+
+    :meth:`due` counts one occurrence at ``now`` and returns how many there
+    were since the last logged one when it is time to log again (the caller
+    logs them as one event with that ``count``), else 0.
+    """
+
+    __slots__ = ("interval", "_logged_at", "_count")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._logged_at = -math.inf
+        self._count = 0
+
+    def due(self, now: float) -> int:
+        self._count += 1
+        if now - self._logged_at < self.interval:
+            return 0
+        count, self._count, self._logged_at = self._count, 0, now
+        return count
 
 
 class AccessLog:
