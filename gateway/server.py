@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 :class:`Gateway` owns the ring, the sink and the listening sockets.  Each
 connection is one task running :meth:`Gateway.handle_connection` over a
-:class:`~gateway.transport.Transport`; the HTTP bookkeeping is the sans-I/O
-:class:`~gateway.http.HTTPConnection`, and this module only moves bytes and
+:class:`~gateway.http.transport.Transport`; the HTTP bookkeeping is the sans-I/O
+:class:`~gateway.http.connection.HTTPConnection`, and this module only moves bytes and
 applies time limits.
 
 An ingest request goes: head parsed and checked (route, length, framing) ->

@@ -4,11 +4,11 @@ Hypothesis feeds two kinds of input, split at arbitrary points: any bytes at
 all, and requests built from a grammar of near-valid parts (request lines,
 framing headers with odd values, chunked bodies with bad sizes, pipelined
 requests) with a few bytes mutated.  The sans-I/O
-:class:`~gateway.http.HTTPConnection` is driven the way the server drives it;
+:class:`~gateway.http.connection.HTTPConnection` is driven the way the server drives it;
 it may only return a request head, ``NEED_DATA`` or ``CLOSED``, or raise a
 :class:`~gateway.errors.RequestError` whose status docs/http-api.md documents.  The
 same input then goes through the real connection handler over a
-:class:`~gateway.transport.MemoryTransport`: no internal error, only
+:class:`~gateway.http.transport.MemoryTransport`: no internal error, only
 documented statuses, one stored record per ``202``, and the ring empty again.
 Both head engines serve every input (the fast path with h11 behind it, and
 h11 alone) and must agree on every outcome.

@@ -12,8 +12,8 @@ collection); PyPy's ``gc.hooks``, where one ``on_gc_minor`` or
 ``on_gc_collect_step`` call may cover ``count`` events and reports their total
 and longest duration (a major collection is the sum of its steps).
 
-The gateway itself is not changed: the probe wraps ``gateway.cli.Gateway`` to
-keep a reference to the instance, then calls ``gateway.cli.main``.  On PyPy it
+The gateway itself is not changed: the probe wraps ``gateway.cli.main.Gateway`` to
+keep a reference to the instance, then calls ``gateway.cli.main.main``.  On PyPy it
 sets the ``PYPY_GC_*`` variables ``sluice serve`` would (unless already set).
 """
 from __future__ import annotations
@@ -139,7 +139,7 @@ def _uninstall(probe: _Probe) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     if _PYPY and "PYPY_GC_NURSERY" not in os.environ:
-        # Mirrors gateway.cli._tune_pypy_gc without the re-exec; the value
+        # Mirrors gateway.cli.main._tune_pypy_gc without the re-exec; the value
         # must be in the environment before the interpreter starts.
         from gateway.cli import main as _cli
 

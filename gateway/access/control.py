@@ -11,7 +11,7 @@ queues the request's script call (see :mod:`gateway.access.limiter`) on a bounde
 channel.  :meth:`AccessControl.run` takes whatever has queued (up to
 ``batch_max_checks``) as one batch and sends it as one pipeline per Redis
 node: for one server from the event loop
-(:class:`gateway.redis_async.AsyncRedisEdge`), for a cluster from a worker
+(:class:`gateway.access.redis_trio.AsyncRedisEdge`), for a cluster from a worker
 thread (:class:`gateway.access.keystore.RedisEdge`: sync redis-py, since
 ``redis.asyncio`` does not run under trio).  Checks of one key in a batch
 are one script call (:meth:`AccessControl._execute`).  While a batch is

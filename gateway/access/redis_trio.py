@@ -5,7 +5,7 @@ Theory of operation
 :class:`AsyncRedisEdge` does for a single Redis server what
 :class:`gateway.access.keystore.RedisEdge` does from worker threads: one pipeline
 of check scripts (plus usage to add) per call, one round trip.  It speaks
-RESP2 through the sans-I/O :mod:`gateway.resp` on Trio streams, so a batch
+RESP2 through the sans-I/O :mod:`gateway.access.resp` on Trio streams, so a batch
 costs no thread hand-off; on PyPy the hand-off (and the interpreter lock it
 contends for with the event loop) cost more than the checks themselves.
 

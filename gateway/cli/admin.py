@@ -3,7 +3,7 @@
 :func:`add_admin_commands` registers the ``keys`` and ``tenants`` groups on
 an argparse sub-parsers object; each leaf sets ``func``, a handler taking the
 parsed arguments and returning the exit status.  ``python -m
-gateway.admin_cli ...`` runs the same commands on their own (:func:`main`).
+gateway.cli.admin ...`` runs the same commands on their own (:func:`main`).
 
 Every command takes ``--redis URL`` (default ``$SLUICE_REDIS_URL``, else
 ``redis://127.0.0.1:6379/0``; ``rediss://`` for TLS with options such as

@@ -1,6 +1,6 @@
 """The ``sluice`` command: ``serve`` runs the gateway, ``read`` shows stored records,
 ``config check`` prints the effective configuration, ``keys`` and ``tenants``
-manage API keys and limits in Redis (:mod:`gateway.admin_cli`); ``sluice --version``
+manage API keys and limits in Redis (:mod:`gateway.cli.admin`); ``sluice --version``
 prints the version and the interpreter.
 
 While serving, the gateway reports its state changes as events on stderr

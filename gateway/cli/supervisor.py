@@ -6,7 +6,7 @@ The parent accepts no connection.  It holds the port with a socket bound
 with ``SO_REUSEPORT`` but not listening (:func:`reserve_port`): ``--listen``
 with port 0 is resolved once, a port taken by another program is refused at
 start, and the port stays the gateway's while workers come and go.  Each
-worker (:mod:`gateway.worker`, a fresh interpreter, never a fork) is a whole
+worker (:mod:`gateway.cli.worker`, a fresh interpreter, never a fork) is a whole
 gateway listening on that port with ``SO_REUSEPORT``; the kernel spreads new
 connections over the listening workers.
 
@@ -34,7 +34,7 @@ Stopping.  SIGTERM or SIGINT sends every worker one SIGTERM (it drains); a
 second signal sends a second (it stops now).  The parent exits once every
 worker has.  Workers run in their own sessions, so a terminal's Ctrl-C
 reaches only the parent, which forwards it once; if the parent dies anyway,
-each worker sees its stdin pipe end and drains (:mod:`gateway.worker`).
+each worker sees its stdin pipe end and drains (:mod:`gateway.cli.worker`).
 """
 
 from __future__ import annotations

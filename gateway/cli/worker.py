@@ -1,6 +1,6 @@
-"""One worker of a supervised gateway: ``python -m gateway.worker``.
+"""One worker of a supervised gateway: ``python -m gateway.cli.worker``.
 
-``sluice serve --workers N`` (N > 1) runs a supervisor (:mod:`gateway.supervisor`)
+``sluice serve --workers N`` (N > 1) runs a supervisor (:mod:`gateway.cli.supervisor`)
 that starts N of these.  Each is a whole gateway (its own ring, sink, access
 control and listening socket, bound with ``SO_REUSEPORT`` to the one
 ``--listen`` address) and is started with:

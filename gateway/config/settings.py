@@ -2,7 +2,7 @@
 
 Each setting is one row of :data:`SETTINGS`: a flag (``--ring-size``), the
 matching environment variable (``SLUICE_RING_SIZE``), a key of the settings
-file (``ring_size``, :mod:`gateway.config_file`), a parser for its text form, a
+file (``ring_size``, :mod:`gateway.config.settings_file`), a parser for its text form, a
 default, and the reason for the default.  Flags win over environment
 variables, which win over the file (``--config``, ``SLUICE_CONFIG``), which
 wins over defaults.  :func:`load` returns a frozen :class:`Config` or raises

@@ -4,7 +4,7 @@
 missing, unreadable or mismatched file stops the gateway (and ``sluice config
 check``) with one line naming the setting, and by the server, which keeps the
 context for every connection.  The connections themselves are
-:class:`gateway.transport.TLSTransport`.
+:class:`gateway.http.transport.TLSTransport`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Theory of operation
 A batch owns one ``bytearray`` sized once, from the service limits, for the
 largest body those limits allow, and lays the JSON out in place: the fixed
 head at `reset`, then per record an opening, the base64 text (written by
-`sinks.b64` straight from the caller's buffer) and a closing, and the fixed
+`sinks.aws.b64` straight from the caller's buffer) and a closing, and the fixed
 tail at `body`.  `body` seals the batch and returns a memoryview of the
 buffer, valid until `reset`.  Nothing is copied per record except the
 unavoidable base64.

@@ -1,7 +1,7 @@
 """Helpers for the unit layer: a recording sink, request bytes, feeding, parsing.
 
 Nothing here opens a socket.  A gateway is served one connection at a time
-through :class:`gateway.transport.MemoryTransport`; every scenario's bytes can
+through :class:`gateway.http.transport.MemoryTransport`; every scenario's bytes can
 be fed whole (:func:`whole`) or one byte at a time (:func:`byte_by_byte`).
 """
 
