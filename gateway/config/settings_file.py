@@ -1,7 +1,7 @@
 """Settings from a TOML file (``--config FILE``, ``SLUICE_CONFIG``).
 
 The file is flat: each key is a setting's name as in
-:data:`gateway.config.SETTINGS`, in snake_case (``ring_size``, the flag
+:data:`gateway.config.settings.SETTINGS`, in snake_case (``ring_size``, the flag
 ``--ring-size`` without its dashes), and each value a TOML string, integer,
 float or boolean.  Values become the same text a flag would carry and go
 through the same parsers, so ``ring_size = "256MiB"`` and
@@ -9,7 +9,7 @@ through the same parsers, so ``ring_size = "256MiB"`` and
 table, an array, a date) is refused with a :class:`~gateway.config.errors.ConfigError`
 that names the file and the key.
 
-Reading the file does no parsing of values; :func:`gateway.config.load` does,
+Reading the file does no parsing of values; :func:`gateway.config.settings.load` does,
 after flags and environment variables had their say.
 """
 

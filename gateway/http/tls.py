@@ -1,6 +1,6 @@
 """TLS termination: the server's SSL context from ``--tls-cert`` and ``--tls-key``.
 
-:func:`server_context` is called twice: by :func:`gateway.config.load`, so a
+:func:`server_context` is called twice: by :func:`gateway.config.settings.load`, so a
 missing, unreadable or mismatched file stops the gateway (and ``sluice config
 check``) with one line naming the setting, and by the server, which keeps the
 context for every connection.  The connections themselves are
