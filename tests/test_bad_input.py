@@ -25,182 +25,37 @@ import contextlib
 import select
 import socket
 import struct
-import threading
 import time
-from typing import Any, AsyncIterator, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import pytest
 import trio
 
-from gateway import errors
 from gateway.access import keystore
 from gateway.http.transport import MemoryTransport
+from tests.support.bad_input import (  # noqa: F401 - engine is an autouse fixture
+    CLOSE,
+    ENGINE,
+    MAX_BODY,
+    WAIT,
+    KiB,
+    Neighbour,
+    Running,
+    assert_error,
+    engine,
+    engine_gateway,
+    response_ids,
+    running,
+)
 from tests.support.gateway import (
     RawConnection,
-    Response,
     gateway_in_process,
     post_request,
     stored,
 )
 from tests.support.kinesis import FakeStreams, FaultServer, aws_env_fixture  # noqa: F401 - fixture
 from tests.support.redis import running_redis
-from tests.support.units import make_gateway, parse_responses, post
-
-KiB = 1024
-MAX_BODY = 64 * KiB
-#: Short time limits, so slow-drip cases end within a second.
-HEAD_TIMEOUT = 0.4
-BODY_TIMEOUT = 0.4
-IDLE_TIMEOUT = 0.6
-SEND_TIMEOUT = 0.5
-FLAGS = ["--max-body", "64KiB", "--ring-size", "1MiB", "--head-timeout", "%gs" % HEAD_TIMEOUT,
-         "--body-timeout", "%gs" % BODY_TIMEOUT, "--idle-timeout", "%gs" % IDLE_TIMEOUT,
-         "--send-timeout", "%gs" % SEND_TIMEOUT]
-#: The head engine of the case being run (``--http``); set by :func:`engine`.
-ENGINE = {"http": "auto"}
-#: Seconds a test waits for something that a working gateway does at once.
-WAIT = 10.0
-#: The connection was closed without an answer (after the good records' answers).
-CLOSE = "close"
-REASONS = {cls.status: cls.reason for cls in (
-    errors.BadRequest, errors.Unauthorized, errors.RequestTimeout, errors.LengthRequired,
-    errors.PayloadTooLarge, errors.HeadersTooLarge, errors.NotImplementedFraming,
-    errors.VersionNotSupported, errors.Overloaded, errors.NotFound, errors.MethodNotAllowed,
-    errors.UnsupportedMediaType)}
-
-
-# -- the well-behaved neighbour ----------------------------------------------------------
-
-
-class Neighbour(threading.Thread):
-    """A client on its own keep-alive connection, posting a record every few ms."""
-
-    def __init__(self, address: Tuple[str, int], headers: Sequence[Tuple[str, str]] = ()) -> None:
-        super().__init__(name="neighbour", daemon=True)
-        self.address = address
-        self.headers = list(headers)
-        self.ids: List[str] = []
-        self.bodies: Dict[str, bytes] = {}
-        self.failures: List[object] = []
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        try:
-            with RawConnection(self.address) as conn:
-                n = 0
-                while not self._stop_event.wait(0.005):
-                    body = b"neighbour %d" % n
-                    n += 1
-                    conn.send(post_request(body, headers=self.headers))
-                    response = conn.read_response()
-                    if response.status != 202:
-                        self.failures.append(response)
-                        return
-                    record_id = response.json()["id"]
-                    self.ids.append(record_id)
-                    self.bodies[record_id] = body
-        except Exception as exc:  # reported by finish()
-            self.failures.append(exc)
-
-    def wait_for_more(self, count: int = 2) -> None:
-        """Wait until ``count`` more records were accepted (the gateway still serves others)."""
-        target = len(self.ids) + count
-        deadline = time.monotonic() + WAIT
-        while len(self.ids) < target and not self.failures:
-            assert time.monotonic() < deadline, "the well-behaved client stalled"
-            time.sleep(0.005)
-        assert not self.failures, self.failures
-
-    def finish(self) -> None:
-        self._stop_event.set()
-        self.join(WAIT)
-        assert not self.failures, self.failures
-        assert self.ids, "the well-behaved client was never answered"
-
-
-@pytest.fixture(autouse=True, params=["auto", "h11"])
-def engine(request):
-    """Run each test with ``--http auto`` and with ``--http h11``."""
-    ENGINE["http"] = request.param
-    yield request.param
-    ENGINE["http"] = "auto"
-
-
-def _gateway(*flags: str):
-    return make_gateway(*flags, "--http", ENGINE["http"])
-
-
-class Running(NamedTuple):
-    gateway: Any
-    address: Tuple[str, int]
-    data_dir: str
-
-
-@contextlib.asynccontextmanager
-async def running(tmp_path, *flags: str, send_buffer: Optional[int] = None) -> AsyncIterator[Running]:
-    """A gateway in this process (file sink); after it drained, no internal error."""
-    data_dir = str(tmp_path / "data")
-    async with gateway_in_process(FLAGS + list(flags) + ["--http", ENGINE["http"]], data_dir=data_dir,
-                                  send_buffer=send_buffer) as (gateway, port):
-        yield Running(gateway, ("127.0.0.1", port), data_dir)
-    stats = gateway.statistics()
-    assert stats["internal_errors"] == 0
-    # Drained: every slot, of stored and of refused records alike, came back.
-    assert stats["ring"]["live_slots"] == 0 and stats["ring"]["used"] == 0, stats["ring"]
-
-
-def _assert_error(response: Response, status: int, otlp_encoding: Optional[str] = None) -> None:
-    assert response.status == status, (response.status, response.body)
-    assert response.header("connection") == "close"
-    if otlp_encoding is not None:
-        _assert_otlp_status(response, otlp_encoding)
-        return
-    assert response.header("content-type") == "application/json"
-    assert response.json()["error"] == REASONS[status], response.body
-
-
-def _protobuf_status(body: bytes) -> Tuple[int, str]:
-    """``(code, message)`` of a binary google.rpc.Status: field 1 varint, field 2 string."""
-    code, message, at = 0, "", 0
-    while at < len(body):
-        tag = body[at]
-        at += 1
-        value = shift = 0
-        while True:  # a varint: the code, or the message's length
-            byte = body[at]
-            at += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                break
-        if tag == 0x08:
-            code = value
-        else:
-            assert tag == 0x12, body
-            message = body[at:at + value].decode("utf-8")
-            at += value
-    return code, message
-
-
-def _assert_otlp_status(response: Response, encoding: str) -> None:
-    """An OTLP/HTTP failure: a google.rpc.Status with a code and a message, in ``encoding``."""
-    if encoding == "protobuf":
-        assert response.header("content-type") == "application/x-protobuf"
-        code, message = _protobuf_status(response.body)
-    else:
-        assert response.header("content-type") == "application/json"
-        doc = response.json()
-        code, message = doc["code"], doc["message"]
-    assert code > 0 and message, response.body
-
-
-def _ids(responses: Sequence[Response]) -> List[str]:
-    ids = []
-    for response in responses:
-        assert response.status == 202, (response.status, response.body)
-        ids.append(response.json()["id"])
-    return ids
-
+from tests.support.units import parse_responses, post
 
 # -- the cases -------------------------------------------------------------------------
 
@@ -391,7 +246,7 @@ def _exercise(address: Tuple[str, int], case: Case,
             _send_case(conn, case)
             responses, ended = conn.read_to_end()
             before, after = responses[:2], responses[2:]
-    accepted = dict(zip(_ids(before), good))
+    accepted = dict(zip(response_ids(before), good))
     assert ended == "eof", "the server reset the connection"
     neighbour.wait_for_more()
     if case.outcome == CLOSE:
@@ -400,7 +255,7 @@ def _exercise(address: Tuple[str, int], case: Case,
     statuses: Tuple[int, ...] = case.outcome if isinstance(case.outcome, tuple) else (int(case.outcome),)
     assert [r.status for r in after] == list(statuses), [(r.status, r.body) for r in after]
     if statuses[-1] != 202:
-        _assert_error(after[-1], statuses[-1], case.otlp)
+        assert_error(after[-1], statuses[-1], case.otlp)
     return accepted, [r.json()["id"] for r in after if r.status == 202]
 
 
@@ -430,7 +285,7 @@ def _vanish_mid_body(address: Tuple[str, int]) -> Dict[str, bytes]:
     good = [b"before vanishing %d" % n for n in range(2)]
     with RawConnection(address) as conn:
         conn.send(b"".join(post_request(body) for body in good))
-        accepted = dict(zip(_ids([conn.read_response() for _ in good]), good))
+        accepted = dict(zip(response_ids([conn.read_response() for _ in good]), good))
         conn.send(post_request(b"x" * 1000)[:-600])
         # SO_LINGER on, 0 s: the close sends a reset, not a FIN.
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -532,7 +387,7 @@ class Unread(MemoryTransport):
 
 
 async def test_send_timeout_ends_an_answer_nobody_reads(autojump_clock):
-    gateway, sink = _gateway("--send-timeout", "5s")
+    gateway, sink = engine_gateway("--send-timeout", "5s")
     transport = Unread([post(b"one") + post(b"two")], eof=False)
     start = trio.current_time()
     await gateway.handle_connection(transport)
@@ -544,7 +399,7 @@ async def test_send_timeout_ends_an_answer_nobody_reads(autojump_clock):
 
 
 async def test_send_timeout_ends_an_error_answer_nobody_reads(autojump_clock):
-    gateway, sink = _gateway("--send-timeout", "5s")
+    gateway, sink = engine_gateway("--send-timeout", "5s")
     transport = Unread([b"GARBAGE\r\n\r\n"], eof=False)
     start = trio.current_time()
     await gateway.handle_connection(transport)
@@ -555,7 +410,7 @@ async def test_send_timeout_ends_an_error_answer_nobody_reads(autojump_clock):
 
 
 async def test_100_continue_nobody_reads_frees_the_ring_slot(autojump_clock):
-    gateway, sink = _gateway("--send-timeout", "5s", "--body-timeout", "2s")
+    gateway, sink = engine_gateway("--send-timeout", "5s", "--body-timeout", "2s")
     transport = Unread([post(b"held", headers=[(b"Expect", b"100-continue")])], eof=False)
     start = trio.current_time()
     await gateway.handle_connection(transport)
@@ -577,7 +432,7 @@ def _flood(gw: Running, neighbour: Neighbour) -> None:
     try:
         for conn in held:
             conn.send(post_request(b"held"))
-            _ids([conn.read_response()])
+            response_ids([conn.read_response()])
         flood = [RawConnection(gw.address) for _ in range(FLOOD)]
         outcomes: List[Union[int, str]] = []
         try:
@@ -586,7 +441,7 @@ def _flood(gw: Running, neighbour: Neighbour) -> None:
                 assert gateway.connections <= MAX_CONNECTIONS
                 if responses:
                     (response,) = responses
-                    _assert_error(response, 503)
+                    assert_error(response, 503)
                     assert response.header("retry-after") == "1"
                     outcomes.append(503)
                 else:
@@ -599,7 +454,7 @@ def _flood(gw: Running, neighbour: Neighbour) -> None:
         # The connections already open kept working all along.
         for conn in held:
             conn.send(post_request(b"held again"))
-            _ids([conn.read_response()])
+            response_ids([conn.read_response()])
         neighbour.wait_for_more()
         # Once one closes, a new connection is served again.
         held.pop().close()
@@ -650,7 +505,7 @@ def _post_odd(address: Tuple[str, int], value: bytes) -> Tuple[str, bytes]:
            b"X-Agent: %s\r\nContent-Length: %d\r\n\r\n" % (value, value, value, len(body))
     with RawConnection(address) as conn:
         conn.send(head + body)
-        (record_id,) = _ids([conn.read_response()])
+        (record_id,) = response_ids([conn.read_response()])
     return record_id, body
 
 
@@ -708,9 +563,9 @@ def _refused_key(address: Tuple[str, int], valid: str, key_line: bytes) -> Dict[
     # Refused from the head: no 100 Continue, the body was never asked for.
     assert [r.status for r in responses] == [202, 202, 401], [(r.status, r.body) for r in responses]
     assert ended == "eof"
-    _assert_error(responses[2], 401)
+    assert_error(responses[2], 401)
     assert responses[2].header("www-authenticate") == 'Bearer realm="sluice"'
-    return dict(zip(_ids(responses[:2]), good))
+    return dict(zip(response_ids(responses[:2]), good))
 
 
 @pytest.mark.parametrize("name", BAD_KEY_NAMES)
