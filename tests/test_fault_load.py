@@ -51,9 +51,13 @@ def test_short_run_loses_nothing_and_its_count_adds_up(tmp_path):
         "Redis SIGKILLed", "Redis restarted", "one worker SIGKILLed", "gateway SIGKILLed",
         "gateway restarted"]
     assert [run["exit"] for run in report["gateway_runs"]] == [-9, -9, 0]
-    # Clients saw the outages: the dead gateway, and Redis down (closed mode).
+    # Clients saw the dead gateway.  Redis down (closed mode) answers 503
+    # only to requests that need Redis then: with leased admission a short
+    # outage can fall between two lease calls, so it may show or not.
     kinds = set(counts["refused_by_status"])
-    assert "no answer (ConnectionRefusedError)" in kinds and "503 access_unavailable" in kinds
+    assert "no answer (ConnectionRefusedError)" in kinds
+    assert kinds <= {"503 access_unavailable", "503 overloaded", "503 sink_unavailable"} | {
+        k for k in kinds if k.startswith("no answer")}, kinds
     assert sum(n for row in report["per_second"] for k, n in row.items() if k != "second") == counts["sent"]
     # The table printed is the count.
     assert "| lost (acknowledged, not stored)" in done.stdout
