@@ -478,6 +478,11 @@ class Gateway:
                 conn.received(await transport.recv_into(conn.head_buffer()))
             finally:
                 self._idle_scopes.discard(limit.scope)
+            if limit.scope.cancel_called:
+                # A drain closed this connection as its next request arrived:
+                # the request was not read, so close without a word (as if
+                # it had come a moment later) rather than answer 408.
+                return None
             head = conn.next_request()
         if head is NEED_DATA:
             limit.start(_Deadline.HEAD, self.config.head_timeout)
