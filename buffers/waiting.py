@@ -7,12 +7,18 @@ not starved by a stream of small ones and a release wakes only the tasks it
 can serve.  How long to wait is bounded by ``max_wait`` (a cancel scope inside
 :meth:`WaitingRing.reserve`), after which :class:`Overloaded` is raised and the
 server answers ``503`` with ``Retry-After``.
+
+Owners (tenants, with access control on) may hold at most ``max_share`` of
+the capacity at once: a reservation that would take its owner past that is
+refused at once with :class:`Overloaded` (it does not queue), so one tenant's
+slow or numerous uploads leave the rest of the ring to the others.  What an
+owner holds is what it reserved, until the slot is released.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque, Optional
+from typing import Deque, Dict, Hashable, Optional, Tuple
 
 import trio
 
@@ -49,12 +55,21 @@ class _Waiter:
 class WaitingRing:
     """A ring whose reservations wait (up to ``max_wait`` seconds) for space."""
 
-    def __init__(self, ring: RingBuffer, *, max_wait: float) -> None:
+    def __init__(self, ring: RingBuffer, *, max_wait: float, max_share: float = 1.0) -> None:
+        if not 0 < max_share <= 1:
+            raise ValueError("max_share must be in (0, 1], not %r" % max_share)
         self._ring = ring
         self.max_wait = max_wait
         self._queue: Deque[_Waiter] = deque()
         self.waits = 0
         self.overloads = 0
+        #: Bytes one owner may hold at once.
+        self.owner_limit = int(ring.capacity * max_share)
+        #: Bytes held by each owner holding any; slots of owners: (owner, bytes).
+        self._held: Dict[Hashable, int] = {}
+        self._owned: Dict[Slot, Tuple[Hashable, int]] = {}
+        #: Reservations refused because their owner held its share.
+        self.share_refusals = 0
 
     def reserve_nowait(self, size: int) -> Slot:
         """Reserve at once or raise :class:`~buffers.ring.RingFull`.
@@ -65,8 +80,31 @@ class WaitingRing:
             raise RingFull("reservations are queued")
         return self._ring.reserve(size)
 
-    async def reserve(self, size: int) -> Slot:
-        """Reserve ``size`` bytes, waiting for releases up to ``max_wait``."""
+    async def reserve(self, size: int, owner: Optional[Hashable] = None) -> Slot:
+        """Reserve ``size`` bytes, waiting for releases up to ``max_wait``.
+
+        With an ``owner``, raise :class:`Overloaded` at once if that owner
+        would hold more than its share.
+        """
+        if owner is None:
+            return await self._reserve(size)
+        held = self._held.get(owner, 0)
+        # An owner holding nothing may always reserve: one record is never refused for its size.
+        if held and held + size > self.owner_limit:
+            self.share_refusals += 1
+            raise Overloaded("this tenant holds %d of the %d ring bytes one tenant may hold"
+                             % (held, self.owner_limit), retry_after=1.0)
+        slot = await self._reserve(size)
+        # No checkpoint since the check: nothing else reserved for this owner.
+        self._held[owner] = self._held.get(owner, 0) + size
+        self._owned[slot] = (owner, size)
+        return slot
+
+    def held_by_owners(self) -> Dict[Hashable, int]:
+        """Bytes held now by each owner holding any (a copy)."""
+        return dict(self._held)
+
+    async def _reserve(self, size: int) -> Slot:
         if not self._queue:
             try:
                 return self._ring.reserve(size)
@@ -128,6 +166,15 @@ class WaitingRing:
     def release(self, slot: Slot) -> None:
         """Release ``slot`` and grant the freed space to queued reservations."""
         self._ring.release(slot)
+        if self._owned:
+            owned = self._owned.pop(slot, None)
+            if owned is not None:
+                owner, size = owned
+                left = self._held[owner] - size
+                if left:
+                    self._held[owner] = left
+                else:
+                    del self._held[owner]
         if self._queue:
             self._grant()
 
@@ -137,6 +184,8 @@ class WaitingRing:
         stats["waiting"] = len(self._queue)
         stats["waits"] = self.waits
         stats["overloads"] = self.overloads
+        stats["share_refusals"] = self.share_refusals
+        stats["owners"] = len(self._held)
         return stats
 
     def _grant(self) -> None:

@@ -38,7 +38,7 @@ import math
 import socket as _stdlib_socket
 import time
 import traceback
-from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import trio
 
@@ -47,7 +47,9 @@ from gateway import errors, otlp
 from gateway.access.limiter import api_key_from_headers
 from gateway.config.errors import ConfigError
 from gateway.config.settings import Config
+from gateway.http.capacity import body_deadline, connection_capacity
 from gateway.http.connection import CLOSED, NEED_DATA, HTTPConnection, RequestHead
+from gateway.http.registry import ConnectionRegistry, Tracked
 from gateway.http.transport import SocketTransport, TLSHandshakeFailed, TLSTransport, Transport
 from gateway.observe import logs
 from gateway.observe.loop import watch_loop
@@ -74,6 +76,10 @@ LINGER_BYTES = 4 * 1024 * 1024
 #: are in progress at once, beyond that the accept loop waits.
 MAX_REFUSING = 64
 LISTEN_BACKLOG = 1024
+#: Idle receive buffers kept for reuse.  Connections borrow one only while
+#: they receive a request, so this covers the requests in progress at once,
+#: not the connections open.
+POOLED_BUFFERS = 256
 #: Unexpected errors in a connection are logged with their traceback this
 #: many times; after that only counted, so a repeating bug cannot flood logs.
 MAX_REPORTED_ERRORS = 10
@@ -120,27 +126,57 @@ def _answer_headers(head: RequestHead) -> List[Tuple[bytes, bytes]]:
 class _Deadline:
     """One connection's time limit: a cancel scope whose deadline moves.
 
-    A fresh cancel scope per wait (idle, head, body, answer) costs several
-    objects per request; the connection keeps one, entered once, and moves
-    its deadline as a request goes from phase to phase.  When it expires the
-    connection is over, and :attr:`phase` says what was being waited for.
+    A fresh cancel scope per wait (first byte, idle, head, body, answer)
+    costs several objects per request; the connection keeps one, entered
+    once, and moves its deadline as a request goes from phase to phase.  When
+    it expires (or the connection is evicted while waiting) the connection is
+    over, and :attr:`phase` says what was being waited for.
+
+    While a body arrives, ``--min-body-rate`` moves the deadline too
+    (:meth:`pace`, :meth:`received`): it is the earlier of the body's
+    ``--body-timeout`` and the time the bytes so far pay for.
     """
 
-    __slots__ = ("scope", "phase", "head", "parsed")
+    __slots__ = ("scope", "phase", "head", "parsed", "rate", "body_started", "body_end")
 
-    IDLE, HEAD, BODY, SINK, SEND, ERROR = "idle", "head", "body", "sink", "send", "error"
+    FIRST_BYTE, IDLE, HEAD, BODY, SINK, SEND, ERROR = (
+        "first_byte", "idle", "head", "body", "sink", "send", "error")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
-        self.phase = self.IDLE
+        self.phase = self.FIRST_BYTE
         #: The request being served (None before its head is read), for the access log.
         self.head: Optional[RequestHead] = None
         self.parsed = 0.0
+        #: The body's minimum rate while it is paced (0: not paced).
+        self.rate = 0
+        self.body_started = 0.0
+        #: The body's own deadline (--body-timeout) while it is paced.
+        self.body_end = math.inf
 
     def start(self, phase: str, seconds: float) -> None:
         """Wait at most ``seconds`` from now for ``phase`` (inf: no limit)."""
         self.phase = phase
+        self.rate = 0
         self.scope.deadline = trio.current_time() + seconds
+
+    def pace(self, rate: int) -> None:
+        """From now on the body must also keep ``rate`` bytes/s after a grace (0: no minimum)."""
+        self.rate = rate
+        if rate:
+            self.body_started = trio.current_time()
+            self.body_end = self.scope.deadline
+            self.scope.deadline = min(self.body_end, body_deadline(self.body_started, 0, rate))
+
+    def received(self, count: int) -> None:
+        """``count`` body bytes have arrived so far: the pace's deadline moves on."""
+        if self.rate:
+            self.scope.deadline = min(self.body_end, body_deadline(self.body_started, count, self.rate))
+
+    @property
+    def too_slow(self) -> bool:
+        """Whether the body's pace, not its ``--body-timeout``, sets the deadline."""
+        return bool(self.rate) and self.scope.deadline < self.body_end
 
 
 def make_sink(config: Config, ring: WaitingRing, release: Optional[Release] = None,
@@ -212,22 +248,37 @@ async def open_listener(host: str, port: int, *, reuse_port: bool = False) -> tr
     return sock
 
 
+def _closer(scope: trio.CancelScope, transport: Transport):
+    """What closes a waiting connection: at once, so its descriptor is free for the next."""
+    def close() -> None:
+        scope.cancel()
+        transport.close()
+    return close
+
+
 class Gateway:
     """One gateway process: ring, sink, connections."""
 
     def __init__(self, config: Config, sink: Optional[Sink] = None, *,
                  access: Optional[AccessControl] = None) -> None:
         self.config = config
-        self.ring = WaitingRing(RingBuffer(config.ring_size), max_wait=config.ring_wait)
+        # One tenant holds at most --tenant-ring-share of the ring (its
+        # requests reserve with the tenant as owner; without access control
+        # there are no owners).
+        self.ring = WaitingRing(RingBuffer(config.ring_size), max_wait=config.ring_wait,
+                                max_share=config.tenant_ring_share)
         self.sink = sink if sink is not None else make_sink(config, self.ring)
         #: None while access control is off (no ``--redis``): no API keys.
         self.access = access if access is not None else make_access(config)
-        self.pool = BufferPool(config.max_head + READAHEAD, keep=64)
+        # Lent to a connection only while it receives a request (see
+        # HTTPConnection.lend): idle connections hold none.
+        self.pool = BufferPool(config.max_head + READAHEAD, keep=POOLED_BUFFERS)
         self.ids = RecordIds()
-        self.connections = 0
+        #: File-descriptor limits and the connection limit they allow (raised at start).
+        self.capacity = connection_capacity(config)
+        self.registry = ConnectionRegistry(self.capacity.limit)
         self.draining = False
         self._refusing = 0
-        self._idle_scopes: Set[trio.CancelScope] = set()
         self._accept_scope: Optional[trio.CancelScope] = None
         self._conn_scope: Optional[trio.CancelScope] = None
         #: When draining: the end of --shutdown-timeout.
@@ -248,6 +299,11 @@ class Gateway:
         #: None unless ``--access-log-sample`` is above 0: then one test per request.
         self.access_log = logs.AccessLog(config.access_log_sample) if config.access_log_sample else None
 
+    @property
+    def connections(self) -> int:
+        """Open client connections."""
+        return self.registry.open
+
     # -- serving ---------------------------------------------------------
 
     async def serve(self, listeners: Optional[List[trio.socket.SocketType]] = None, *,
@@ -258,6 +314,9 @@ class Gateway:
         # Before any worker thread exists: their malloc arenas are capped.
         limit_malloc_arenas()
         self.telemetry.install()
+        if self.capacity.warning:
+            logs.emit("connection_capacity", level="warning", detail=self.capacity.warning,
+                      **self.capacity.fields())
         try:
             async with trio.open_nursery() as sink_nursery:
                 await sink_nursery.start(self.sink.run)
@@ -303,8 +362,7 @@ class Gateway:
         if not self.draining:
             self.draining = True
             self._deadline = trio.current_time() + self.config.shutdown_timeout
-            for scope in list(self._idle_scopes):
-                scope.cancel()
+            self.registry.cancel_waiting()
             if self._conn_scope is not None:
                 self._conn_scope.deadline = self._deadline + ANSWER_GRACE
         if self._accept_scope is not None:
@@ -321,7 +379,7 @@ class Gateway:
             self._conn_scope.cancel()
 
     async def _accept_loop(self, listener, connections: trio.Nursery) -> None:
-        limit = self.config.max_connections
+        registry = self.registry
         while True:
             try:
                 sock, _ = await listener.accept()
@@ -335,20 +393,15 @@ class Gateway:
             except OSError:
                 pass
             transport = SocketTransport(sock) if self.tls is None else TLSTransport(sock, self.tls)
-            if self.connections < limit:
-                self.connections += 1
-                connections.start_soon(self._run_connection, transport)
+            # At the limit, the longest-waiting connection makes room.
+            tracked = registry.admit()
+            if tracked is not None:
+                connections.start_soon(self.handle_connection, transport, tracked)
             elif self._refusing < MAX_REFUSING:
                 self._refusing += 1
                 connections.start_soon(self._refuse, transport)
             else:
                 transport.close()
-
-    async def _run_connection(self, transport: Transport) -> None:
-        try:
-            await self.handle_connection(transport)
-        finally:
-            self.connections -= 1
 
     async def _refuse(self, transport: Transport) -> None:
         try:
@@ -367,19 +420,27 @@ class Gateway:
 
     # -- one connection --------------------------------------------------
 
-    async def handle_connection(self, transport: Transport) -> None:
-        """Serve requests on ``transport`` until it closes or must close."""
-        buffer = self.pool.borrow()
-        conn = HTTPConnection(buffer, max_head=self.config.max_head, fast=self.config.http == "auto")
+    async def handle_connection(self, transport: Transport, tracked: Optional[Tracked] = None) -> None:
+        """Serve requests on ``transport`` until it closes or must close.
+
+        ``tracked`` is its entry in :attr:`registry` (admitted by the accept
+        loop); without one it is admitted here.
+        """
+        if tracked is None:
+            tracked = self.registry.admit()
+            if tracked is None:
+                transport.close()
+                return
+        conn = HTTPConnection(None, max_head=self.config.max_head, fast=self.config.http == "auto")
         try:
             if isinstance(transport, TLSTransport) and not await self._handshake(conn, transport):
                 return
             limit = _Deadline()
             with limit.scope:
-                while await self._one_request(conn, transport, limit):
+                while await self._one_request(conn, transport, limit, tracked):
                     pass
             if limit.scope.cancelled_caught:
-                await self._out_of_time(conn, transport, limit)
+                await self._out_of_time(conn, transport, limit, tracked)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away; nothing it sent is half-accepted
         except Exception as exc:
@@ -392,7 +453,10 @@ class Gateway:
                           last_reported=self.internal_errors == MAX_REPORTED_ERRORS)
         finally:
             transport.close()
-            self.pool.give_back(buffer)
+            self.registry.closed(tracked)
+            buffer = conn.take_back_buffer(discard=True)
+            if buffer is not None:
+                self.pool.give_back(buffer)
 
     async def _handshake(self, conn: HTTPConnection, transport: TLSTransport) -> bool:
         """TLS handshake within ``--head-timeout``; whether the connection can carry requests.
@@ -406,16 +470,24 @@ class Gateway:
                 return True
             except TLSHandshakeFailed as exc:
                 if exc.plain_http:
+                    self._lend_buffer(conn)
                     self.errors += 1
                     self.telemetry.answered_error(None, errors.BadRequest.status)
                     await self._answer_error(conn, transport.plain, errors.BadRequest(
                         "plain HTTP request sent to the TLS port: use https://"))
         return False
 
-    async def _one_request(self, conn: HTTPConnection, transport: Transport, limit: _Deadline) -> bool:
+    def _lend_buffer(self, conn: HTTPConnection) -> None:
+        if not conn.has_buffer:
+            conn.lend(self.pool.borrow())
+
+    async def _one_request(self, conn: HTTPConnection, transport: Transport, limit: _Deadline,
+                           tracked: Tracked) -> bool:
         """Serve one request within ``limit``; whether the connection stays open for another."""
         limit.head = None  # for the access log, if the head is refused
         try:
+            if not await self._wait_for_request(conn, transport, limit, tracked):
+                return False
             head = await self._read_head(conn, transport, limit)
             if head is None:
                 return False
@@ -436,7 +508,48 @@ class Gateway:
         self.telemetry.answered(status, parsed, routed, time.perf_counter(), head.path)
         if self.access_log is not None:
             self.access_log.request(head.method, head.path, status, head.content_length, parsed)
-        return not close and conn.next_cycle()
+        if close or not conn.next_cycle():
+            return False
+        self.registry.answered(tracked)
+        # Between requests the buffer goes back to the pool, unless the
+        # client already sent (pipelined) bytes of its next request.
+        buffer = conn.take_back_buffer()
+        if buffer is not None:
+            self.pool.give_back(buffer)
+        return True
+
+    async def _wait_for_request(self, conn: HTTPConnection, transport: Transport,
+                                limit: _Deadline, tracked: Tracked) -> bool:
+        """Wait, holding no buffer, for a request's first byte; whether one came.
+
+        A new connection waits at most ``--head-timeout`` (a client that
+        connects and says nothing is closed: first-byte timeout), one that
+        answered a request at most ``--idle-timeout``.  While waiting it may
+        be evicted to admit a new connection (:class:`ConnectionRegistry`),
+        or closed by a graceful shutdown: both cancel ``limit``.
+        """
+        if conn.buffered:
+            self.registry.start(tracked)  # pipelined: the next request is here already
+            return True
+        if self.draining:
+            return False
+        if tracked.served:
+            limit.start(_Deadline.IDLE, self.config.idle_timeout)
+        else:
+            limit.start(_Deadline.FIRST_BYTE, self.config.head_timeout)
+        if not self.registry.wait(tracked, _closer(limit.scope, transport)):
+            return False  # evicted before it could wait: closed already
+        await transport.wait_readable()
+        if limit.scope.cancel_called:
+            # A drain (or an eviction) closed this connection as its next
+            # request arrived: the request was not read, so it ends without
+            # a word (as if it had come a moment later), never with a 408.
+            return False
+        # Bytes arrived: from here (no checkpoint in between) this
+        # connection cannot be evicted.
+        self.registry.start(tracked)
+        self._lend_buffer(conn)
+        return True
 
     async def _refused(self, conn: HTTPConnection, transport: Transport, exc: errors.Answered,
                        limit: _Deadline) -> None:
@@ -453,37 +566,30 @@ class Gateway:
             else:
                 self.access_log.request(head.method, head.path, exc.status, head.content_length, limit.parsed)
 
-    async def _out_of_time(self, conn: HTTPConnection, transport: Transport, limit: _Deadline) -> None:
-        """The connection's deadline passed in ``limit.phase``: 408, or close without a word."""
-        if limit.phase == _Deadline.HEAD:
+    async def _out_of_time(self, conn: HTTPConnection, transport: Transport, limit: _Deadline,
+                           tracked: Tracked) -> None:
+        """The connection's deadline passed (or it was evicted) in ``limit.phase``: 408, or
+        close without a word."""
+        phase = limit.phase
+        if phase == _Deadline.HEAD:
             error = errors.RequestTimeout("request head not received in %gs" % self.config.head_timeout)
-        elif limit.phase == _Deadline.BODY:
+        elif phase == _Deadline.BODY and limit.too_slow:
+            self.registry.slow_body_timeouts += 1
+            error = errors.RequestTimeout("body arrived slower than %d bytes/s" % self.config.min_body_rate)
+        elif phase == _Deadline.BODY:
             error = errors.RequestTimeout("body not received in %gs" % self.config.body_timeout)
         else:
-            # Idle between requests (or closed for a drain), or a client that
-            # stopped reading its answers: drop it.
+            # Silent since it connected (unless evicted or closed for a
+            # drain), idle between requests, or a client that stopped reading
+            # its answers: drop it.
+            if phase == _Deadline.FIRST_BYTE and not tracked.evicted and not self.draining:
+                self.registry.first_byte_timeouts += 1
             return
         await self._refused(conn, transport, error, limit)
 
     async def _read_head(self, conn: HTTPConnection, transport: Transport,
                          limit: _Deadline) -> Optional[RequestHead]:
         head = conn.next_request()
-        if head is NEED_DATA and not conn.buffered:
-            # Between requests: wait quietly for the next one, or close.
-            if self.draining:
-                return None
-            limit.start(_Deadline.IDLE, self.config.idle_timeout)
-            self._idle_scopes.add(limit.scope)
-            try:
-                conn.received(await transport.recv_into(conn.head_buffer()))
-            finally:
-                self._idle_scopes.discard(limit.scope)
-            if limit.scope.cancel_called:
-                # A drain closed this connection as its next request arrived:
-                # the request was not read, so close without a word (as if
-                # it had come a moment later) rather than answer 408.
-                return None
-            head = conn.next_request()
         if head is NEED_DATA:
             limit.start(_Deadline.HEAD, self.config.head_timeout)
             while head is NEED_DATA:
@@ -605,7 +711,7 @@ class Gateway:
                     "record of %d bytes (envelope %d + body %d + partition key %d) exceeds the "
                     "%d-byte limit" % (offset + length + key_bytes, offset, length, key_bytes, limit))
         ring = self.ring
-        slot = await ring.reserve(offset + (length if length is not None else room))
+        slot = await ring.reserve(offset + (length if length is not None else room), tenant)
         try:
             slot.view[:offset] = meta
             # Inside the body's time limit (running since the head): a client
@@ -613,10 +719,12 @@ class Gateway:
             interim = conn.continue_100()
             if interim:
                 await transport.send_all(interim)
+            # --min-body-rate: from here each received byte moves the deadline on.
+            deadline.pace(config.min_body_rate)
             if length is not None:
-                filled = await self._read_body(conn, transport, slot.view[offset:])
+                filled = await self._read_body(conn, transport, slot.view[offset:], deadline)
             else:
-                filled = await self._read_chunked(conn, transport, slot.view[offset:])
+                filled = await self._read_chunked(conn, transport, slot.view[offset:], deadline)
             # The sink's wait has no limit here: the sink keeps its own.
             deadline.start(_Deadline.SINK, math.inf)
             ring.commit(slot, offset + filled)
@@ -637,10 +745,12 @@ class Gateway:
             return 202, json.dumps(doc, separators=(",", ":")).encode()
         return 202, b'{"id":"' + record_id.encode() + b'"}'
 
-    async def _read_body(self, conn: HTTPConnection, transport: Transport, dest: memoryview) -> int:
+    async def _read_body(self, conn: HTTPConnection, transport: Transport, dest: memoryview,
+                         pace: _Deadline) -> int:
         filled = conn.take_body(dest)
         size = len(dest)
         while filled < size:
+            pace.received(filled)
             count = await transport.recv_into(dest[filled:])
             if not count:
                 raise errors.BadRequest("connection closed after %d of %d body bytes" % (filled, size))
@@ -648,10 +758,15 @@ class Gateway:
         conn.finish_body()
         return filled
 
-    async def _read_chunked(self, conn: HTTPConnection, transport: Transport, dest: memoryview) -> int:
+    async def _read_chunked(self, conn: HTTPConnection, transport: Transport, dest: memoryview,
+                            pace: _Deadline) -> int:
         filled, done = conn.read_chunked(dest, 0)
+        received = 0
         while not done:
-            conn.received(await transport.recv_into(conn.head_buffer()))
+            pace.received(received)
+            count = await transport.recv_into(conn.head_buffer())
+            conn.received(count)
+            received += count
             filled, done = conn.read_chunked(dest, filled)
         return filled
 

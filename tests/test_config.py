@@ -36,7 +36,7 @@ def test_defaults():
         head_timeout=10.0,
         body_timeout=60.0,
         idle_timeout=75.0,
-        max_connections=1024,
+        max_connections=0,
         ring_wait=1.0,
         shutdown_timeout=30.0,
         segment_size=128 * MiB,

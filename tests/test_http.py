@@ -417,7 +417,7 @@ async def test_head_timeout_gets_408(mode, autojump_clock):
 @pytest.mark.parametrize("mode", EOF_MODES)
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 async def test_body_timeout_gets_408(mode, framing, autojump_clock):
-    gateway, sink = make_gateway("--body-timeout", "7s")
+    gateway, sink = make_gateway("--body-timeout", "7s", "--min-body-rate", "0")
     if framing == "length":
         slow = post(b"abc", length=10)
     else:

@@ -37,7 +37,7 @@ from sinks.envelope import MAX_ENVELOPE_BYTES
 
 __all__ = ["Config", "ConfigError", "SETTINGS", "ACCESS_SETTINGS", "load", "add_arguments", "parse_size",
            "parse_duration", "parse_switch", "parse_redis_url", "CONFIG_FILE_ENV", "Origin",
-           "load_with_origins", "parse_workers", "MAX_WORKERS"]
+           "load_with_origins", "parse_workers", "MAX_WORKERS", "parse_connections"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -154,6 +154,16 @@ def parse_switch(text: str) -> bool:
 MAX_WORKERS = 256
 
 
+def parse_connections(text: str) -> int:
+    """A connection limit: a whole number, or ``auto`` (0) for one from the file-descriptor limit."""
+    if text.strip().lower() == "auto":
+        return 0
+    value = _int(text)
+    if value < 1:
+        raise ValueError("must be at least 1, got %r" % text)
+    return value
+
+
 def parse_workers(text: str) -> int:
     """Worker processes: a whole number, or ``auto`` for the number of CPUs (``os.cpu_count()``)."""
     if text.strip().lower() == "auto":
@@ -245,22 +255,30 @@ SETTINGS: List[Setting] = [
             "request-head parser: auto (a fast path for the head shape agents send, h11 for any "
             "other head) or h11 (h11, the reference, for every head)"),
     Setting("head_timeout", parse_duration, "10s",
-            "time allowed for a request head once its first byte arrived; then 408",
-            minimum=0.001),
+            "time allowed for a new connection's first byte, and for a request head once its "
+            "first byte arrived (then 408)", minimum=0.001),
     Setting("body_timeout", parse_duration, "60s",
             "time allowed for a whole body once its head arrived; then 408 (nginx: 60s)",
             minimum=0.001),
     Setting("idle_timeout", parse_duration, "75s",
-            "keep-alive connections idle this long are closed; keep it above a load "
-            "balancer's idle timeout (nginx: 75s)", minimum=0.001),
+            "keep-alive connections idle this long after an answer are closed; keep it above a "
+            "load balancer's idle timeout (nginx: 75s)", minimum=0.001),
+    Setting("min_body_rate", parse_size, "4KiB",
+            "bytes per second a body must average after a 3s grace, else 408 and its ring space is "
+            "freed (0: no minimum; nginx and Envoy time the gaps between reads instead)", minimum=0),
     Setting("send_timeout", parse_duration, "60s",
             "time allowed for sending one answer; a client that stops reading its answers is "
             "disconnected after it (nginx send_timeout: 60s)", minimum=0.001),
-    Setting("max_connections", _int, "1024",
-            "open connections at most; more get 503 and are closed (nginx worker_connections)",
-            minimum=1),
+    Setting("max_connections", parse_connections, "auto",
+            "open connections at most; auto: from the file-descriptor limit, raised to the hard "
+            "limit at start, less a reserve; when full, the longest-waiting connection is closed "
+            "to admit a new one, and only with none waiting are new ones refused with 503"),
     Setting("ring_wait", parse_duration, "1s",
             "how long a request waits for ring space before 503 + Retry-After", minimum=0),
+    Setting("tenant_ring_share", _fraction, "0.5",
+            "with --redis: the fraction of the ring one tenant's requests may hold at once; "
+            "beyond it they get 503 + Retry-After while other tenants are served (1: no limit)",
+            minimum=0.01, maximum=1),
     # Worker processes (gateway/cli/supervisor.py): above 1, a supervising parent
     # starts them, each with its own socket on --listen (SO_REUSEPORT).
     Setting("workers", parse_workers, "auto",
@@ -383,7 +401,7 @@ SETTINGS: List[Setting] = [
 
 #: Settings that mean nothing without --redis: giving one alone is a mistake.
 ACCESS_SETTINGS = ("redis_cluster", "on_redis_failure", "admission", "redis_timeout", "key_cache_ttl",
-                   "stale_key_ttl", "instance_count")
+                   "stale_key_ttl", "instance_count", "tenant_ring_share")
 
 _BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
 
@@ -408,6 +426,8 @@ class Config:
     flush_interval: float
     send_timeout: float = 60.0
     http: str = "auto"
+    min_body_rate: int = 4 * KiB
+    tenant_ring_share: float = 0.5
     stream: str = ""
     delivery_stream: str = ""
     region: str = ""

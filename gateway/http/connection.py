@@ -61,6 +61,8 @@ __all__ = [
 #: 4 x 8 KiB, node.js 16 KiB; agents send a few hundred bytes.
 DEFAULT_MAX_HEAD = 16 * 1024
 
+#: Stands for "no receive buffer": a waiting connection holds none.
+_NO_BUFFER = bytearray()
 _REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 _LEADING_EOL = b"\r\n"
 
@@ -171,12 +173,13 @@ class RequestHead:
 class HTTPConnection:
     """The server side of one HTTP/1.1 connection, without I/O."""
 
-    def __init__(self, buffer: bytearray, *, max_head: int = DEFAULT_MAX_HEAD, fast: bool = True) -> None:
-        if len(buffer) < max_head:
-            raise ValueError("the receive buffer must hold a whole head")
+    def __init__(self, buffer: Optional[bytearray], *, max_head: int = DEFAULT_MAX_HEAD,
+                 fast: bool = True) -> None:
         self.max_head = max_head
-        self._buf = buffer
-        self._view = memoryview(buffer)
+        self._buf = _NO_BUFFER
+        self._view = memoryview(_NO_BUFFER)
+        if buffer is not None:
+            self.lend(buffer)
         self._start = 0  # first unconsumed byte
         self._end = 0  # end of received bytes
         self._eof = False
@@ -184,7 +187,7 @@ class HTTPConnection:
         self._chunked_h11_fed = False
         self._method = b""
         #: Reused for every head the fast path reads; None with ``fast=False``.
-        self._fast_head: Optional[FastHead] = FastHead(buffer) if fast else None
+        self._fast_head: Optional[FastHead] = FastHead(_NO_BUFFER) if fast else None
         # The request being served was read by the fast path (h11 stays idle).
         self._fast = False
         self._fast_body_done = False
@@ -193,6 +196,42 @@ class HTTPConnection:
 
     def _new_h11(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
+
+    # -- the receive buffer, held only while bytes are expected -----------
+
+    @property
+    def has_buffer(self) -> bool:
+        """Whether a receive buffer is lent (:meth:`lend`)."""
+        return self._buf is not _NO_BUFFER
+
+    def lend(self, buffer: bytearray) -> None:
+        """Receive into ``buffer`` from now on (it must hold a whole head).
+
+        A waiting connection holds no buffer: the driver lends one when bytes
+        arrive and takes it back between requests (:meth:`take_back_buffer`),
+        so an idle connection costs its socket and a few hundred bytes.
+        """
+        if self.has_buffer:
+            raise ValueError("a receive buffer is already lent")
+        if len(buffer) < self.max_head:
+            raise ValueError("the receive buffer must hold a whole head")
+        self._buf = buffer
+        self._view = memoryview(buffer)
+
+    def take_back_buffer(self, *, discard: bool = False) -> Optional[bytearray]:
+        """The lent buffer, if it holds no unconsumed bytes (else None: it stays).
+
+        With ``discard`` (the connection is closing) unconsumed bytes are dropped.
+        """
+        if not self.has_buffer or (self._end > self._start and not discard):
+            return None
+        if self._fast_head is not None:
+            self._fast_head.detach()
+        buffer = self._buf
+        self._buf = _NO_BUFFER
+        self._view = memoryview(_NO_BUFFER)
+        self._start = self._end = 0
+        return buffer
 
     # -- receiving -------------------------------------------------------
 
@@ -213,6 +252,8 @@ class HTTPConnection:
             count = self._end - self._start
             copy_into(self._view, self._view[self._start:self._end])
             self._start, self._end = 0, count
+        if not self.has_buffer:
+            raise ValueError("no receive buffer lent")
         if self._end >= self.max_head:
             raise HeadersTooLarge("request head larger than %d bytes" % self.max_head)
         return self._view[self._end:len(self._buf)]

@@ -83,6 +83,9 @@ _CAPITALIZED = {name: b"-".join(part[:1].upper() + part[1:] for part in name.spl
                 for name in (_HOST, _CONTENT_LENGTH, _CONNECTION, _CONTENT_TYPE, _CONTENT_ENCODING,
                              _AUTHORIZATION, _API_KEY) + _TO_H11}
 
+#: What a head refers to while its connection holds no receive buffer.
+_DETACHED = bytearray()
+
 
 class FastHead:
     """One request head as offsets into the connection's receive buffer.
@@ -119,6 +122,11 @@ class FastHead:
         self.content_encoding: Optional[bytes] = None
         self.keep_alive = True
         self.current = False
+
+    def detach(self) -> None:
+        """Forget the receive buffer (it went back to the pool) until the next :func:`scan`."""
+        self.current = False
+        self._buf = _DETACHED
 
     def header(self, name: bytes) -> Optional[bytes]:
         """The first value of header ``name`` (lower case), or None."""
@@ -192,6 +200,9 @@ def scan(buf: bytearray, start: int, end: int, head: FastHead) -> bool:
     filled (and :attr:`FastHead.current` set) only when the result is True.
     """
     head.current = False
+    # The connection's receive buffer is lent per request: the head keeps
+    # offsets into the one it was read from.
+    head._buf = buf
     if end - start < 4 or buf[end - 4] != _CR or buf[end - 3] != _LF or buf[end - 2] != _CR \
             or buf[end - 1] != _LF:
         return False

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket as _stdlib_socket
 import ssl
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import trio
 
@@ -30,6 +30,13 @@ class Transport:
 
     async def recv_into(self, view: memoryview) -> int:
         """Receive into ``view``; 0 means the peer finished sending."""
+        raise NotImplementedError
+
+    async def wait_readable(self) -> None:
+        """Wait until :meth:`recv_into` has something to return (bytes or EOF).
+
+        Lets a connection wait for its next request without a receive buffer.
+        """
         raise NotImplementedError
 
     async def send_all(self, data) -> None:
@@ -79,6 +86,12 @@ class SocketTransport(Transport):
             except BlockingIOError:
                 pass
 
+    async def wait_readable(self) -> None:
+        fd = self.sock.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the connection was closed")
+        await trio.lowlevel.wait_readable(fd)
+
     async def send_all(self, data) -> None:
         sock = self.sock
         view = memoryview(data)
@@ -120,7 +133,7 @@ class TLSTransport(Transport):
     ordinary end of stream too).
     """
 
-    __slots__ = ("sock", "stream", "plain")
+    __slots__ = ("sock", "stream", "plain", "_pending")
 
     def __init__(self, sock: trio.socket.SocketType, context: ssl.SSLContext) -> None:
         self.sock = sock
@@ -128,6 +141,8 @@ class TLSTransport(Transport):
                                      https_compatible=True)
         #: The same socket without TLS, for the answer to a plain HTTP request.
         self.plain = SocketTransport(sock)
+        #: What :meth:`wait_readable` received and :meth:`recv_into` has not handed out.
+        self._pending: Optional[bytes] = None
 
     async def handshake(self) -> None:
         """Complete the TLS handshake; raise :class:`TLSHandshakeFailed` if the peer does not."""
@@ -140,10 +155,20 @@ class TLSTransport(Transport):
                                      plain_http=reason == "HTTP_REQUEST") from exc
 
     async def recv_into(self, view: memoryview) -> int:
-        data = await self.stream.receive_some(min(len(view), TLS_RECEIVE_BYTES))
-        count = len(data)
-        view[:count] = data
+        data = self._pending
+        if data is None:
+            data = await self.stream.receive_some(min(len(view), TLS_RECEIVE_BYTES))
+        count = min(len(data), len(view))
+        view[:count] = data[:count] if count < len(data) else data
+        self._pending = data[count:] if count < len(data) else None
         return count
+
+    async def wait_readable(self) -> None:
+        # Decrypted bytes may already wait inside the TLS stream, where the
+        # socket's readiness cannot tell: receive them (one TLS record at
+        # most) and keep them for recv_into.
+        if self._pending is None:
+            self._pending = await self.stream.receive_some(TLS_RECEIVE_BYTES)
 
     async def send_all(self, data) -> None:
         await self.stream.send_all(data)
@@ -180,6 +205,11 @@ class MemoryTransport(Transport):
         else:
             self._pieces[0] = piece[count:]
         return count
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if not self._pieces and not self._eof:
+            await trio.sleep_forever()
 
     async def send_all(self, data) -> None:
         await trio.lowlevel.checkpoint()

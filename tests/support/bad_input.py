@@ -47,9 +47,14 @@ REASONS = {cls.status: cls.reason for cls in (
 class Neighbour(threading.Thread):
     """A client on its own keep-alive connection, posting a record every few ms."""
 
-    def __init__(self, address: Tuple[str, int], headers: Sequence[Tuple[str, str]] = ()) -> None:
+    def __init__(self, address: Tuple[str, int], headers: Sequence[Tuple[str, str]] = (), *,
+                 reconnect: bool = False) -> None:
         super().__init__(name="neighbour", daemon=True)
         self.address = address
+        #: Open a new connection when the gateway closed the kept-alive one
+        #: between two requests (evicted to admit another); how many times.
+        self.reconnect = reconnect
+        self.reconnected = 0
         self.headers = list(headers)
         self.ids: List[str] = []
         self.bodies: Dict[str, bytes] = {}
@@ -58,19 +63,33 @@ class Neighbour(threading.Thread):
 
     def run(self) -> None:
         try:
-            with RawConnection(self.address) as conn:
+            conn = RawConnection(self.address)
+            try:
                 n = 0
                 while not self._stop_event.wait(0.005):
                     body = b"neighbour %d" % n
                     n += 1
                     conn.send(post_request(body, headers=self.headers))
-                    response = conn.read_response()
+                    try:
+                        response = conn.read_response()
+                    except (AssertionError, ConnectionResetError):
+                        if not self.reconnect or conn.received:
+                            raise
+                        # Closed before this request was read: nothing was
+                        # accepted, so sending it again makes no duplicate.
+                        self.reconnected += 1
+                        conn.close()
+                        conn = RawConnection(self.address)
+                        conn.send(post_request(body, headers=self.headers))
+                        response = conn.read_response()
                     if response.status != 202:
                         self.failures.append(response)
                         return
                     record_id = response.json()["id"]
                     self.ids.append(record_id)
                     self.bodies[record_id] = body
+            finally:
+                conn.close()
         except Exception as exc:  # reported by finish()
             self.failures.append(exc)
 

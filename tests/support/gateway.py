@@ -186,11 +186,11 @@ class GatewayProcess:
         return self
 
     def _limit_fds(self) -> None:
-        """In the child before exec: at most ``fd_limit`` open file descriptors."""
+        """In the child before exec: at most ``fd_limit`` open file descriptors, soft
+        and hard (as ``ulimit -n``: the gateway cannot raise it)."""
         import resource
 
-        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.fd_limit, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.fd_limit, self.fd_limit))
 
     def _read_stderr(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None
