@@ -132,12 +132,35 @@ REQUEST_STAGE_DURATION = Family(
     "Accepted records by stage: body (head parsed to body in the ring), sink (to the sink "
     "accepting it), respond (to the answer sent)", ("stage",))
 CONNECTIONS = Family("sluice_connections", GAUGE, "Open client connections")
+CONNECTION_STATES = Family(
+    "sluice_connections_by_state", GAUGE,
+    "Open connections by state: new (no byte received yet), idle (between requests), active "
+    "(a request in progress)", ("state",))
+CONNECTION_LIMIT = Family(
+    "sluice_connection_limit", GAUGE,
+    "Connections admitted at once (--max-connections, or from the file-descriptor limit)")
+CONNECTIONS_EVICTED = Family(
+    "sluice_connections_evicted", COUNTER,
+    "Waiting connections (new or idle) closed at the connection limit to admit a new one")
+CONNECTION_TIMEOUTS = Family(
+    "sluice_connection_timeouts", COUNTER,
+    "Connections closed for slowness: first_byte (a new connection sent nothing within "
+    "--head-timeout), slow_body (408: a body slower than --min-body-rate)", ("kind",))
 INTERNAL_ERRORS = Family("sluice_internal_errors", COUNTER, "Connections dropped by an unexpected error")
 RING_USED = Family("sluice_ring_used_bytes", GAUGE, "Ring bytes held by records in flight")
 RING_CAPACITY = Family("sluice_ring_capacity_bytes", GAUGE, "Ring bytes preallocated (--ring-size)")
 RING_WAITS = Family("sluice_ring_waits", COUNTER, "Requests that waited for ring space")
 RING_OVERLOADS = Family(
     "sluice_ring_overloads", COUNTER, "Requests refused (503) after waiting --ring-wait for ring space")
+RING_TENANT_BYTES = Family(
+    "sluice_ring_tenant_bytes", GAUGE,
+    "With access control: ring bytes held by tenants' requests, by class: largest (the one "
+    "tenant holding the most now), others (every other tenant together)", ("class",))
+RING_TENANT_LIMIT = Family(
+    "sluice_ring_tenant_limit_bytes", GAUGE, "Ring bytes one tenant may hold (--tenant-ring-share)")
+RING_SHARE_REFUSALS = Family(
+    "sluice_ring_share_refusals", COUNTER,
+    "Requests refused (503) because their tenant held its --tenant-ring-share of the ring")
 SINK_STORED = Family(
     "sluice_sink_records_stored", COUNTER,
     "Records stored: written (file), acknowledged by the service (kinesis, firehose), dropped (null)")
@@ -220,7 +243,9 @@ PROCESSES = Family(
 #: Every metric, in exposition order.
 FAMILIES: Tuple[Family, ...] = (
     HTTP_REQUESTS, INGEST_BODY_BYTES, REQUEST_DURATION, REQUEST_STAGE_DURATION, CONNECTIONS,
-    INTERNAL_ERRORS, RING_USED, RING_CAPACITY, RING_WAITS, RING_OVERLOADS, SINK_STORED,
+    CONNECTION_STATES, CONNECTION_LIMIT, CONNECTIONS_EVICTED, CONNECTION_TIMEOUTS,
+    INTERNAL_ERRORS, RING_USED, RING_CAPACITY, RING_WAITS, RING_OVERLOADS, RING_TENANT_BYTES,
+    RING_TENANT_LIMIT, RING_SHARE_REFUSALS, SINK_STORED,
     SINK_GIVEN_UP, SINK_HELD, SINK_STORED_BYTES, SINK_WRITE_ERRORS, SINK_BATCH_RECORDS,
     SINK_BATCH_BYTES, SINK_CALL_DURATION, SINK_CALLS, SINK_RETRIES, SINK_THROTTLES,
     SINK_RECORDS_PER_KINESIS_RECORD, SINK_KINESIS_RECORDS, SINK_PAYLOAD_UNITS, SINK_SENT_BYTES,
@@ -249,12 +274,25 @@ def gateway_samples(gateway: Any) -> List[Sample]:
     out.append((REQUEST_DURATION, (), telemetry.stages.total))
     out.extend((REQUEST_STAGE_DURATION, (stage,), getattr(telemetry.stages, stage)) for stage in _STAGES)
     out.append((CONNECTIONS, (), gateway.connections))
+    registry = gateway.registry
+    out.extend(((CONNECTION_STATES, ("new",), registry.new), (CONNECTION_STATES, ("idle",), registry.idle),
+                (CONNECTION_STATES, ("active",), registry.active),
+                (CONNECTION_LIMIT, (), registry.limit), (CONNECTIONS_EVICTED, (), registry.evicted),
+                (CONNECTION_TIMEOUTS, ("first_byte",), registry.first_byte_timeouts),
+                (CONNECTION_TIMEOUTS, ("slow_body",), registry.slow_body_timeouts)))
     out.append((INTERNAL_ERRORS, (), gateway.internal_errors))
     waiting = gateway.ring
     out.append((RING_USED, (), waiting.used))
     out.append((RING_CAPACITY, (), waiting.capacity))
     out.append((RING_WAITS, (), waiting.waits))
     out.append((RING_OVERLOADS, (), waiting.overloads))
+    if gateway.access is not None:
+        held = waiting.held_by_owners()
+        largest = max(held.values()) if held else 0
+        out.append((RING_TENANT_BYTES, ("largest",), largest))
+        out.append((RING_TENANT_BYTES, ("others",), sum(held.values()) - largest))
+        out.append((RING_TENANT_LIMIT, (), waiting.owner_limit))
+        out.append((RING_SHARE_REFUSALS, (), waiting.share_refusals))
     _sink_samples(gateway.sink, out)
     if gateway.access is not None:
         _access_samples(gateway.access, out)
