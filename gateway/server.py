@@ -47,8 +47,9 @@ from gateway import errors, otlp
 from gateway.access.limiter import api_key_from_headers
 from gateway.config.errors import ConfigError
 from gateway.config.settings import Config
-from gateway.http.capacity import body_deadline, connection_capacity
+from gateway.http.capacity import connection_capacity
 from gateway.http.connection import CLOSED, NEED_DATA, HTTPConnection, RequestHead
+from gateway.http.pacing import Deadline, closer
 from gateway.http.registry import ConnectionRegistry, Tracked
 from gateway.http.transport import SocketTransport, TLSHandshakeFailed, TLSTransport, Transport
 from gateway.observe import logs
@@ -123,62 +124,6 @@ def _answer_headers(head: RequestHead) -> List[Tuple[bytes, bytes]]:
     return _HEADERS.get(head.path, _JSON)
 
 
-class _Deadline:
-    """One connection's time limit: a cancel scope whose deadline moves.
-
-    A fresh cancel scope per wait (first byte, idle, head, body, answer)
-    costs several objects per request; the connection keeps one, entered
-    once, and moves its deadline as a request goes from phase to phase.  When
-    it expires (or the connection is evicted while waiting) the connection is
-    over, and :attr:`phase` says what was being waited for.
-
-    While a body arrives, ``--min-body-rate`` moves the deadline too
-    (:meth:`pace`, :meth:`received`): it is the earlier of the body's
-    ``--body-timeout`` and the time the bytes so far pay for.
-    """
-
-    __slots__ = ("scope", "phase", "head", "parsed", "rate", "body_started", "body_end")
-
-    FIRST_BYTE, IDLE, HEAD, BODY, SINK, SEND, ERROR = (
-        "first_byte", "idle", "head", "body", "sink", "send", "error")
-
-    def __init__(self) -> None:
-        self.scope = trio.CancelScope()
-        self.phase = self.FIRST_BYTE
-        #: The request being served (None before its head is read), for the access log.
-        self.head: Optional[RequestHead] = None
-        self.parsed = 0.0
-        #: The body's minimum rate while it is paced (0: not paced).
-        self.rate = 0
-        self.body_started = 0.0
-        #: The body's own deadline (--body-timeout) while it is paced.
-        self.body_end = math.inf
-
-    def start(self, phase: str, seconds: float) -> None:
-        """Wait at most ``seconds`` from now for ``phase`` (inf: no limit)."""
-        self.phase = phase
-        self.rate = 0
-        self.scope.deadline = trio.current_time() + seconds
-
-    def pace(self, rate: int) -> None:
-        """From now on the body must also keep ``rate`` bytes/s after a grace (0: no minimum)."""
-        self.rate = rate
-        if rate:
-            self.body_started = trio.current_time()
-            self.body_end = self.scope.deadline
-            self.scope.deadline = min(self.body_end, body_deadline(self.body_started, 0, rate))
-
-    def received(self, count: int) -> None:
-        """``count`` body bytes have arrived so far: the pace's deadline moves on."""
-        if self.rate:
-            self.scope.deadline = min(self.body_end, body_deadline(self.body_started, count, self.rate))
-
-    @property
-    def too_slow(self) -> bool:
-        """Whether the body's pace, not its ``--body-timeout``, sets the deadline."""
-        return bool(self.rate) and self.scope.deadline < self.body_end
-
-
 def make_sink(config: Config, ring: WaitingRing, release: Optional[Release] = None,
               given_up: Optional[Release] = None) -> Sink:
     """The sink named by ``config.sink``, storing records that live in ``ring``.
@@ -246,14 +191,6 @@ async def open_listener(host: str, port: int, *, reuse_port: bool = False) -> tr
         sock.close()
         raise
     return sock
-
-
-def _closer(scope: trio.CancelScope, transport: Transport):
-    """What closes a waiting connection: at once, so its descriptor is free for the next."""
-    def close() -> None:
-        scope.cancel()
-        transport.close()
-    return close
 
 
 class Gateway:
@@ -435,7 +372,7 @@ class Gateway:
         try:
             if isinstance(transport, TLSTransport) and not await self._handshake(conn, transport):
                 return
-            limit = _Deadline()
+            limit = Deadline()
             with limit.scope:
                 while await self._one_request(conn, transport, limit, tracked):
                     pass
@@ -481,7 +418,7 @@ class Gateway:
         if not conn.has_buffer:
             conn.lend(self.pool.borrow())
 
-    async def _one_request(self, conn: HTTPConnection, transport: Transport, limit: _Deadline,
+    async def _one_request(self, conn: HTTPConnection, transport: Transport, limit: Deadline,
                            tracked: Tracked) -> bool:
         """Serve one request within ``limit``; whether the connection stays open for another."""
         limit.head = None  # for the access log, if the head is refused
@@ -496,14 +433,14 @@ class Gateway:
             limit.parsed = parsed = time.perf_counter()
             # From the head on, the whole body has --body-timeout (access
             # check and ring wait included; both have shorter limits of their own).
-            limit.start(_Deadline.BODY, self.config.body_timeout)
+            limit.start(Deadline.BODY, self.config.body_timeout)
             status, body = await self._route(head, conn, transport, parsed, limit)
             routed = time.perf_counter()
         except errors.ANSWERED as exc:
             await self._refused(conn, transport, exc, limit)
             return False
         close = self.draining
-        limit.start(_Deadline.SEND, self.config.send_timeout)
+        limit.start(Deadline.SEND, self.config.send_timeout)
         await transport.send_all(conn.respond(status, _answer_headers(head), body, close=close))
         self.telemetry.answered(status, parsed, routed, time.perf_counter(), head.path)
         if self.access_log is not None:
@@ -519,7 +456,7 @@ class Gateway:
         return True
 
     async def _wait_for_request(self, conn: HTTPConnection, transport: Transport,
-                                limit: _Deadline, tracked: Tracked) -> bool:
+                                limit: Deadline, tracked: Tracked) -> bool:
         """Wait, holding no buffer, for a request's first byte; whether one came.
 
         A new connection waits at most ``--head-timeout`` (a client that
@@ -534,10 +471,10 @@ class Gateway:
         if self.draining:
             return False
         if tracked.served:
-            limit.start(_Deadline.IDLE, self.config.idle_timeout)
+            limit.start(Deadline.IDLE, self.config.idle_timeout)
         else:
-            limit.start(_Deadline.FIRST_BYTE, self.config.head_timeout)
-        if not self.registry.wait(tracked, _closer(limit.scope, transport)):
+            limit.start(Deadline.FIRST_BYTE, self.config.head_timeout)
+        if not self.registry.wait(tracked, closer(limit.scope, transport)):
             return False  # evicted before it could wait: closed already
         await transport.wait_readable()
         if limit.scope.cancel_called:
@@ -552,11 +489,11 @@ class Gateway:
         return True
 
     async def _refused(self, conn: HTTPConnection, transport: Transport, exc: errors.Answered,
-                       limit: _Deadline) -> None:
+                       limit: Deadline) -> None:
         """Answer ``exc`` to the request in ``limit`` (or to a head not read); the connection closes."""
         head = limit.head
         # The error answer has time limits of its own.
-        limit.start(_Deadline.ERROR, math.inf)
+        limit.start(Deadline.ERROR, math.inf)
         self.errors += 1
         self.telemetry.answered_error(None if head is None else head.path, exc.status)
         await self._answer_error(conn, transport, exc, head)
@@ -566,32 +503,32 @@ class Gateway:
             else:
                 self.access_log.request(head.method, head.path, exc.status, head.content_length, limit.parsed)
 
-    async def _out_of_time(self, conn: HTTPConnection, transport: Transport, limit: _Deadline,
+    async def _out_of_time(self, conn: HTTPConnection, transport: Transport, limit: Deadline,
                            tracked: Tracked) -> None:
         """The connection's deadline passed (or it was evicted) in ``limit.phase``: 408, or
         close without a word."""
         phase = limit.phase
-        if phase == _Deadline.HEAD:
+        if phase == Deadline.HEAD:
             error = errors.RequestTimeout("request head not received in %gs" % self.config.head_timeout)
-        elif phase == _Deadline.BODY and limit.too_slow:
+        elif phase == Deadline.BODY and limit.too_slow:
             self.registry.slow_body_timeouts += 1
             error = errors.RequestTimeout("body arrived slower than %d bytes/s" % self.config.min_body_rate)
-        elif phase == _Deadline.BODY:
+        elif phase == Deadline.BODY:
             error = errors.RequestTimeout("body not received in %gs" % self.config.body_timeout)
         else:
             # Silent since it connected (unless evicted or closed for a
             # drain), idle between requests, or a client that stopped reading
             # its answers: drop it.
-            if phase == _Deadline.FIRST_BYTE and not tracked.evicted and not self.draining:
+            if phase == Deadline.FIRST_BYTE and not tracked.evicted and not self.draining:
                 self.registry.first_byte_timeouts += 1
             return
         await self._refused(conn, transport, error, limit)
 
     async def _read_head(self, conn: HTTPConnection, transport: Transport,
-                         limit: _Deadline) -> Optional[RequestHead]:
+                         limit: Deadline) -> Optional[RequestHead]:
         head = conn.next_request()
         if head is NEED_DATA:
-            limit.start(_Deadline.HEAD, self.config.head_timeout)
+            limit.start(Deadline.HEAD, self.config.head_timeout)
             while head is NEED_DATA:
                 conn.received(await transport.recv_into(conn.head_buffer()))
                 head = conn.next_request()
@@ -600,7 +537,7 @@ class Gateway:
         return head
 
     async def _route(self, head: RequestHead, conn: HTTPConnection,
-                     transport: Transport, parsed: float, limit: _Deadline) -> Tuple[int, bytes]:
+                     transport: Transport, parsed: float, limit: Deadline) -> Tuple[int, bytes]:
         methods = _ROUTES.get(head.path)
         if methods is None:
             raise errors.NotFound("no route %s" % head.path.decode("latin-1"))
@@ -659,7 +596,7 @@ class Gateway:
         return True, "ok"
 
     async def _ingest(self, head: RequestHead, conn: HTTPConnection,
-                      transport: Transport, parsed: float, limit: _Deadline) -> Tuple[int, bytes]:
+                      transport: Transport, parsed: float, limit: Deadline) -> Tuple[int, bytes]:
         config = self.config
         head.require_body_framing()
         length = head.content_length
@@ -685,7 +622,7 @@ class Gateway:
             raise
 
     async def _ingest_otlp(self, head: RequestHead, conn: HTTPConnection,
-                           transport: Transport, parsed: float, limit: _Deadline) -> Tuple[int, bytes]:
+                           transport: Transport, parsed: float, limit: Deadline) -> Tuple[int, bytes]:
         """``POST /otlp/v1/logs``: a ``/v1/logs`` ingest answered as OTLP/HTTP (gateway.otlp)."""
         # From the head, before access control counts the request.
         encoding = otlp.check_head(head.content_type, head.content_encoding)
@@ -693,7 +630,7 @@ class Gateway:
         return 200, otlp.SUCCESS_BODIES[encoding]
 
     async def _store(self, head: RequestHead, conn: HTTPConnection, transport: Transport,
-                     tenant_name: Optional[str], parsed: float, deadline: _Deadline) -> Tuple[int, bytes]:
+                     tenant_name: Optional[str], parsed: float, deadline: Deadline) -> Tuple[int, bytes]:
         """Reserve a ring slot, receive the body into it, hand the record to the sink."""
         config = self.config
         length = head.content_length
@@ -726,7 +663,7 @@ class Gateway:
             else:
                 filled = await self._read_chunked(conn, transport, slot.view[offset:], deadline)
             # The sink's wait has no limit here: the sink keeps its own.
-            deadline.start(_Deadline.SINK, math.inf)
+            deadline.start(Deadline.SINK, math.inf)
             ring.commit(slot, offset + filled)
             received, used = time.perf_counter(), ring.used
             ring.hand_off(slot)
@@ -746,7 +683,7 @@ class Gateway:
         return 202, b'{"id":"' + record_id.encode() + b'"}'
 
     async def _read_body(self, conn: HTTPConnection, transport: Transport, dest: memoryview,
-                         pace: _Deadline) -> int:
+                         pace: Deadline) -> int:
         filled = conn.take_body(dest)
         size = len(dest)
         while filled < size:
@@ -759,7 +696,7 @@ class Gateway:
         return filled
 
     async def _read_chunked(self, conn: HTTPConnection, transport: Transport, dest: memoryview,
-                            pace: _Deadline) -> int:
+                            pace: Deadline) -> int:
         filled, done = conn.read_chunked(dest, 0)
         received = 0
         while not done:
@@ -794,6 +731,7 @@ class Gateway:
         """A snapshot of the gateway's counters and telemetry (see docs/operations.md, "Telemetry")."""
         return self.telemetry.add_statistics({
             "connections": self.connections,
+            "connection_registry": self.registry.statistics(),
             "requests": self.requests,
             "accepted": self.accepted,
             "errors": self.errors,

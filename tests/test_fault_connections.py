@@ -247,7 +247,8 @@ def test_idle_and_slow_clients_do_not_starve_a_well_behaved_one(start_gateway):
     doc = {
         "interpreter": INTERPRETER, "idle_connections": idle, "slow_heads": SLOW_HEADS,
         "slow_bodies": SLOW_BODIES, "posts": POSTS, "accepted_within_1s": len(fast),
-        "statuses": sorted({o[0] for o in outcomes}), "p50_ms": round(latencies[len(latencies) // 2] * 1000, 1),
+        "statuses": sorted({o[0] for o in outcomes}),
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 1),
         "max_ms": round(latencies[-1] * 1000, 1), "rss_before_mb": round(rss_before / 2 ** 20, 1),
         "rss_idle_mb": round(rss_idle / 2 ** 20, 1), "rss_under_load_mb": round(rss_load / 2 ** 20, 1),
         "bytes_per_idle_connection": (rss_idle - rss_before) // idle,
@@ -331,7 +332,8 @@ def test_one_tenants_slow_uploads_leave_the_ring_to_others(start_gateway, redis_
                 refused.append(response)
                 conn.close()
         metrics = _metrics(address)
-        outcomes = _post_each_on_a_new_connection(address, 50, headers=[("Authorization", "Bearer " + polite)])
+        outcomes = _post_each_on_a_new_connection(address, 50,
+                                                  headers=[("Authorization", "Bearer " + polite)])
         # The stalled uploads finish after all: every one is stored.
         finished = []
         for conn, body in uploads:
