@@ -80,7 +80,7 @@ LISTEN_BACKLOG = 1024
 #: Idle receive buffers kept for reuse.  Connections borrow one only while
 #: they receive a request, so this covers the requests in progress at once,
 #: not the connections open.
-POOLED_BUFFERS = 256
+POOLED_BUFFERS = 64
 #: Unexpected errors in a connection are logged with their traceback this
 #: many times; after that only counted, so a repeating bug cannot flood logs.
 MAX_REPORTED_ERRORS = 10
@@ -486,6 +486,14 @@ class Gateway:
         # connection cannot be evicted.
         self.registry.start(tracked)
         self._lend_buffer(conn)
+        count = transport.recv_nowait(conn.head_buffer())
+        if count is not None:
+            conn.received(count)
+            if not count:
+                # Closed between requests: the buffer goes back before
+                # any other task runs (see Transport.recv_nowait).
+                self.pool.give_back(conn.take_back_buffer())  # type: ignore[arg-type]
+                return False
         return True
 
     async def _refused(self, conn: HTTPConnection, transport: Transport, exc: errors.Answered,

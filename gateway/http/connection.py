@@ -61,8 +61,10 @@ __all__ = [
 #: 4 x 8 KiB, node.js 16 KiB; agents send a few hundred bytes.
 DEFAULT_MAX_HEAD = 16 * 1024
 
-#: Stands for "no receive buffer": a waiting connection holds none.
+#: Stand for "no receive buffer": a waiting connection holds none (one
+#: shared empty view, not one per connection).
 _NO_BUFFER = bytearray()
+_NO_VIEW = memoryview(_NO_BUFFER)
 _REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 _LEADING_EOL = b"\r\n"
 
@@ -177,7 +179,7 @@ class HTTPConnection:
                  fast: bool = True) -> None:
         self.max_head = max_head
         self._buf = _NO_BUFFER
-        self._view = memoryview(_NO_BUFFER)
+        self._view = _NO_VIEW
         if buffer is not None:
             self.lend(buffer)
         self._start = 0  # first unconsumed byte
@@ -229,7 +231,7 @@ class HTTPConnection:
             self._fast_head.detach()
         buffer = self._buf
         self._buf = _NO_BUFFER
-        self._view = memoryview(_NO_BUFFER)
+        self._view = _NO_VIEW
         self._start = self._end = 0
         return buffer
 
