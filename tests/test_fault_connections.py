@@ -48,6 +48,13 @@ ANSWER_WITHIN = 1.0
 TEST_FDS = 1000
 #: Seconds between two bytes of a trickling client.
 TRICKLE = 0.5
+#: Seconds between the well-behaved client's posts: its 500 posts span
+#: about 10 s, across the silent connections' first-byte timeout (10 s) and
+#: the trickling clients' 408s.
+POST_INTERVAL = 0.02
+#: Longest wait for every trickling client to have been closed once (the
+#: head timeout is 10 s); reached only when something is wrong.
+HOSTILE_TIMEOUT = 60.0
 #: A client gives up on an answer after this long (only reached when broken).
 CLIENT_TIMEOUT = 15.0
 CHILD_ENV = {"PYPY_GC_NURSERY": "4MB"}
@@ -197,11 +204,13 @@ class HealthChecks(threading.Thread):
         self.join(CLIENT_TIMEOUT)
 
 
-def _post_each_on_a_new_connection(address: Tuple[str, int], count: int,
-                                   headers=()) -> List[Tuple[int, float, Optional[str], bytes]]:
+def _post_each_on_a_new_connection(address: Tuple[str, int], count: int, headers=(),
+                                   interval: float = 0.0) -> List[Tuple[int, float, Optional[str], bytes]]:
     """``count`` posts, one connection each: (status, seconds, record id, body)."""
     outcomes = []
     for n in range(count):
+        if interval:
+            time.sleep(interval)
         body = b"well-behaved %d" % n
         started = time.monotonic()
         try:
@@ -234,7 +243,11 @@ def test_idle_and_slow_clients_do_not_starve_a_well_behaved_one(start_gateway):
         tricklers.start()
         health.start()
         time.sleep(TRICKLE * 2)  # the hostile clients are in place
-        outcomes = _post_each_on_a_new_connection(address, POSTS)
+        outcomes = _post_each_on_a_new_connection(address, POSTS, interval=POST_INTERVAL)
+        deadline = time.monotonic() + HOSTILE_TIMEOUT
+        while tricklers.closed["head"] < SLOW_HEADS or tricklers.closed["body"] < SLOW_BODIES:
+            assert time.monotonic() < deadline and tricklers.is_alive(), tricklers.closed
+            time.sleep(TRICKLE)
         metrics = _metrics(address)
         rss_load = _rss(gateway.pid)
     finally:
@@ -264,9 +277,11 @@ def test_idle_and_slow_clients_do_not_starve_a_well_behaved_one(start_gateway):
     # /healthz answered every time, throughout.
     assert not health.failures and health.answers, health.failures
     assert all(status == 200 for status, _ in health.answers), health.answers
-    # Slow bodies were answered 408 (min body rate) and replaced by new ones.
-    assert tricklers.closed["body"] >= SLOW_BODIES and set(tricklers.answers["body"]) == {408}, doc
+    # Trickled heads and bodies were answered 408 (--head-timeout, --min-body-rate);
+    # the silent connections were closed at the first-byte timeout.
+    assert set(tricklers.answers["head"]) == {408} and set(tricklers.answers["body"]) == {408}, doc
     assert metrics['sluice_connection_timeouts_total{kind="slow_body"}'] >= SLOW_BODIES
+    assert metrics['sluice_connection_timeouts_total{kind="first_byte"}'] >= idle - idle // 2
     assert gateway.stop() == 0, gateway.stderr
     ids = [o[2] for o in outcomes if o[0] == 202]
     records = wait_for_records(gateway.data_dir, ids)
