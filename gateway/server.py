@@ -45,19 +45,20 @@ import trio
 from buffers import BufferPool, RingBuffer, WaitingRing
 from gateway import errors, otlp
 from gateway.access.limiter import api_key_from_headers
+from gateway.assembly import make_sink
 from gateway.config.errors import ConfigError
 from gateway.config.settings import Config
 from gateway.http.capacity import connection_capacity
 from gateway.http.connection import CLOSED, NEED_DATA, HTTPConnection, RequestHead
 from gateway.http.pacing import Deadline, closer
 from gateway.http.registry import ConnectionRegistry, Tracked
-from gateway.http.transport import SocketTransport, TLSHandshakeFailed, TLSTransport, Transport
+from gateway.http.transport import SocketTransport, TLSHandshakeFailed, TLSTransport, Transport, open_listener
 from gateway.observe import logs
 from gateway.observe.loop import watch_loop
 from gateway.observe.memory import limit_malloc_arenas
 from gateway.observe.metrics import CONTENT_TYPE, GatewayMetrics
-from gateway.observe.telemetry import Histogram, Telemetry
-from sinks.base import Record, Release, Sink, body_room, health_reporter
+from gateway.observe.telemetry import Telemetry
+from sinks.base import Record, Sink, body_room
 from sinks.envelope import MAX_FIELD_BYTES, RecordIds, envelope
 
 if TYPE_CHECKING:
@@ -76,7 +77,6 @@ LINGER_BYTES = 4 * 1024 * 1024
 #: Connections over the limit still get a 503; at most this many such answers
 #: are in progress at once, beyond that the accept loop waits.
 MAX_REFUSING = 64
-LISTEN_BACKLOG = 1024
 #: Idle receive buffers kept for reuse.  Connections borrow one only while
 #: they receive a request, so this covers the requests in progress at once,
 #: not the connections open.
@@ -124,36 +124,6 @@ def _answer_headers(head: RequestHead) -> List[Tuple[bytes, bytes]]:
     return _HEADERS.get(head.path, _JSON)
 
 
-def make_sink(config: Config, ring: WaitingRing, release: Optional[Release] = None,
-              given_up: Optional[Release] = None) -> Sink:
-    """The sink named by ``config.sink``, storing records that live in ``ring``.
-
-    With ``--ack spool`` that sink sits behind the spool, which builds it
-    with its own ``release`` and ``given_up`` (see sinks/base.py).
-    """
-    if config.ack == "spool" and release is None:
-        from sinks.spool.sink import SpooledSink
-
-        return SpooledSink.from_config(config, ring, lambda r, g: make_sink(config, ring, r, g),
-                                       log=logs.emit)
-    release = release or ring.release
-    report = health_reporter(logs.emit)
-    if config.sink == "null":
-        from sinks.null import NullSink
-
-        return NullSink(release)
-    if config.sink in ("kinesis", "firehose"):
-        from sinks.aws.sink import StreamOptions, StreamSink
-
-        # The sink encodes records straight from the ring's buffer.
-        return StreamSink(release, ring.buffer, StreamOptions.from_config(config),
-                          given_up=given_up, report=report, histogram=Histogram, log=logs.emit)
-    from sinks.file import FileSink
-
-    return FileSink(release, config.data_dir, segment_bytes=config.segment_size,
-                    flush_interval=config.flush_interval, report=report)
-
-
 def _report_access(access: AccessControl, line: str) -> None:
     """Access control's rare state changes (Redis down, back): one event each."""
     if access.redis_state == "down":
@@ -171,26 +141,6 @@ def make_access(config: Config) -> Optional[AccessControl]:
     access = AccessControl(AccessConfig.from_config(config),
                            report=lambda line: _report_access(access, line), log=logs.emit)
     return access
-
-
-async def open_listener(host: str, port: int, *, reuse_port: bool = False) -> trio.socket.SocketType:
-    """A listening Trio socket bound to ``host:port``.
-
-    ``reuse_port`` sets ``SO_REUSEPORT``: the workers of a supervised gateway
-    each listen on the same port and the kernel spreads connections among them.
-    """
-    family = _stdlib_socket.AF_INET6 if ":" in host else _stdlib_socket.AF_INET
-    sock = trio.socket.socket(family, _stdlib_socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEPORT, 1)
-        await sock.bind((host, port))
-        sock.listen(LISTEN_BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class Gateway:

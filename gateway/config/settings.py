@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gateway.config.errors import ConfigError
 from gateway.config.settings_file import read_settings_file
+from gateway.http.capacity import parse_connections
 from gateway.http.connection import DEFAULT_MAX_HEAD
 from gateway.http.tls import CertificateError, server_context
 from sinks.aws.limits import (
@@ -152,16 +153,6 @@ def parse_switch(text: str) -> bool:
 #: PyPy) about 100 MB idle, so a larger count is a typo rather than a plan;
 #: nginx users rarely go past the core count either.
 MAX_WORKERS = 256
-
-
-def parse_connections(text: str) -> int:
-    """A connection limit: a whole number, or ``auto`` (0) for one from the file-descriptor limit."""
-    if text.strip().lower() == "auto":
-        return 0
-    value = _int(text)
-    if value < 1:
-        raise ValueError("must be at least 1, got %r" % text)
-    return value
 
 
 def parse_workers(text: str) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "plan",
     "raise_fd_limit",
     "connection_capacity",
+    "parse_connections",
     "body_deadline",
 ]
 
@@ -141,6 +142,19 @@ def connection_capacity(config: Any, limits: Optional[Tuple[int, int, int]] = No
     """
     before, soft, hard = limits if limits is not None else raise_fd_limit()
     return plan(before, soft, hard, config.max_connections, fd_reserve(config.sink, config.max_in_flight))
+
+
+def parse_connections(text: str) -> int:
+    """``--max-connections``: a whole number, or ``auto`` (0) for one from the descriptor limit."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("not a whole number: %r" % text) from None
+    if value < 1:
+        raise ValueError("must be at least 1, got %r" % text)
+    return value
 
 
 def body_deadline(started: float, received: int, rate: int, grace: float = MIN_BODY_RATE_GRACE) -> float:

@@ -6,6 +6,7 @@ bodies land in ring slices through ``recv_into``; :class:`TLSTransport` runs
 TLS over one (``--tls-cert``), at the cost of one bounded copy of what it
 decrypts; :class:`MemoryTransport` plays back scripted input (whole, byte by
 byte, any split) and records what the server sent, for tests without sockets.
+:func:`open_listener` opens the listening socket they come from.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Iterable, List, Optional
 import trio
 
 __all__ = ["Transport", "SocketTransport", "TLSTransport", "TLSHandshakeFailed", "MemoryTransport",
-           "TLS_RECEIVE_BYTES"]
+           "TLS_RECEIVE_BYTES", "open_listener", "LISTEN_BACKLOG"]
 
 #: Most plaintext one TLS record carries (RFC 8446 section 5.1): a receive
 #: yields at most one record's worth, so asking for more only makes the
@@ -263,3 +264,28 @@ class MemoryTransport(Transport):
 
     def close(self) -> None:
         self.closed = True
+
+
+#: Connections the kernel queues before the accept loop takes them (a burst
+#: of agents reconnecting after a restart); Linux caps it at somaxconn.
+LISTEN_BACKLOG = 1024
+
+
+async def open_listener(host: str, port: int, *, reuse_port: bool = False) -> trio.socket.SocketType:
+    """A listening Trio socket bound to ``host:port``.
+
+    ``reuse_port`` sets ``SO_REUSEPORT``: the workers of a supervised gateway
+    each listen on the same port and the kernel spreads connections among them.
+    """
+    family = _stdlib_socket.AF_INET6 if ":" in host else _stdlib_socket.AF_INET
+    sock = trio.socket.socket(family, _stdlib_socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEPORT, 1)
+        await sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
