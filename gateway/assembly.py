@@ -1,12 +1,14 @@
-"""The sink a configuration names, built for the ring its records live in.
+"""The parts a configuration names: the sink, built for the ring its records
+live in, and the access control.
 
 :func:`make_sink` is how :class:`~gateway.server.Gateway` (and the spool,
-for the sink behind it) gets its sink from ``--sink`` and ``--ack``.
+for the sink behind it) gets its sink from ``--sink`` and ``--ack``;
+:func:`make_access` is how it gets its access control from ``--redis``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from buffers import WaitingRing
 from gateway.config.settings import Config
@@ -14,7 +16,10 @@ from gateway.observe import logs
 from gateway.observe.telemetry import Histogram
 from sinks.base import Release, Sink, health_reporter
 
-__all__ = ["make_sink"]
+if TYPE_CHECKING:
+    from gateway.access.control import AccessControl
+
+__all__ = ["make_sink", "make_access"]
 
 
 def make_sink(config: Config, ring: WaitingRing, release: Optional[Release] = None,
@@ -45,3 +50,22 @@ def make_sink(config: Config, ring: WaitingRing, release: Optional[Release] = No
 
     return FileSink(release, config.data_dir, segment_bytes=config.segment_size,
                     flush_interval=config.flush_interval, report=report)
+
+
+def _report_access(access: AccessControl, line: str) -> None:
+    """Access control's rare state changes (Redis down, back): one event each."""
+    if access.redis_state == "down":
+        logs.emit("redis_down", level="error", detail=line)
+    else:
+        logs.emit("redis_up", detail=line)
+
+
+def make_access(config: Config) -> Optional[AccessControl]:
+    """The access control ``config`` asks for (``--redis``), or None when it is off."""
+    if not config.access_control:
+        return None
+    from gateway.access.control import AccessConfig, AccessControl
+
+    access = AccessControl(AccessConfig.from_config(config),
+                           report=lambda line: _report_access(access, line), log=logs.emit)
+    return access

@@ -45,7 +45,7 @@ import trio
 from buffers import BufferPool, RingBuffer, WaitingRing
 from gateway import errors, otlp
 from gateway.access.limiter import api_key_from_headers
-from gateway.assembly import make_sink
+from gateway.assembly import make_access, make_sink
 from gateway.config.errors import ConfigError
 from gateway.config.settings import Config
 from gateway.http.capacity import connection_capacity
@@ -122,25 +122,6 @@ def _answer_headers(head: RequestHead) -> List[Tuple[bytes, bytes]]:
     if head.path == otlp.LOGS_PATH:
         return otlp.success_headers(head.content_type)
     return _HEADERS.get(head.path, _JSON)
-
-
-def _report_access(access: AccessControl, line: str) -> None:
-    """Access control's rare state changes (Redis down, back): one event each."""
-    if access.redis_state == "down":
-        logs.emit("redis_down", level="error", detail=line)
-    else:
-        logs.emit("redis_up", detail=line)
-
-
-def make_access(config: Config) -> Optional[AccessControl]:
-    """The access control ``config`` asks for (``--redis``), or None when it is off."""
-    if not config.access_control:
-        return None
-    from gateway.access.control import AccessConfig, AccessControl
-
-    access = AccessControl(AccessConfig.from_config(config),
-                           report=lambda line: _report_access(access, line), log=logs.emit)
-    return access
 
 
 class Gateway:
