@@ -57,7 +57,8 @@ async def test_requests_are_signed_and_the_body_arrives_whole(fault_server, aws_
     endpoint = await trio.to_thread.run_sync(
         lambda: open_trio_endpoint("kinesis", endpoint_url=fault_server.url))
     assert isinstance(endpoint, TrioEndpoint)
-    reply = await endpoint.call(TARGET, body(datas=[b"x" * 100000, b""]))
+    # Over two SEND_SLICEs once base64-encoded: the body goes out in slices.
+    reply = await endpoint.call(TARGET, body(datas=[b"x" * 400000, b""]))
     await endpoint.aclose()
     assert reply.status == 200
     (headers,) = fault_server.requests
@@ -67,7 +68,7 @@ async def test_requests_are_signed_and_the_body_arrives_whole(fault_server, aws_
     assert headers["X-Amz-Target"] == TARGET
     assert headers["Content-Type"] == "application/x-amz-json-1.1"
     assert headers["X-Amz-Security-Token"] == "the-token"
-    assert fault_server.fake.stored_datas() == [b"x" * 100000, b""]
+    assert fault_server.fake.stored_datas() == [b"x" * 400000, b""]
 
 
 async def test_signature_is_accepted_by_moto_and_a_wrong_secret_is_not(moto, aws_env):
@@ -182,3 +183,26 @@ async def test_the_payload_hash_is_sha256_of_the_body_taken_in_slices():
     data = memoryview(bytes(range(256)) * (3 * HASH_SLICE // 256 + 7))
     assert await _sha256_hex(data) == hashlib.sha256(data).hexdigest()
     assert await _sha256_hex(memoryview(b"")) == hashlib.sha256(b"").hexdigest()
+
+
+@pytest.mark.parametrize("token", [None, "the-token"])
+async def test_signing_in_steps_gives_botocores_own_headers(monkeypatch, token):
+    import botocore.auth
+    from botocore.awsrequest import AWSRequest
+
+    from sinks.aws.trio_http import sign_in_steps
+
+    instant = datetime.datetime(2026, 12, 3, 10, 20, 30)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: instant)
+    credentials = Credentials("AKIDEXAMPLE", "s3cret", token).get_frozen_credentials()
+
+    def request() -> AWSRequest:
+        return AWSRequest(method="POST", url="https://kinesis.us-east-1.amazonaws.com/", headers={
+            "X-Amz-Target": TARGET, "Content-Type": "application/x-amz-json-1.1",
+            "X-Amz-Content-SHA256": hashlib.sha256(b"{}").hexdigest()})
+
+    theirs, ours = request(), request()
+    botocore.auth.SigV4Auth(credentials, "kinesis", "us-east-1").add_auth(theirs)
+    await sign_in_steps(botocore.auth.SigV4Auth(credentials, "kinesis", "us-east-1"), ours)
+    assert dict(ours.headers.items()) == dict(theirs.headers.items())
+    assert "Signature=" in ours.headers["Authorization"]

@@ -102,6 +102,8 @@ def test_smoke_run_writes_report(tmp_path) -> None:
         if case["server"].startswith("sluice"):
             assert case["gc"] is not None and case["gc"]["count"] >= 0
             assert case["gateway_statistics"]["requests"] >= load["completed"]
+            # The memory accounting and the heap census at the window's end.
+            assert case["heap"]["memory"] and case["heap"]["census"]["objects"] > 0
     table = (out / "results.md").read_text().strip().splitlines()
     rows = [line for line in table if line.startswith("|")]
     assert len(rows) == 2 + 4 and all(r.count("|") == rows[0].count("|") for r in rows)
@@ -145,3 +147,26 @@ def test_missing_interpreter_says_how_to_get_one(monkeypatch) -> None:
     with pytest.raises(servers.InterpreterError, match=r"\./dev bench load"):
         servers.find_python("pypy")
     assert servers.require_gateway_python(sys.executable) == sys.executable
+
+
+def test_stalls_are_charged_to_their_tasks_less_gc_and_preemption() -> None:
+    threshold = 0.001
+    stalls = [
+        # time, wall, thread CPU, GC inside, task, where the step ended
+        [5.0, 0.004, 0.0035, 0.0, "sinks.aws.sink.StreamSink._call", "aws/sink.py:1 _call"],
+        [5.1, 0.006, 0.006, 0.0055, "sinks.aws.sink.StreamSink._call", "aws/sink.py:2 _call"],  # GC's
+        [5.2, 0.009, 0.0002, 0.0, "gateway.server.Gateway._run_connection", "x:1 y"],  # preempted
+        [5.3, 0.002, 0.002, 0.0, "gateway.access.control.AccessControl._flush_loop", "z:1 w"],
+        [9.5, 0.050, 0.050, 0.0, "sinks.aws.sink.StreamSink._call", "outside the window"],
+    ]
+    probe = {"stalls": {"threshold_s": threshold, "steps": 1000, "dropped": 0, "stalls": stalls}}
+    summary = report.stall_summary(probe, (2.0, 8.0))
+    assert summary is not None
+    sink, connection, access = (summary["groups"][g] for g in ("sink", "connection", "access"))
+    assert (sink["stalls"], sink["without_gc"]) == (2, 1)
+    assert sink["max_without_gc_s"] == pytest.approx(0.0035)
+    assert sink["tasks"] == [("aws/sink.py:1 _call", 1)]
+    assert (connection["stalls"], connection["without_gc"]) == (1, 0)
+    assert access["without_gc"] == 1
+    text = report.details([{"name": "sluice-pypy-seed-open", "stalls": summary, "heap": None}])
+    assert "| sink | 2 | 6.00 | 1 | 3.50 | aws/sink.py:1 _call ×1 |" in text

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--redis", choices=("auto", "off"), default="auto",
                    help="auto: access control with a real redis-server when the gateway has --redis")
     p.add_argument("--tracemalloc", action="store_true", help="CPython gateway: run tracemalloc (slower)")
+    p.add_argument("--stalls", action="store_true",
+                   help="time every event-loop task step and report the stalls (steps of 1 ms or more) "
+                        "by task, with the GC time inside them (costs two clock reads per step)")
     p.add_argument("--workers", default="1",
                    help="comma-separated sluice serve --workers counts, one Sluice case each (default 1); "
                         "above 1 nothing is pinned")
@@ -144,7 +147,7 @@ def _start(name: str, workers: int, python: str, args: argparse.Namespace, case_
         return servers.start_gateway(python, args.sink, case_dir, probe_file=probe_file,
                                      tracemalloc=args.tracemalloc, kinesis_url=kinesis_url,
                                      redis_url=redis_url, extra=args.gateway_arg, workers=workers,
-                                     pin=not args.no_pin)
+                                     pin=not args.no_pin, stalls=args.stalls)
     return servers.start_peer(name, case_dir, args.cache)
 
 
@@ -256,6 +259,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                             "gc": report.gc_summary(probe, window),
                             "allocation": report.allocation_per_request(probe, window),
                             "gateway_statistics": probe.get("statistics") if probe else None,
+                            "stalls": report.stall_summary(probe, window),
+                            "stall_log": [s for s in ((probe or {}).get("stalls") or {}).get("stalls", [])
+                                          if window[0] <= s[0] < window[1]][:50_000],
+                            "heap": report.heap_summary(probe),
                             "gc_pauses": [p for p in (probe or {}).get("pauses", [])
                                           if window[0] <= p[0] < window[1]][:200_000]}
                     cases.append(case)
@@ -271,6 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     table = report.markdown(cases)
     if args.profile == "seed":
         table += "\n" + report.seed_targets(cases, implementation, args.gateway_arg)
+    table += report.details(cases)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("# Load run %s\n\n%s\n\n%s\n" % (meta["started"], "\n".join("- " + n for n in notes), table))
     if not args.no_plots:

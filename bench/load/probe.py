@@ -5,7 +5,11 @@ its wall-clock time, and on exit writes one JSON document to the path in
 ``SLUICE_BENCH_PROBE``: the pauses, ``Gateway.statistics()``, and the marks
 taken on SIGUSR1 (the harness sends one when its measured window starts and
 one when it ends).  With ``SLUICE_BENCH_TRACEMALLOC=1`` on CPython,
-``tracemalloc`` runs too and each mark carries the traced memory.
+``tracemalloc`` runs too and each mark carries the traced memory.  Each mark
+carries the interpreter's memory accounting, and the last one a heap census
+(:mod:`bench.load.heap`).  With ``SLUICE_BENCH_STALLS=1`` a Trio instrument
+times every task step and the document lists the loop stalls
+(:mod:`bench.load.stalls`).
 
 Pause sources: CPython's ``gc.callbacks`` (a start/stop pair per
 collection); PyPy's ``gc.hooks``, where one ``on_gc_minor`` or
@@ -28,10 +32,13 @@ import time
 from array import array
 from typing import Any, Dict, List, Optional
 
-__all__ = ["main", "PROBE_ENV", "TRACEMALLOC_ENV", "MAX_PAUSES"]
+from . import heap
+
+__all__ = ["main", "PROBE_ENV", "TRACEMALLOC_ENV", "STALLS_ENV", "MAX_PAUSES"]
 
 PROBE_ENV = "SLUICE_BENCH_PROBE"
 TRACEMALLOC_ENV = "SLUICE_BENCH_TRACEMALLOC"
+STALLS_ENV = "SLUICE_BENCH_STALLS"
 #: Pauses kept (four doubles each); later ones are only counted.  Two million
 #: is minutes of minor collections at the highest rates seen here.
 MAX_PAUSES = 2_000_000
@@ -55,8 +62,15 @@ class _Probe:
         self.gateway: Any = None
         self.marks: List[Dict[str, Any]] = []
         self._started = 0.0
+        #: Seconds in the collector so far (for the stall instrument).
+        self.gc_seconds = 0.0
+        self.stalls: Any = None
+
+    def gc_total(self) -> float:
+        return self.gc_seconds
 
     def add(self, t: float, duration: float, kind: int, count: int, longest: float) -> None:
+        self.gc_seconds += duration
         if len(self.log) < 5 * MAX_PAUSES:
             self.log.extend((t, duration, float(kind), float(count), longest))
         else:
@@ -90,6 +104,10 @@ class _Probe:
             if tracemalloc.is_tracing():
                 mark["traced_current"], mark["traced_peak"] = tracemalloc.get_traced_memory()
                 tracemalloc.reset_peak()
+        mark["memory"] = heap.memory()
+        if self.marks:
+            # The end of the measured window: the steady state's heap.
+            mark["census"] = heap.census()
         self.marks.append(mark)
 
     def document(self) -> Dict[str, Any]:
@@ -106,6 +124,7 @@ class _Probe:
             "pauses_dropped": self.dropped,
             "marks": self.marks,
             "statistics": None,
+            "stalls": None if self.stalls is None else self.stalls.document(),
         }
         if self.gateway is not None:
             try:
@@ -154,6 +173,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             probe.gateway = self
+
+        async def serve(self, *args: Any, **kwargs: Any) -> None:
+            if os.environ.get(STALLS_ENV) == "1":
+                import trio
+
+                from .stalls import StallInstrument
+
+                probe.stalls = StallInstrument(probe.gc_total)
+                trio.lowlevel.add_instrument(probe.stalls)
+            await super().serve(*args, **kwargs)
 
     cli.Gateway = _ProbedGateway  # type: ignore[misc]
     _install(probe)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import statistics
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["gc_summary", "rss_summary", "allocation_per_request", "markdown", "seed_targets"]
+__all__ = ["gc_summary", "rss_summary", "allocation_per_request", "markdown", "seed_targets",
+           "stall_summary", "heap_summary", "details"]
 
 _UNITS = {"kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "b": 1}
 
@@ -195,3 +196,86 @@ def seed_targets(cases: List[Dict[str, Any]], implementation: str, gateway_args:
                 c["server"], c["cpu_percent"], _ms(lat["p99"]), _ms(lat["max"]),
                 _mb(c["rss"]["steady_bytes"])))
     return "\n".join(rows) + "\n"
+
+
+#: Groups of Sluice's tasks a stall is charged to (bench.load.stalls.group_of).
+_GROUPS = ("sink", "access", "connection", "other")
+
+
+def _group_of(task_name: str) -> str:
+    from .stalls import group_of
+
+    return group_of(task_name)
+
+
+def stall_summary(probe: Optional[Dict[str, Any]], window: Tuple[float, float]) -> Optional[Dict[str, Any]]:
+    """Loop stalls inside ``window`` by group of task: how many, how many with the
+    collector's time taken out, and the longest of each kind."""
+    if not probe or not probe.get("stalls"):
+        return None
+    doc = probe["stalls"]
+    start, end = window
+    threshold = doc["threshold_s"]
+    groups: Dict[str, Dict[str, Any]] = {
+        g: {"stalls": 0, "max_s": 0.0, "without_gc": 0, "max_without_gc_s": 0.0, "tasks": {}}
+        for g in _GROUPS}
+    # A stall is the task's own when its CPU time less the GC time inside
+    # reaches the threshold; "tasks" counts where those steps ended.
+    for t, duration, cpu_s, gc_s, task, place in doc["stalls"]:
+        if not start <= t < end:
+            continue
+        g = groups[_group_of(task)]
+        g["stalls"] += 1
+        g["max_s"] = max(g["max_s"], duration)
+        # The task's own work: its thread's CPU time, less the collector's
+        # (time preempted by the machine or waiting for the GIL is not its).
+        own = min(duration, cpu_s) - gc_s
+        if own >= threshold:
+            g["without_gc"] += 1
+            g["max_without_gc_s"] = max(g["max_without_gc_s"], own)
+            g["tasks"][place] = g["tasks"].get(place, 0) + 1
+    for g in groups.values():
+        g["tasks"] = sorted(g["tasks"].items(), key=lambda kv: -kv[1])[:5]
+    return {"threshold_s": threshold, "steps": doc["steps"], "dropped": doc["dropped"], "groups": groups}
+
+
+def heap_summary(probe: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The interpreter's memory accounting and the heap census at the window's end."""
+    marks = (probe or {}).get("marks") or []
+    if len(marks) < 2:
+        return None
+    return {"memory": marks[-1].get("memory"), "census": marks[-1].get("census")}
+
+
+def details(cases: List[Dict[str, Any]]) -> str:
+    """Stalls by task group and the memory breakdown of each Sluice case, when measured."""
+    out: List[str] = []
+    for c in cases:
+        stalls, heap = c.get("stalls"), c.get("heap")
+        if stalls:
+            out.append("\n### %s: event-loop stalls (task steps of %.0f ms or more)\n" % (
+                c["name"], stalls["threshold_s"] * 1e3))
+            out.append("%d task steps timed.\n" % stalls["steps"])
+            out.append("| tasks | stalls (wall) | longest ms | own (CPU less GC) | longest own ms | "
+                       "where own stalls ended |")
+            out.append("|---|---|---|---|---|---|")
+            for name, g in stalls["groups"].items():
+                out.append("| %s | %d | %s | %d | %s | %s |" % (
+                    name, g["stalls"], _ms(g["max_s"]) if g["stalls"] else "–", g["without_gc"],
+                    _ms(g["max_without_gc_s"]) if g["without_gc"] else "–",
+                    ", ".join("%s ×%d" % tuple(kv) for kv in g["tasks"]) or "–"))
+        if heap and heap.get("memory"):
+            memory = heap["memory"]
+            out.append("\n### %s: memory at the window's end\n" % c["name"])
+            out.append(", ".join("%s %s" % (k, _mb(v) + " MB" if isinstance(v, int) and k != "total_gc_time"
+                                             else v) for k, v in memory.items()))
+            census = heap.get("census")
+            if census:
+                out.append("\nHeap: %d objects, %d weak references, %d weakly referenced, %d with "
+                           "finalizers." % (census["objects"], census["weakrefs"],
+                                            census["weakly_referenced"], census["finalized"]))
+                out.append("With finalizers: " + ", ".join(
+                    "%s %d" % tuple(kv) for kv in census["top_finalized"]))
+                out.append("\nWeakly referenced: " + ", ".join(
+                    "%s %d" % tuple(kv) for kv in census["top_weakly_referenced"]))
+    return "\n".join(out) + ("\n" if out else "")

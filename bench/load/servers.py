@@ -271,7 +271,7 @@ def gateway_has_redis(python: str) -> bool:
 
 def start_gateway(python: str, sink: str, workdir: str, *, probe_file: str, tracemalloc: bool = False,
                   kinesis_url: str = "", redis_url: str = "", extra: Sequence[str] = (),
-                  workers: int = 1, pin: bool = True) -> Child:
+                  workers: int = 1, pin: bool = True, stalls: bool = False) -> Child:
     """The gateway under the GC probe, pinned to core 0 unless ``pin`` is false;
     with ``workers`` above 1 a supervisor and its workers, never pinned (they use
     every core)."""
@@ -281,6 +281,8 @@ def start_gateway(python: str, sink: str, workdir: str, *, probe_file: str, trac
     env = _env(SLUICE_BENCH_PROBE=probe_file)
     if tracemalloc:
         env["SLUICE_BENCH_TRACEMALLOC"] = "1"
+    if stalls:
+        env["SLUICE_BENCH_STALLS"] = "1"
     if sink == "kinesis":
         command += ["--stream", "bench", "--endpoint-url", kinesis_url, "--region", "us-east-1"]
         env.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",

@@ -552,9 +552,15 @@ class StreamSink(RecordLimitFollower, Sink):
             except ServiceError as exc:
                 error = exc
             else:
+                # Reading a 500-record answer and settling its records are
+                # each about a millisecond of PyPy's time: the loop runs
+                # other tasks in between.  Shielded: this call's records are
+                # settled even when the sink is being cancelled.
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 result, error = self._read(reply, builder.outgoing)
                 if result is not None:
                     result = builder.per_entry(result)
+                await trio.lowlevel.cancel_shielded_checkpoint()
             now = trio.current_time()
             self.call_seconds.add(now - sent)
             rand = self._rng.random()

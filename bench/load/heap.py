@@ -1,0 +1,73 @@
+"""Where a gateway's memory goes, and what its garbage collector must walk.
+
+:func:`memory` reads the interpreter's own accounting: on PyPy,
+``gc.get_stats()`` (GC arenas, raw-malloced objects, nursery, JIT machine
+code); on CPython, the allocator's block count.  :func:`census` walks the heap
+once and counts the objects that make PyPy's major collection pause: the step
+that ends marking is not incremental, and it visits every old object with a
+finalizer and every old weak reference in one go.  It is taken at the end of a
+measured window, never during it: walking the heap takes a moment.
+"""
+from __future__ import annotations
+
+import collections
+import gc
+import platform
+import sys
+import weakref
+from typing import Any, Dict, List, Tuple
+
+__all__ = ["memory", "census", "TOP_TYPES"]
+
+_PYPY = platform.python_implementation() == "PyPy"
+#: Types listed by name in a census, most numerous first.
+TOP_TYPES = 15
+_PYPY_FIELDS = ("total_gc_memory", "total_arena_memory", "total_rawmalloced_memory", "nursery_size",
+                "jit_backend_used", "jit_backend_allocated", "total_allocated_memory", "peak_memory",
+                "total_memory_pressure", "total_gc_time")
+# Built-in types whose instances PyPy finalizes at interpreter level (they
+# hold a descriptor, a mapping or C memory), though they define no __del__.
+_NATIVE_FINALIZED = ("socket", "SSLSocket", "_SSLSocket", "BufferedReader", "BufferedWriter", "FileIO",
+                     "TextIOWrapper", "mmap", "generator", "coroutine", "async_generator", "Popen",
+                     "_CDataBase", "CDataOwnGC", "CDataGCP", "lock", "RLock", "SSLContext", "_SSLContext",
+                     "select.epoll", "epoll", "PyCapsule")
+
+
+def memory() -> Dict[str, Any]:
+    """The interpreter's memory accounting now (bytes), by part."""
+    if _PYPY:
+        stats = gc.get_stats()
+        return {name: getattr(stats, name, None) for name in _PYPY_FIELDS}
+    return {"allocated_blocks": sys.getallocatedblocks()}
+
+
+def _top(counter: collections.Counter) -> List[Tuple[str, int]]:
+    return counter.most_common(TOP_TYPES)
+
+
+def census() -> Dict[str, Any]:
+    """Counts of heap objects that PyPy's end-of-marking step walks: objects with
+    finalizers (a ``__del__``, or a native resource) and weakly referenced objects."""
+    objects = gc.get_objects()
+    by_type: collections.Counter = collections.Counter()
+    finalized: collections.Counter = collections.Counter()
+    weakly: collections.Counter = collections.Counter()
+    weakrefs = 0
+    for obj in objects:
+        kind = type(obj)
+        name = "%s.%s" % (getattr(kind, "__module__", "?"), kind.__qualname__)
+        by_type[name] += 1
+        if isinstance(obj, weakref.ref):
+            weakrefs += 1
+            continue
+        if getattr(kind, "__del__", None) is not None or kind.__name__ in _NATIVE_FINALIZED:
+            finalized[name] += 1
+        try:
+            if weakref.getweakrefcount(obj):
+                weakly[name] += 1
+        except TypeError:
+            pass
+    return {"objects": len(objects), "weakrefs": weakrefs,
+            "finalized": sum(finalized.values()), "weakly_referenced": sum(weakly.values()),
+            "top_types": _top(by_type), "top_finalized": _top(finalized),
+            "top_weakly_referenced": _top(weakly)}

@@ -1,0 +1,105 @@
+"""Which task held the event loop: a Trio instrument that times every task step.
+
+A step is the code a task runs between two checkpoints; while it runs, no
+other task can.  A step longer than :data:`STALL` is a loop stall, filed with
+the task's name, the CPU time its thread spent in it (a step that is long
+only because the machine preempted the process is not the code's fault), the
+garbage-collector time inside it (from the probe's pause hooks), and where
+the step ended (the innermost awaiting coroutine's line): so a stall can be
+charged to the code, to the collector or to the machine.  Task names are
+their functions' qualified names: a name starting with ``sinks.`` is the sink's.
+
+Timing every step costs two clock reads per step: the probe installs it only
+when ``SLUICE_BENCH_STALLS=1`` (``python -m bench.load --stalls``).
+"""
+from __future__ import annotations
+
+import os
+import time
+from array import array
+from typing import Any, Callable, Dict, List, Optional
+
+import trio
+
+__all__ = ["STALL", "MAX_STALLS", "StallInstrument", "group_of"]
+
+#: A task step at least this long is a stall (seconds).
+STALL = 0.001
+#: Stalls kept with their names; later ones are only counted.
+MAX_STALLS = 100_000
+
+
+def group_of(task_name: str) -> str:
+    """The part of Sluice a task belongs to: sink, access, connection or other."""
+    if task_name.startswith("sinks."):
+        return "sink"
+    if task_name.startswith("gateway.access."):
+        return "access"
+    if task_name.startswith(("gateway.server.", "gateway.http.")):
+        return "connection"
+    return "other"
+
+
+class StallInstrument(trio.abc.Instrument):
+    """Times task steps; keeps those of :data:`STALL` or longer."""
+
+    def __init__(self, gc_seconds: Callable[[], float]) -> None:
+        self._gc_seconds = gc_seconds
+        self._clock = time.perf_counter
+        self._cpu = time.thread_time
+        self._started = 0.0
+        self._cpu_at_start = 0.0
+        self._gc_at_start = 0.0
+        self.steps = 0
+        # flat: wall time, duration, cpu seconds, gc seconds inside; names in parallel
+        self.log = array("d")
+        self.names: List[str] = []
+        self.places: List[str] = []
+        self.dropped = 0
+
+    def before_task_step(self, task: Any) -> None:
+        self._gc_at_start = self._gc_seconds()
+        self._cpu_at_start = self._cpu()
+        self._started = self._clock()
+
+    def after_task_step(self, task: Any) -> None:
+        duration = self._clock() - self._started
+        self.steps += 1
+        if duration < STALL:
+            return
+        if len(self.names) >= MAX_STALLS:
+            self.dropped += 1
+            return
+        self.log.extend((time.time(), duration, self._cpu() - self._cpu_at_start,
+                         self._gc_seconds() - self._gc_at_start))
+        self.names.append(task.name)
+        self.places.append(_suspended_at(task))
+
+    def document(self) -> Dict[str, Any]:
+        log = self.log
+        return {"threshold_s": STALL, "steps": self.steps, "dropped": self.dropped,
+                "fields": ["time", "duration_s", "cpu_s", "gc_s", "task", "ended_at"],
+                "stalls": [[log[4 * i], log[4 * i + 1], log[4 * i + 2], log[4 * i + 3], self.names[i],
+                            self.places[i]] for i in range(len(self.names))]}
+
+
+_TRIO = os.path.dirname(trio.__file__)
+
+
+def _suspended_at(task: Any) -> str:
+    """``file:line function`` of the innermost coroutine of ``task`` outside Trio
+    (where the step ended), or ``(finished)``."""
+    coro: Optional[Any] = getattr(task, "coro", None)
+    frame = None
+    for _ in range(100):
+        if coro is None:
+            break
+        inner = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if inner is not None and not inner.f_code.co_filename.startswith(_TRIO):
+            frame = inner
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    if frame is None:
+        return "(finished)"
+    code = frame.f_code
+    parts = code.co_filename.replace(os.sep, "/").split("/")
+    return "%s:%d %s" % ("/".join(parts[-2:]), frame.f_lineno, code.co_name)
