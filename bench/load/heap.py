@@ -34,11 +34,47 @@ _NATIVE_FINALIZED = ("socket", "SSLSocket", "_SSLSocket", "BufferedReader", "Buf
 
 
 def memory() -> Dict[str, Any]:
-    """The interpreter's memory accounting now (bytes), by part."""
+    """The interpreter's memory accounting now (bytes), by part, and the
+    process's resident memory by kind of mapping (:func:`resident`)."""
     if _PYPY:
         stats = gc.get_stats()
-        return {name: getattr(stats, name, None) for name in _PYPY_FIELDS}
-    return {"allocated_blocks": sys.getallocatedblocks()}
+        found: Dict[str, Any] = {name: getattr(stats, name, None) for name in _PYPY_FIELDS}
+    else:
+        found = {"allocated_blocks": sys.getallocatedblocks()}
+    found["resident"] = resident()
+    return found
+
+
+def resident(path: str = "/proc/self/smaps") -> Dict[str, int]:
+    """Resident bytes by kind of mapping: shared anonymous memory (the ring),
+    private anonymous memory (the GC's arenas and malloc), the heap, code and
+    data of files (the interpreter, libraries), and the rest.  Empty off Linux."""
+    kinds: Dict[str, int] = collections.Counter()
+    kind = "other"
+    try:
+        with open(path) as smaps:
+            for line in smaps:
+                fields = line.split()
+                if not fields:
+                    continue
+                if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line
+                    name = fields[5] if len(fields) > 5 else ""
+                    shared = fields[1].endswith("s")
+                    if name == "[heap]":
+                        kind = "heap"
+                    elif name.startswith("/dev/zero") or (not name and shared):
+                        kind = "shared_anonymous"
+                    elif not name or name.startswith("[anon"):
+                        kind = "private_anonymous"
+                    elif name.startswith("/"):
+                        kind = "files"
+                    else:
+                        kind = "other"
+                elif fields[0] == "Rss:":
+                    kinds[kind] += int(fields[1]) * 1024
+    except OSError:
+        return {}
+    return dict(kinds)
 
 
 def _top(counter: collections.Counter) -> List[Tuple[str, int]]:

@@ -268,7 +268,11 @@ def details(cases: List[Dict[str, Any]]) -> str:
             memory = heap["memory"]
             out.append("\n### %s: memory at the window's end\n" % c["name"])
             out.append(", ".join("%s %s" % (k, _mb(v) + " MB" if isinstance(v, int) and k != "total_gc_time"
-                                             else v) for k, v in memory.items()))
+                                             else v) for k, v in memory.items() if k != "resident"))
+            if memory.get("resident"):
+                out.append("\nResident by mapping: " + ", ".join(
+                    "%s %s MB" % (k, _mb(v))
+                    for k, v in sorted(memory["resident"].items(), key=lambda kv: -kv[1])))
             census = heap.get("census")
             if census:
                 out.append("\nHeap: %d objects, %d weak references, %d weakly referenced, %d with "
