@@ -39,6 +39,7 @@ __all__ = [
     "NotImplementedFraming",
     "VersionNotSupported",
     "RateLimited",
+    "TooManyUploads",
     "QuotaExceeded",
     "Overloaded",
     "SinkUnavailable",
@@ -219,6 +220,13 @@ class QuotaExceeded(_RetryLater):
         super().__init__(message, retry_after=retry_after)
         self.quota = quota
         self.resets_at = resets_at
+
+
+class TooManyUploads(_RetryLater):
+    """Too many chunked uploads at once from one tenant or address (429)."""
+
+    status = 429
+    reason = "too_many_uploads"
 
 
 class AccessUnavailable(_RetryLater):

@@ -31,6 +31,7 @@ waiting for the sink get ``503`` (:meth:`Sink.stop_waiting`, then
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import errno
 import json
@@ -38,13 +39,13 @@ import math
 import socket as _stdlib_socket
 import time
 import traceback
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
 
 import trio
 
 from buffers import BufferPool, RingBuffer, WaitingRing
 from gateway import errors, otlp
-from gateway.access.limiter import api_key_from_headers
+from gateway.access.limiter import Admission, api_key_from_headers
 from gateway.assembly import make_access, make_sink
 from gateway.config.errors import ConfigError
 from gateway.config.settings import Config
@@ -93,6 +94,15 @@ ACCEPT_BACKOFF = 0.1
 #: their record are answered 503 (Sink.stop_waiting); they get this long to
 #: send that answer before their connections are cut.
 ANSWER_GRACE = 1.0
+#: Chunked uploads in progress at once per tenant and per client address.
+#: A chunked body's size is unknown until it ends, so each one reserves a
+#: whole --max-body slot and is charged to the byte rate and the monthly
+#: quota only once stored: this bounds what silent chunked connections hold
+#: of the ring, and how far concurrent chunked uploads can overshoot a
+#: tenant's quota (by this many bodies per gateway process).  Agents send
+#: one request at a time per connection and rarely open more than a couple.
+MAX_CHUNKED_PER_TENANT = 4
+MAX_CHUNKED_PER_ADDRESS = 4
 #: However short --shutdown-timeout is, the sink gets at least this long
 #: after the last request to store what it holds: a file sink's last write
 #: takes milliseconds, one Kinesis call well under a second.
@@ -147,6 +157,8 @@ class Gateway:
         self.registry = ConnectionRegistry(self.capacity.limit)
         self.draining = False
         self._refusing = 0
+        #: Chunked uploads in progress, by tenant and by client address.
+        self._chunked: Dict[object, int] = {}
         self._accept_scope: Optional[trio.CancelScope] = None
         self._conn_scope: Optional[trio.CancelScope] = None
         #: When draining: the end of --shutdown-timeout.
@@ -250,7 +262,7 @@ class Gateway:
         registry = self.registry
         while True:
             try:
-                sock, _ = await listener.accept()
+                sock, address = await listener.accept()
             except OSError as exc:
                 if exc.errno not in ACCEPT_CAPACITY_ERRORS:
                     raise
@@ -261,6 +273,7 @@ class Gateway:
             except OSError:
                 pass
             transport = SocketTransport(sock) if self.tls is None else TLSTransport(sock, self.tls)
+            transport.peer = address[0] if isinstance(address, tuple) else str(address)
             # At the limit, the longest-waiting connection makes room.
             tracked = registry.admit()
             if tracked is not None:
@@ -547,14 +560,17 @@ class Gateway:
                 raise errors.BadRequest("header value longer than %d bytes" % MAX_FIELD_BYTES)
         access = self.access
         if access is None:
-            return await self._store(head, conn, transport, None, parsed, limit)
+            with self._chunked_upload(length, transport.peer, None):
+                return await self._store(head, conn, transport, None, parsed, limit)
         # Decided from the head alone, before a ring slot is reserved and
         # before 100 Continue: a refused client uploads nothing.  The cost is
-        # the declared Content-Length; a chunked body costs 0 bytes here and
-        # its size is added to the month's usage once it is stored.
+        # the declared Content-Length; a chunked body costs 0 bytes here (a
+        # tenant still in debt for earlier bytes is refused) and its size is
+        # charged to the byte rate and the month once it is stored.
         admission = await access.check(api_key_from_headers(head.credential_headers), length or 0)
         try:
-            return await self._store(head, conn, transport, admission.tenant, parsed, limit)
+            with self._chunked_upload(length, transport.peer, admission.tenant):
+                return await self._store(head, conn, transport, admission, parsed, limit)
         except BaseException:
             # Not stored: take back the record and bytes the check counted.
             access.add_usage(admission.tenant, -1, -(length or 0))
@@ -568,11 +584,43 @@ class Gateway:
         await self._ingest(head, conn, transport, parsed, limit)
         return 200, otlp.SUCCESS_BODIES[encoding]
 
+    @contextlib.contextmanager
+    def _chunked_upload(self, length: Optional[int], peer: str,
+                        tenant: Optional[str]) -> Iterator[None]:
+        """Count a chunked upload against its tenant's and address's bounds."""
+        if length is not None:
+            yield
+            return
+        counts = self._chunked
+        keys: Tuple[object, ...] = (("address", peer),) if tenant is None else (
+            ("address", peer), ("tenant", tenant))
+        if counts.get(("address", peer), 0) >= MAX_CHUNKED_PER_ADDRESS:
+            raise errors.TooManyUploads(
+                "more than %d chunked uploads at once from one address: send one at a time "
+                "or with Content-Length" % MAX_CHUNKED_PER_ADDRESS, retry_after=1.0)
+        if tenant is not None and counts.get(("tenant", tenant), 0) >= MAX_CHUNKED_PER_TENANT:
+            raise errors.TooManyUploads(
+                "more than %d chunked uploads at once for tenant %s: send one at a time "
+                "or with Content-Length" % (MAX_CHUNKED_PER_TENANT, tenant), retry_after=1.0)
+        for key in keys:
+            counts[key] = counts.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            for key in keys:
+                left = counts[key] - 1
+                if left:
+                    counts[key] = left
+                else:
+                    del counts[key]
+
     async def _store(self, head: RequestHead, conn: HTTPConnection, transport: Transport,
-                     tenant_name: Optional[str], parsed: float, deadline: Deadline) -> Tuple[int, bytes]:
+                     admission: Optional[Admission], parsed: float,
+                     deadline: Deadline) -> Tuple[int, bytes]:
         """Reserve a ring slot, receive the body into it, hand the record to the sink."""
         config = self.config
         length = head.content_length
+        tenant_name = admission.tenant if admission is not None else None
         tenant = tenant_name.encode("ascii") if tenant_name is not None else None
         now_ms = int(time.time() * 1000)
         record_id = self.ids.next(now_ms)
@@ -613,8 +661,8 @@ class Gateway:
             self.ring.release(slot)
             raise
         self.accepted += 1
-        if tenant_name is not None and length is None and self.access is not None:
-            self.access.charge_after_store(tenant_name, filled)
+        if admission is not None and length is None and self.access is not None:
+            self.access.charge_after_store(admission.tenant, filled, admission.limits)
         if extra:
             doc = {"id": record_id}
             doc.update(extra)

@@ -229,6 +229,36 @@ def test_chunked_body_counts_its_size_once_stored(gateway, admin):
     wait_until(lambda: usage() == (1, 1234), timeout=10, what="chunked usage in Redis")
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_byte_rate_holds_for_chunked_bodies_as_for_content_length(gateway, admin, framing):
+    """Twenty 100 kB posts against 1,000 B/s: the first is stored, the rest get 429.
+
+    A chunked body is admitted as 0 bytes (its size is unknown), then charged
+    once stored: the tenant is in debt until the bytes are paid for.
+    """
+    tenant = "DEBT-" + framing
+    key = new_key(admin, tenant, bytes_per_second=1000, burst_bytes=1000)
+    body = b"d" * 100_000
+    statuses = []
+    answers = []
+    for _ in range(20):
+        with RawConnection(gateway.address) as conn:
+            if framing == "chunked":
+                conn.send(chunked_request([body[:50_000], body[50_000:]],
+                                          headers=[("Authorization", "Bearer " + key)]))
+            else:
+                conn.send(post_request_head(key, len(body)) + body)
+            response = conn.read_response()
+        statuses.append(response.status)
+        answers.append(response)
+    assert statuses == [202] + [429] * 19, statuses
+    refused = answers[-1]
+    assert json.loads(refused.body)["error"] == "rate_limited"
+    # The debt: 100 kB at 1,000 B/s less the 1,000-byte burst, about 99 s.
+    assert 90 <= int(refused.header("retry-after") or "0") <= 100
+    assert keystore.get_usage(admin, tenant, time.time()).bytes == len(body)
+
+
 def test_request_not_stored_is_not_counted(gateway, admin):
     key = new_key(admin, "ABORTED")
     _stored_id(post(gateway.address, b"kept", key))

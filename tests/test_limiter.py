@@ -20,10 +20,13 @@ from gateway.access.limiter import (
     check_call,
     decide,
     gcra,
+    gcra_name,
     month_id,
     month_start,
     next_month_start,
     parse_api_key,
+    tenant_name,
+    usage_commands,
 )
 from gateway.errors import (
     Forbidden,
@@ -265,3 +268,21 @@ def test_local_limiter_enforces_bytes_too() -> None:
     assert local.check("ACME", "k1", limits, 800, T0).admitted
     refused = local.check("ACME", "k1", limits, 800, T0)
     assert not refused.admitted and refused.which == "bytes"
+
+
+def test_local_charge_puts_a_tenant_in_debt_until_the_bytes_are_paid():
+    limits = TenantLimits(bytes_per_second=1000, burst_bytes=1000)
+    local = LocalLimiter()
+    local.charge("ACME", limits, 100_000, T0)
+    refused = local.check("ACME", "k1", limits, 0, T0 + 1)
+    assert not refused.admitted and refused.which == "bytes"
+    assert refused.retry_after == pytest.approx(98.0)
+    assert local.check("ACME", "k1", limits, 0, T0 + 99.5).admitted
+
+
+def test_usage_with_rate_bytes_charges_the_byte_rate_after_the_month():
+    delta = UsageDelta("ACME", "202311", 0, 8, int(T0), rate_bytes=8, charged_at=T0)
+    commands = usage_commands(delta, 60)
+    assert [c[0] for c in commands] == ["HINCRBY", "HINCRBY", "EXPIRE", "EVAL"]
+    assert commands[-1][3:] == (tenant_name("ACME"), gcra_name("ACME"), repr(T0), "8")
+    assert [c[0] for c in usage_commands(delta.negated(), 60)] == ["HINCRBY", "HINCRBY", "EXPIRE"]

@@ -14,12 +14,14 @@ from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence, Tupl
 
 import pytest
 import trio
+import trio.testing
 
 from gateway.access import keystore
 from gateway.access.control import AccessConfig, AccessControl
 from gateway.access.keystore import EdgeUnavailable
 from gateway.access.limiter import ScriptCall, UsageDelta, parse_api_key
 from gateway.config.settings import from_args
+from gateway.http.transport import MemoryTransport
 from gateway.server import Gateway
 from sinks.aws.partition_keys import KeyPolicy
 from sinks.base import HeaderLookup, Record, RecordKeys
@@ -225,3 +227,50 @@ async def test_redis_down_in_closed_mode_answers_503_and_is_not_ready():
     assert response.header(b"retry-after") == b"1"
     (ready,) = parse_responses(readyz.sent)
     assert ready.status == 503 and ready.json()["redis"] == "down"
+
+
+async def _silent_chunked(gateway: Gateway, peer: str, key: str = KEY) -> Tuple[int, bytes]:
+    """A chunked upload that sends its head and then nothing: (status, reason)."""
+    head = chunked([], headers=[(b"Authorization", b"Bearer " + key.encode())])
+    head = head[:head.index(b"\r\n\r\n") + 4]
+    transport = MemoryTransport([head], eof=False)
+    transport.peer = peer
+    await gateway.handle_connection(transport)
+    (response,) = parse_responses(transport.sent)
+    return response.status, response.json()["error"].encode()
+
+
+@pytest.mark.parametrize("same", ["tenant", "address"])
+async def test_concurrent_chunked_uploads_are_bounded_per_tenant_and_per_address(same):
+    """Silent chunked uploads cannot hold the ring, nor overshoot a quota without bound."""
+    from gateway.server import MAX_CHUNKED_PER_ADDRESS, MAX_CHUNKED_PER_TENANT
+
+    bound = MAX_CHUNKED_PER_TENANT if same == "tenant" else MAX_CHUNKED_PER_ADDRESS
+    edge = FakeEdge()
+    async with gateway_with(edge) as (gateway, _):
+        async with trio.open_nursery() as nursery:
+            for n in range(bound):
+                peer = "192.0.2.%d" % n if same == "tenant" else "192.0.2.1"
+                key = KEY if same == "tenant" else keystore.new_api_key("T%d" % n)
+                nursery.start_soon(_silent_chunked, gateway, peer, key)
+            await trio.testing.wait_all_tasks_blocked()
+            key = KEY if same == "tenant" else keystore.new_api_key("OTHER")
+            status, reason = await _silent_chunked(gateway, "192.0.2.200" if same == "tenant"
+                                                   else "192.0.2.1", key)
+            assert (status, reason) == (429, b"too_many_uploads")
+            # Content-Length uploads are not counted: their slot is the size they declare.
+            transport = await serve(gateway, [with_key(b"fine")])
+            assert [r.status for r in parse_responses(transport.sent)] == [202]
+            nursery.cancel_scope.cancel()
+        assert gateway._chunked == {}
+
+
+async def test_chunked_body_is_charged_to_the_byte_rate_and_a_tenant_in_debt_is_refused():
+    edge = FakeEdge()
+    headers = [(b"Authorization", b"Bearer " + KEY.encode())]
+    async with gateway_with(edge) as (gateway, _):
+        await serve(gateway, [chunked([b"abc", b"defgh"], headers=headers)])
+        await serve(gateway, [with_key(b"next")])  # carries the charge to Redis
+    charged = [d for d in edge.usage if d.rate_bytes]
+    assert [(d.rate_bytes, d.bytes, d.records) for d in charged] == [(8, 8, 0)]
+    assert charged[0].charged_at > 0

@@ -51,6 +51,7 @@ each; nothing is reported per request, and no key or password ever is.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ from gateway.access.limiter import (
     LocalLimiter,
     ParsedKey,
     ScriptCall,
+    TenantLimits,
     UsageDelta,
     check_call,
     decide,
@@ -452,8 +454,7 @@ class AccessControl:
     def add_usage(self, tenant: str, records: int, body_bytes: int) -> None:
         """Add usage to ``tenant``'s month (negative: take back) with the next pipeline.
 
-        For what a check could not know: a chunked body's size, or a request
-        that was admitted (and counted) but then not stored.
+        For a request that was admitted (and counted) but then not stored.
         """
         if self._leases is not None and (records < 0 or body_bytes < 0) \
                 and self._leases.give_back(tenant, -records, -body_bytes):
@@ -463,16 +464,26 @@ class AccessControl:
         self._local.add_usage(UsageDelta(delta.tenant, delta.month, records, delta.bytes,
                                          delta.expire_at))
 
-    def charge_after_store(self, tenant: str, body_bytes: int) -> None:
+    def charge_after_store(self, tenant: str, body_bytes: int,
+                           limits: Optional[TenantLimits] = None) -> None:
         """Charge a body whose size was known only once stored (chunked) to ``tenant``.
 
         With leases it is spent from the tenant's slice, which may go into
         debt: the debt is charged to the byte rate and the month when the
         slice is settled, so a tenant in debt gets 429 until it is paid.
+        Otherwise the bytes go to the month's usage and are charged against
+        the byte rate as debt, here (fail-open, with the tenant's ``limits``)
+        and in Redis with the next pipeline: the tenant's next requests are
+        refused until the debt is paid.
         """
         if self._leases is not None and self._leases.charge_after_store(tenant, body_bytes):
             return
-        self.add_usage(tenant, 0, body_bytes)
+        now = self._clock()
+        delta = UsageDelta.for_request(tenant, body_bytes, now)
+        self._local.add_usage(UsageDelta(delta.tenant, delta.month, 0, delta.bytes,
+                                         delta.expire_at, rate_bytes=delta.bytes))
+        if limits is not None:
+            self._local.charge(tenant, limits, body_bytes, now)
 
     # -- the background loop ------------------------------------------------
 
@@ -565,7 +576,8 @@ class AccessControl:
             return
         now = self._clock()
         # TTLs, not EXPIREAT: Redis's own clock need not agree with ours.
-        usage_ttls = [(d, max(1, int(d.expire_at - now))) for d in usage]
+        usage_ttls = [(dataclasses.replace(d, charged_at=now) if d.rate_bytes else d,
+                       max(1, int(d.expire_at - now))) for d in usage]
         groups = _by_key(live)
         results = await self._pipeline([_group_call(g) for g in groups], usage_ttls, live, usage)
         if results is None:

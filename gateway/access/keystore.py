@@ -380,15 +380,19 @@ class RedisEdge:
     def run_checks(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]] = ()
                    ) -> Tuple[List[object], int, int]:
         """Replies to ``calls``; ``usage`` pairs a delta with its hash's TTL."""
-        # (key that routes it, command): the key picks the cluster node.
-        commands: List[Tuple[Any, tuple]] = [(call.keys[0], check_command(call)) for call in calls]
+        # (key that routes it, command): the key picks the cluster node.  The
+        # usage goes first, so bytes charged to a rate count in these checks.
+        commands: List[Tuple[Any, tuple]] = []
         for delta, ttl in usage:
-            commands += [(command[1], command) for command in usage_commands(delta, ttl)]
+            commands += [(command[1] if command[0] != "EVAL" else command[3], command)
+                         for command in usage_commands(delta, ttl)]
+        skip = len(commands)
+        commands += [(call.keys[0], check_command(call)) for call in calls]
         try:
             client = self._get_client()
             results, pipelines = self._send(client, commands)
             loads = 0
-            missing = [i for i in range(len(calls))
+            missing = [i for i in range(skip, len(commands))
                        if isinstance(results[i], redis.exceptions.NoScriptError)]
             if missing:
                 client.script_load(CHECK_SCRIPT)
@@ -406,7 +410,7 @@ class RedisEdge:
             # A node still loading its data or a cluster without quorum.
             if isinstance(reply, _EDGE_ERRORS):
                 raise EdgeUnavailable(type(reply).__name__) from reply
-        return results[:len(calls)], pipelines, loads
+        return results[skip:], pipelines, loads
 
     def _send(self, client: Any, commands: Sequence[Tuple[str, tuple]]) -> Tuple[List[object], int]:
         """Write every node's commands, then read every node's replies."""

@@ -79,6 +79,8 @@ __all__ = [
     "next_month_start",
     "month_id",
     "UsageDelta",
+    "CHARGE_SCRIPT",
+    "usage_commands",
     "LocalLimiter",
 ]
 
@@ -286,6 +288,23 @@ return reply('ok', rrem, tostring(rreset), urec + nrec, ubytes + nbytes)
 
 CHECK_SCRIPT_SHA = hashlib.sha1(CHECK_SCRIPT.encode("utf-8")).hexdigest()
 
+# Charges bytes known only after the check (a chunked body) against the
+# tenant's byte rate, with no check: the GCRA state may go past the burst,
+# and every later check (even of 0 bytes) is then refused until that debt is
+# paid, its Retry-After the time that takes.  KEYS: 1 tenant, 2 GCRA state.
+# ARGV: 1 now (unix s), 2 bytes.  Sent with EVAL, not EVALSHA: it runs once
+# per chunked upload, Redis caches the compiled script, and the edges then
+# need no NOSCRIPT handling for it.  Written with %.17g so the float survives.
+CHARGE_SCRIPT = r"""
+local bps = tonumber(redis.call('HGET', KEYS[1], 'bps') or '0') or 0
+if bps <= 0 then return 0 end
+local now = tonumber(ARGV[1])
+local tat = tonumber(redis.call('HGET', KEYS[2], 'bytes') or '0') or 0
+if tat < now then tat = now end
+redis.call('HSET', KEYS[2], 'bytes', string.format('%.17g', tat + tonumber(ARGV[2]) / bps))
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class ScriptCall:
@@ -319,10 +338,20 @@ def check_command(call: ScriptCall) -> Tuple[object, ...]:
 
 
 def usage_commands(delta: UsageDelta, ttl: int) -> List[Tuple[object, ...]]:
-    """The Redis commands that add ``delta`` to its month, whose hash expires in ``ttl`` s."""
+    """The Redis commands that add ``delta`` to its month, whose hash expires in ``ttl`` s.
+
+    Bytes in ``delta.rate_bytes`` are also charged against the byte rate
+    (:data:`CHARGE_SCRIPT`) at ``delta.charged_at``.
+    """
     name = usage_name(delta.tenant, delta.month)
-    return [("HINCRBY", name, "records", delta.records), ("HINCRBY", name, "bytes", delta.bytes),
-            ("EXPIRE", name, ttl)]
+    commands: List[Tuple[object, ...]] = [
+        ("HINCRBY", name, "records", delta.records), ("HINCRBY", name, "bytes", delta.bytes),
+        ("EXPIRE", name, ttl)]
+    if delta.rate_bytes > 0:
+        commands.append(("EVAL", CHARGE_SCRIPT, 2, tenant_name(delta.tenant),
+                         gcra_name(delta.tenant), repr(float(delta.charged_at)),
+                         str(int(delta.rate_bytes))))
+    return commands
 
 
 @dataclass(frozen=True)
@@ -332,6 +361,7 @@ class Admission:
     ``limit``/``remaining``/``reset`` describe the request-rate allowance for
     ``RateLimit-*`` headers (``limit == 0``: the tenant has no request rate
     limit).  ``source`` is ``"redis"`` or ``"local"`` (fail-open).
+    ``limits`` are the tenant's limits as Redis last gave them.
     """
 
     tenant: str
@@ -340,6 +370,7 @@ class Admission:
     remaining: int = 0
     reset: float = 0.0
     source: str = "redis"
+    limits: Optional[TenantLimits] = None
 
 
 # Outcomes of a check, as the script names them.
@@ -383,7 +414,7 @@ class Decision:
 
     def admission(self, source: str = "redis") -> Admission:
         return Admission(self.tenant, self.key_id, self.limit, self.remaining,
-                         self.reset, source)
+                         self.reset, source, self.limits)
 
     def error(self, now: Optional[float] = None) -> RequestError:
         """A fresh exception for this refusal, its delay counted from ``now``."""
@@ -534,13 +565,20 @@ def month_id(now: float) -> str:
 
 @dataclass(frozen=True)
 class UsageDelta:
-    """Usage counted outside Redis, to add to a tenant's month when it returns."""
+    """Usage counted outside Redis, to add to a tenant's month when it returns.
+
+    ``rate_bytes`` of it are also charged against the tenant's byte rate:
+    bytes no check saw (a chunked body's size), as of ``charged_at`` (the
+    clock when it is sent).
+    """
 
     tenant: str
     month: str
     records: int
     bytes: int
     expire_at: int
+    rate_bytes: int = 0
+    charged_at: float = 0.0
 
     @classmethod
     def for_request(cls, tenant: str, body_bytes: int, now: float) -> UsageDelta:
@@ -549,6 +587,8 @@ class UsageDelta:
         return cls(tenant, month, 1, int(body_bytes), end + USAGE_RETENTION)
 
     def negated(self) -> UsageDelta:
+        # Only the month's counts are taken back: bytes charged to the rate
+        # were received, whatever became of them.
         return UsageDelta(self.tenant, self.month, -self.records, -self.bytes, self.expire_at)
 
 
@@ -588,15 +628,26 @@ class LocalLimiter:
         return Decision(ADMITTED, tenant, key_id, limits, limit=limit,
                         remaining=r.remaining if limit else 0, reset=r.reset, now=now)
 
+    def charge(self, tenant: str, limits: TenantLimits, nbytes: int, now: float) -> None:
+        """Charge ``nbytes`` no check saw against ``tenant``'s local byte rate, as debt."""
+        share = limits.divided(self.instance_count)
+        if share.bytes_per_second <= 0 or nbytes <= 0:
+            return
+        rtat, btat = self._tats.get(tenant, (0.0, 0.0))
+        if tenant not in self._tats and len(self._tats) >= self.max_tenants:
+            del self._tats[next(iter(self._tats))]
+        self._tats[tenant] = (rtat, max(btat, now) + nbytes / share.bytes_per_second)
+
     def add_usage(self, delta: UsageDelta) -> None:
         """Count usage (also to give back deltas whose flush failed)."""
         slot = self._usage.get((delta.tenant, delta.month))
         if slot is None:
             self._usage[(delta.tenant, delta.month)] = [delta.records, delta.bytes,
-                                                        delta.expire_at]
+                                                        delta.expire_at, delta.rate_bytes]
         else:
             slot[0] += delta.records
             slot[1] += delta.bytes
+            slot[3] += delta.rate_bytes
 
     def pending_usage(self) -> Tuple[int, int]:
         """Records and bytes counted but not yet handed to Redis."""
@@ -606,4 +657,4 @@ class LocalLimiter:
     def take_usage(self) -> List[UsageDelta]:
         """Hand over (and forget) everything counted so far."""
         usage, self._usage = self._usage, {}
-        return [UsageDelta(t, m, v[0], v[1], v[2]) for (t, m), v in usage.items()]
+        return [UsageDelta(t, m, v[0], v[1], v[2], v[3]) for (t, m), v in usage.items()]

@@ -105,14 +105,24 @@ class AsyncRedisEdge:
 
     async def run_checks(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]] = ()
                          ) -> Tuple[List[object], int, int]:
-        """Replies to ``calls``; ``usage`` pairs a delta with its hash's TTL."""
+        """Replies to ``calls``; ``usage`` pairs a delta with its hash's TTL.
+
+        The usage goes first, so bytes charged to a rate count in the checks
+        of the same pipeline.
+        """
         out = bytearray()
-        for call in calls:
-            pack_command(out, check_command(call))  # type: ignore[arg-type]
+        skip = 0
         for delta, ttl in usage:
             for command in usage_commands(delta, ttl):
                 pack_command(out, command)  # type: ignore[arg-type]
-        replies = await self._pipeline(out, len(calls) + 3 * len(usage))
+                skip += 1
+        for call in calls:
+            pack_command(out, check_command(call))  # type: ignore[arg-type]
+        every = await self._pipeline(out, skip + len(calls))
+        for reply in every[:skip]:
+            if isinstance(reply, ReplyError) and reply.code in _UNAVAILABLE_CODES:
+                raise EdgeUnavailable("ResponseError: %s" % reply.code)
+        replies = every[skip:]
         pipelines, loads = 1, 0
         missing = [i for i in range(len(calls))
                    if isinstance(replies[i], ReplyError) and replies[i].code == "NOSCRIPT"]

@@ -29,6 +29,9 @@ TLS_RECEIVE_BYTES = 16 * 1024
 class Transport:
     """What a connection handler needs from its peer."""
 
+    #: The client's address (IP) when known: per-address bounds key on it.
+    peer = ""
+
     async def recv_into(self, view: memoryview) -> int:
         """Receive into ``view``; 0 means the peer finished sending."""
         raise NotImplementedError
