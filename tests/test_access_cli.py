@@ -206,3 +206,12 @@ def test_gateway_on_a_redis_cluster_and_over_tls(tmp_path):
                              data_dir=str(tmp_path / "tls")) as gateway:
             assert gateway.started["access"].startswith("access control on (Redis rediss://")
             assert post(gateway.address, b"t", key).status == 202
+        # The same server under a name its certificate does not carry: refused at
+        # start, and the log says why.
+        other = server.tls_url.replace("rediss://127.0.0.1:", "rediss://localhost:", 1)
+        with running_gateway([], env={"SLUICE_REDIS_URL": other},
+                             data_dir=str(tmp_path / "tls-other")) as gateway:
+            (down,) = gateway.events("redis_down")
+            assert "TLS certificate not accepted" in down["detail"], down
+            assert "mismatch" in down["detail"], down
+            assert post(gateway.address, b"t", key).status == 503

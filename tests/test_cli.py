@@ -301,3 +301,42 @@ def test_read_reports_a_damaged_segment(tmp_path, damage):
     assert result.returncode != 0 and len(stderr.splitlines()) == 1, stderr
     assert stderr.startswith("sluice read: %s: " % segment), stderr
     assert ("CRC mismatch" if damage == "crc" else "not a sluice segment") in stderr
+
+
+def test_pypy_restart_moves_a_redis_password_out_of_the_command_line():
+    from gateway.cli.main import argv_without_secrets
+    from gateway.cli.serve import SECRET_FLAG_MARK
+
+    url = "redis://:hunter2@127.0.0.1:6379/0"
+    argv, env = argv_without_secrets(["serve", "--redis", url, "--listen", "127.0.0.1:0"])
+    assert argv == ["serve", "--listen", "127.0.0.1:0"]
+    assert env == {"SLUICE_REDIS_URL": url, SECRET_FLAG_MARK: "--redis"}
+    argv, env = argv_without_secrets(["serve", "--redis=" + url])
+    assert argv == ["serve"] and env["SLUICE_REDIS_URL"] == url
+    plain = ["serve", "--redis", "redis://127.0.0.1:6379/0", "--redis-cluster"]
+    assert argv_without_secrets(plain) == (plain, {})
+
+
+def test_start_warns_of_a_password_on_the_command_line_and_of_root():
+    import io
+
+    from gateway.cli.serve import SECRET_FLAG_MARK, start_warnings
+    from gateway.config import settings
+    from gateway.observe import logs
+
+    url = "redis://:hunter2@127.0.0.1:6379/0"
+    stream = io.StringIO()
+    logs.configure(stream=stream)
+    try:
+        config, origins = settings.load_with_origins({"redis": url}, {})
+        start_warnings(config, origins, {}, euid=1000)
+        config, origins = settings.load_with_origins({}, {"SLUICE_REDIS_URL": url})
+        start_warnings(config, origins, {}, euid=1000)  # from the environment: fine
+        environ = {SECRET_FLAG_MARK: "--redis"}  # moved there by the PyPy restart
+        start_warnings(config, origins, environ, euid=0)
+        assert environ == {}
+    finally:
+        logs.configure()
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert events == ["secret_on_command_line", "secret_on_command_line", "running_as_root"]
+    assert "hunter2" not in stream.getvalue()

@@ -279,3 +279,64 @@ def test_tls(tls_redis_server: RedisServer, capsys: Any) -> None:  # noqa: F811
                              socket_timeout=2)
     with pytest.raises(redis.exceptions.ConnectionError):  # the TLS port wants TLS
         plain.ping()
+
+
+def _other_name(url: str) -> str:
+    """The TLS URL under a name its certificate (made for 127.0.0.1 only) does not carry."""
+    return url.replace("rediss://127.0.0.1:", "rediss://localhost:", 1)
+
+
+def test_tls_refuses_a_certificate_for_another_name(tls_redis_server: RedisServer,  # noqa: F811
+                                                    capsys: Any) -> None:
+    """The chain is trusted (ssl_ca_certs), the name is not: no connection, a clear reason."""
+    import trio
+
+    from gateway.access.keystore import EdgeUnavailable
+    from gateway.access.redis_trio import AsyncRedisEdge
+
+    url = _other_name(tls_redis_server.tls_url)
+    with pytest.raises(redis.exceptions.ConnectionError) as caught:  # the admin client
+        keystore.connect(url, socket_timeout=5).ping()
+    assert keystore.edge_failure(caught.value).startswith("TLS certificate not accepted")
+    status, _, err = cli(capsys, "tenants", "list", "--redis", url)
+    assert status == 1 and "TLS certificate not accepted" in err and "mismatch" in err, err
+    edge = RedisEdge(url)  # the thread edge (also the Cluster's)
+    try:
+        with pytest.raises(EdgeUnavailable, match="TLS certificate not accepted.*mismatch"):
+            edge.probe()
+    finally:
+        edge.close()
+
+    async def probe_async() -> None:
+        async_edge = AsyncRedisEdge(url, socket_timeout=5)
+        try:
+            await async_edge.probe()
+        finally:
+            async_edge.close()
+
+    with pytest.raises(EdgeUnavailable, match="TLS certificate not accepted.*mismatch"):
+        trio.run(probe_async)
+    # Checking can be switched off only in so many words.
+    edge = RedisEdge(url + "&ssl_check_hostname=false")
+    try:
+        edge.probe()
+    finally:
+        edge.close()
+
+
+@pytest.mark.parametrize("url", ["redis://:hunter2/x@127.0.0.1:6379/0",
+                                 "redis://u:hunter2#x@127.0.0.1:6379/0",
+                                 "redis://:hunter2@127.0.0.1:hunter2/0"])
+def test_an_unparsable_url_never_echoes_its_password(url: str, capsys: Any) -> None:
+    from gateway.access.redis_trio import AsyncRedisEdge
+    from gateway.config.settings import parse_redis_url
+
+    for attempt in (lambda: parse_redis_url(url), lambda: AsyncRedisEdge(url),
+                    lambda: keystore.connect(url)):
+        try:
+            attempt()
+        except ValueError as exc:
+            assert "hunter2" not in str(exc) and "not a Redis URL" in str(exc)
+    status, _, err = cli(capsys, "tenants", "list", "--redis", url)
+    assert status in (1, 2) and "hunter2" not in err
+    assert "visible to other local users" in err  # a password on the command line

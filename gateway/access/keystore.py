@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import ssl
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -59,7 +60,7 @@ from gateway.access.limiter import (
     usage_name,
     valid_tenant,
 )
-from gateway.config.secrets import redacted_url
+from gateway.config.secrets import URL_PARSE_ERROR, redacted_url
 
 __all__ = [
     "DEFAULT_REDIS_URL",
@@ -82,6 +83,7 @@ __all__ = [
     "set_enabled",
     "get_usage",
     "EdgeUnavailable",
+    "edge_failure",
     "RedisEdge",
 ]
 
@@ -124,11 +126,14 @@ def connect(url: str = DEFAULT_REDIS_URL, *, cluster: bool = False,
         "socket_connect_timeout": socket_connect_timeout,
         "retry": Retry(NoBackoff(), retries),
     }
-    if cluster:
-        from redis.cluster import RedisCluster
+    try:
+        if cluster:
+            from redis.cluster import RedisCluster
 
-        return RedisCluster.from_url(url, **options)
-    return redis.Redis.from_url(url, **options)
+            return RedisCluster.from_url(url, **options)
+        return redis.Redis.from_url(url, **options)
+    except ValueError:
+        raise ValueError(URL_PARSE_ERROR) from None
 
 
 def new_api_key(tenant: str) -> str:
@@ -334,6 +339,29 @@ _EDGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                 redis.exceptions.BusyLoadingError, OSError)
 
 
+def edge_failure(exc: BaseException) -> str:
+    """What failed in reaching Redis, without anything that could hold a secret.
+
+    A refused TLS certificate says which check failed (host name, issuer,
+    expiry): otherwise every failure is its exception's class name.
+    """
+    seen = exc
+    for _ in range(8):  # the chain redis-py builds is two or three deep
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return "TLS certificate not accepted: %s" % (seen.verify_message or seen.reason)
+        nxt = seen.__cause__ or seen.__context__
+        if nxt is None:
+            break
+        seen = nxt
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        # redis-py keeps only the text of the ssl error; this part of it names
+        # the failed check (it holds host and port, never the password).
+        return "TLS certificate not accepted: %s" % text[text.index("certificate verify failed"):] \
+            if "certificate verify failed" in text else "TLS certificate not accepted"
+    return type(exc).__name__
+
+
 class RedisEdge:
     """The Redis side, sync, called from worker threads.
 
@@ -371,7 +399,7 @@ class RedisEdge:
             client.script_load(CHECK_SCRIPT)
             client.script_load(LEASE_SCRIPT)
         except _EDGE_ERRORS as exc:
-            raise EdgeUnavailable(type(exc).__name__) from exc
+            raise EdgeUnavailable(edge_failure(exc)) from exc
         except redis.exceptions.ResponseError as exc:
             # Redis answered but refused (an ACL without EVALSHA, a missing
             # database): the reply says why and holds no secret.
@@ -405,7 +433,7 @@ class RedisEdge:
             if self._cluster and any(isinstance(r, redis.exceptions.AskError) for r in results):
                 client.nodes_manager.initialize()
         except _EDGE_ERRORS as exc:
-            raise EdgeUnavailable(type(exc).__name__) from exc
+            raise EdgeUnavailable(edge_failure(exc)) from exc
         for reply in results:
             # A node still loading its data or a cluster without quorum.
             if isinstance(reply, _EDGE_ERRORS):

@@ -28,10 +28,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import trio
 from redis.connection import parse_url
 
-from gateway.access.keystore import EdgeUnavailable
+from gateway.access.keystore import EdgeUnavailable, edge_failure
 from gateway.access.lease import LEASE_SCRIPT
 from gateway.access.limiter import CHECK_SCRIPT, ScriptCall, UsageDelta, check_command, usage_commands
 from gateway.access.resp import NEED_DATA, ProtocolError, ReplyError, ReplyReader, pack_command
+from gateway.config.secrets import URL_PARSE_ERROR
 
 __all__ = ["AsyncRedisEdge", "MAX_IDLE_CONNECTIONS", "RECEIVE_BYTES"]
 
@@ -82,8 +83,8 @@ class AsyncRedisEdge:
     def __init__(self, url: str, *, socket_timeout: float = 1.0) -> None:
         try:
             self._options: Dict[str, Any] = parse_url(url)
-        except ValueError as exc:
-            raise ValueError("not a Redis URL: %s" % exc) from None
+        except ValueError:
+            raise ValueError(URL_PARSE_ERROR) from None
         self._timeout = socket_timeout
         self._idle: List[_Connection] = []
         self._busy: List[_Connection] = []
@@ -226,7 +227,10 @@ class AsyncRedisEdge:
                                                  capath=options.get("ssl_ca_path"))
             reqs = options.get("ssl_cert_reqs", "required")
             verify = _CERT_REQS.get(reqs, reqs) if isinstance(reqs, str) else reqs
-            context.check_hostname = bool(options.get("ssl_check_hostname", False)) \
+            # The host name is checked unless the URL says otherwise, as
+            # redis-py 6+ does: a certificate any public CA issued for another
+            # name must not get the AUTH password.
+            context.check_hostname = bool(options.get("ssl_check_hostname", True)) \
                 and verify != ssl.CERT_NONE
             context.verify_mode = verify  # type: ignore[assignment]
             if options.get("ssl_certfile"):
@@ -242,5 +246,8 @@ def _reason(exc: BaseException) -> str:
         return "TimeoutError"
     if isinstance(exc, ProtocolError):
         return "ProtocolError"
-    # Refused, reset, closed, TLS failures: redis-py calls them all this.
+    reason = edge_failure(exc)  # a refused TLS certificate, maybe inside trio's error
+    if reason.startswith("TLS"):
+        return reason
+    # Refused, reset, closed, other TLS failures: redis-py calls them all this.
     return "ConnectionError"

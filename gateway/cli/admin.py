@@ -31,6 +31,7 @@ import redis
 
 from gateway.access import keystore
 from gateway.access.limiter import TenantLimits, valid_tenant
+from gateway.config.secrets import has_password
 
 __all__ = ["REDIS_URL_ENV", "REDIS_CLUSTER_ENV", "add_admin_commands", "build_parser", "run", "main"]
 
@@ -275,12 +276,15 @@ def build_parser(prog: str = "sluice") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed admin command, turning Redis failures into a message."""
+    if has_password(args.redis) and args.redis != os.environ.get(REDIS_URL_ENV):
+        print("warning: the Redis password given with --redis is visible to other local users "
+              "(ps, shell history): give the URL in $%s instead" % REDIS_URL_ENV, file=sys.stderr)
     try:
         return args.func(args)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
             redis.exceptions.RedisClusterException) as exc:
         print("error: cannot reach Redis at %s (%s)" % (keystore.redacted_url(args.redis),
-                                                        type(exc).__name__), file=sys.stderr)
+                                                        keystore.edge_failure(exc)), file=sys.stderr)
         return 1
     except ValueError as exc:
         print("error: %s" % exc, file=sys.stderr)

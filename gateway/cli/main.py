@@ -15,14 +15,22 @@ import json
 import os
 import platform
 import sys
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import trio
 
 from gateway import __version__
 from gateway.cli import admin as admin_cli
 from gateway.cli import spool as spool_cli
-from gateway.cli.serve import config_error, interpreter, serve_until_drained, started_fields, watch_signals
+from gateway.cli.serve import (
+    SECRET_FLAG_MARK,
+    config_error,
+    interpreter,
+    serve_until_drained,
+    start_warnings,
+    started_fields,
+    watch_signals,
+)
 from gateway.config import settings as _config
 from gateway.config import view as config_view
 from gateway.observe import logs, metrics
@@ -130,11 +138,45 @@ def pypy_gc_environment(environ: Mapping[str, str]) -> Dict[str, str]:
     return {name: value for name, value in PYPY_GC_SETTINGS.items() if name not in environ}
 
 
+def argv_without_secrets(argv: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
+    """``argv`` without a ``--redis`` URL that holds a password, and the environment that gives it.
+
+    For the PyPy restart: the new process's command line (shown by ``ps``)
+    then holds no password, and the setting's value is the same (a flag and
+    its environment twin outrank the settings file alike).
+    """
+    out: List[str] = []
+    environ: Dict[str, str] = {}
+    from gateway.config.secrets import has_password
+
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out.extend(argv[i:])
+            break
+        value = None
+        if arg == "--redis" and i + 1 < len(argv):
+            value, step = argv[i + 1], 2
+        elif arg.startswith("--redis="):
+            value, step = arg[len("--redis="):], 1
+        if value is not None and has_password(value):
+            environ["SLUICE_REDIS_URL"] = value
+            environ[SECRET_FLAG_MARK] = "--redis"
+            i += step
+            continue
+        out.append(arg)
+        i += 1
+    return out, environ
+
+
 def _tune_pypy_gc() -> None:
     """On PyPy, restart once with our GC settings unless the operator chose them."""
     if platform.python_implementation() == "PyPy" and "PYPY_GC_NURSERY" not in os.environ:
         os.environ.update(pypy_gc_environment(os.environ))
-        os.execv(sys.executable, [sys.executable, "-m", "gateway"] + sys.argv[1:])
+        argv, secrets = argv_without_secrets(sys.argv[1:])
+        os.environ.update(secrets)
+        os.execv(sys.executable, [sys.executable, "-m", "gateway"] + argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -155,6 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.write(config_view.render_check(config_view.rows(origins)))
         return 0
     logs.configure(log_format=config.log_format)
+    start_warnings(config, origins, os.environ)  # type: ignore[arg-type]
     if config.workers > 1:
         from gateway.cli.supervisor import supervise
 

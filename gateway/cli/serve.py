@@ -23,7 +23,8 @@ from gateway.observe import logs
 from gateway.server import Gateway
 from sinks.errors import SinkConfigError
 
-__all__ = ["serve_until_drained", "watch_signals", "started_fields", "config_error", "interpreter"]
+__all__ = ["serve_until_drained", "watch_signals", "started_fields", "config_error",
+           "interpreter", "start_warnings", "SECRET_FLAG_MARK"]
 
 
 def started_fields(config: _config.Config, origins: Dict[str, _config.Origin], gateway: Gateway,
@@ -39,6 +40,34 @@ def started_fields(config: _config.Config, origins: Dict[str, _config.Origin], g
                 sink=sink, **fields, access=_describe_access(config), tls=config.tls,
                 interpreter=interpreter(), pid=os.getpid(),
                 config=config_view.settings_dict(origins))
+
+
+#: Set (to the flag's name) by the PyPy restart of ``sluice serve``, which
+#: moves a ``--redis`` URL out of the command line into the environment:
+#: the warning below must still be given.
+SECRET_FLAG_MARK = "SLUICE_SECRET_WAS_FLAG"
+
+
+def start_warnings(config: _config.Config, origins: Dict[str, _config.Origin],
+                   environ: Dict[str, str], euid: Optional[int] = None) -> None:
+    """Warn once at start about a password on the command line and about running as root."""
+    from gateway.config.secrets import has_password
+
+    origin = origins.get("redis")
+    moved = environ.pop(SECRET_FLAG_MARK, None)
+    if config.redis and has_password(config.redis) and (
+            moved or (origin is not None and origin.source == "flag")):
+        logs.emit("secret_on_command_line", level="warning", setting="--redis",
+                  detail="the Redis password given with --redis is visible to other local users "
+                         "(ps, /proc/PID/cmdline): give the URL in SLUICE_REDIS_URL or the "
+                         "--config file instead")
+    if euid is None:
+        euid = os.geteuid() if hasattr(os, "geteuid") else -1
+    if euid == 0:
+        logs.emit("running_as_root", level="warning",
+                  detail="sluice needs no privileges: run it as an unprivileged user, so a flaw "
+                         "in it cannot reach the rest of the machine (a port below 1024 needs "
+                         "only CAP_NET_BIND_SERVICE)")
 
 
 def interpreter() -> str:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode
 
-__all__ = ["redacted_url"]
+__all__ = ["redacted_url", "has_password", "URL_PARSE_ERROR"]
+
+#: The one message for a Redis URL that does not parse.  The parser's own
+#: message is never shown: it quotes pieces of the URL, such as a password
+#: taken for a port ("Port could not be cast to integer value as 'hunter2'").
+URL_PARSE_ERROR = ("not a Redis URL: it does not parse (is a '#', '/', '?' or '@' in the "
+                   "password percent-encoded, as %23, %2F, %3F, %40?)")
 
 
 def redacted_url(url: str) -> str:
@@ -30,3 +36,8 @@ def redacted_url(url: str) -> str:
                  for k, v in parse_qsl(url[query_at + 1:end], keep_blank_values=True)]
         url = url[:query_at + 1] + urlencode(query, safe="*/") + url[end:]
     return url
+
+
+def has_password(url: str) -> bool:
+    """Whether ``url`` holds user information or a password parameter (what is masked)."""
+    return redacted_url(url) != url

@@ -19,6 +19,7 @@ import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gateway.config.errors import ConfigError
+from gateway.config.secrets import URL_PARSE_ERROR
 from gateway.config.settings_file import read_settings_file
 from gateway.http.capacity import parse_connections
 from gateway.http.connection import DEFAULT_MAX_HEAD
@@ -188,8 +189,8 @@ def parse_redis_url(text: str) -> str:
 
     try:
         options = parse_url(text.replace("+cluster", "", 1))
-    except ValueError as exc:
-        raise ValueError("not a Redis URL (%s)" % exc) from None
+    except ValueError:
+        raise ValueError(URL_PARSE_ERROR) from None
     for name in _REDIS_FILE_OPTIONS:
         path = options.get(name)
         if isinstance(path, str) and not os.path.exists(path):
