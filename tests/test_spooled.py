@@ -356,3 +356,44 @@ def test_inspect_prints_a_table_and_refuses_what_is_not_a_spool(tmp_path, capsys
     assert cli.main(["spool", "inspect", str(tmp_path)]) == 1
     assert "not a sluice spool segment" in capsys.readouterr().err
     assert cli.main(["spool", "inspect", str(tmp_path / "missing")]) == 1
+
+
+def _frame(record: bytes) -> bytes:
+    import zlib
+
+    from sinks.spool.layout import FRAME
+
+    return FRAME.pack(len(record), zlib.crc32(record), 0, 0) + record
+
+
+async def test_records_the_ring_cannot_hold_or_not_ours_are_dropped_counted_and_the_gateway_serves(
+        tmp_path, capsys):
+    """Spooled under a larger --ring-size, or crafted: each is handled on its own.
+
+    Before, the first raised ValueError out of the shipper, and the gateway
+    stopped at every start.
+    """
+    from sinks.envelope import RecordIds, envelope
+    from sinks.spool.layout import SPOOL_MAGIC
+
+    spool_dir, data_dir = str(tmp_path / "spool"), str(tmp_path / "data")
+    os.makedirs(spool_dir)
+    ids = RecordIds()
+    huge_id, small_id = ids.next(1_700_000_000_000), ids.next(1_700_000_000_001)
+    huge = envelope(huge_id, None, 1_700_000_000_000, None, None) + b"h" * (300 * KIB)
+    small = envelope(small_id, None, 1_700_000_000_001, None, None) + b"still stored"
+    crafted = b'{"v":1,"id":"\xff\xfe' + b"x" * 60  # a good CRC, not an envelope
+    with open(os.path.join(spool_dir, segment_name(1)), "wb") as f:
+        f.write(SPOOL_MAGIC + _frame(huge) + _frame(crafted) + _frame(small))
+    flags = ["--ack", "spool", "--spool-dir", spool_dir, "--ring-size", "256KiB",
+             "--max-body", "64KiB"]
+    async with gateway_in_process(flags, data_dir=data_dir) as (gateway, port):
+        sink = gateway.sink
+        await wait_until(lambda: sink.statistics().pending_records == 0)
+        assert sink.statistics().unstorable == 2
+        (answer,) = await post_all(port, [b"served"])
+        assert answer[0] == 202
+    records = stored(data_dir)
+    assert sorted(records) == sorted([small_id, json.loads(answer[2])["id"]])
+    err = capsys.readouterr().err
+    assert '"spool_unstorable"' in err and "the ring (--ring-size)" in err

@@ -431,12 +431,18 @@ class SpooledSink(Sink):
         jobs: List[Tuple[Position, Slot]] = []
         limit = self.inner.max_record_bytes
         kinesis = self.inner.name == "kinesis"
+        capacity = self._ring.capacity
         for n, position in enumerate(positions):
             segment, index = position
             _, pk_len, _, size = segment.record_span(index)
             key = (pk_len or _ID_CHARS) if kinesis else 0  # Kinesis counts the partition key
             if limit is not None and size + key > limit:
-                self._unstorable(position, size, limit)
+                self._unstorable(position, size, limit, "the sink's record limit")
+                continue
+            if size > capacity:
+                # Spooled before --ring-size or --max-body was lowered (or a
+                # crafted file): no slot can ever hold it.
+                self._unstorable(position, size, capacity, "the ring (--ring-size)")
                 continue
             try:
                 slot = self._ring.reserve_nowait(size)
@@ -448,15 +454,19 @@ class SpooledSink(Sink):
             jobs.append((position, slot))
         return jobs
 
-    def _unstorable(self, position: Position, size: int, limit: int) -> None:
-        # Spooled under a larger --max-record-size than the sink takes now:
-        # it can never be stored, and keeping it would block the spool.
+    def _unstorable(self, position: Position, size: int, limit: int, what: str) -> None:
+        # Spooled under larger limits than now (--max-record-size, --ring-size),
+        # or not a record this gateway wrote: it can never be stored, and
+        # keeping it would block the spool (and, raised, stop the gateway at
+        # every start).  The first one is logged with where it lies.
         self.unstorable += 1
         if not self._logged_unstorable:
             self._logged_unstorable = True
+            segment, index = position
             self._log("spool_unstorable", "error", bytes=size, limit=limit,
-                      detail="a spooled record is over the sink's record limit; dropped "
-                             "(counted as unstorable)")
+                      segment=segment.sequence, offset=segment.record_span(index)[0],
+                      detail="a spooled record does not fit %s or is malformed; dropped "
+                             "(counted as unstorable, later ones are only counted)" % what)
         if self.state.confirm(position):
             self._ship_kick.set()
 
@@ -480,11 +490,20 @@ class SpooledSink(Sink):
             record_keys = keys[n]
             segment, index = position
             _, pk_len, hk_len, size = segment.record_span(index)
+            try:
+                # A frame with a good CRC but not written by a gateway (a
+                # crafted or foreign file): handled per record.
+                pk = record_keys[:pk_len].decode("utf-8") if pk_len else None
+                hk = record_keys[pk_len:].decode("ascii") if hk_len else None
+                record_id = record_id_of(slot.view[:size])
+            except (ValueError, KeyError, TypeError):
+                self._ship_bytes -= slot.size
+                ring.release(slot)
+                self._unstorable(position, size, size, "the envelope format")
+                continue
             ring.commit(slot, size)
             ring.hand_off(slot)
-            pk = record_keys[:pk_len].decode("utf-8") if pk_len else None
-            hk = record_keys[pk_len:].decode("ascii") if hk_len else None
-            record = Record(record_id_of(slot.view), slot, None, partition_key=pk, explicit_hash_key=hk)
+            record = Record(record_id, slot, None, partition_key=pk, explicit_hash_key=hk)
             self._shipping[slot] = position
             try:
                 await inner.put(record)
