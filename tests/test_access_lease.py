@@ -304,6 +304,30 @@ async def test_open_mode_falls_back_to_the_local_limiter(
 
 
 @pytest.mark.trio
+async def test_open_mode_keeps_a_quota_refusal_through_the_outage(
+        redis_server: RedisServer, admin: Any) -> None:  # noqa: F811
+    """A tenant over its quota when Redis went away is not admitted from memory."""
+    clock = Clock()
+    key = keystore.create_key(admin, "FULL", clock.now, monthly_records=2).api_key.encode()
+    redis_server.save()
+    async with running(redis_server.url, clock, on_redis_failure="open", check_timeout=0.3,
+                       backoff_initial=10.0) as access:
+        with pytest.raises(QuotaExceeded):
+            for _ in range(3):
+                await access.check(key, 1)
+                clock.now += MIN_CALL_INTERVAL
+        redis_server.kill()
+        # Past the refusal's cached time, so the lease asks Redis and finds it gone.
+        clock.now += 10 * access.config.key_cache_ttl
+        for _ in range(3):
+            with pytest.raises((QuotaExceeded, AccessUnavailable)):
+                await access.check(key, 1)
+        with pytest.raises(QuotaExceeded):
+            await access.check(key, 1)
+        assert access.redis_state == DOWN
+
+
+@pytest.mark.trio
 async def test_leases_on_cluster(redis_cluster: RedisClusterNodes) -> None:  # noqa: F811
     admin = keystore.connect(redis_cluster.url)
     try:

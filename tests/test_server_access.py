@@ -14,7 +14,6 @@ from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence, Tupl
 
 import pytest
 import trio
-import trio.testing
 
 from gateway.access import keystore
 from gateway.access.control import AccessConfig, AccessControl
@@ -247,13 +246,17 @@ async def test_concurrent_chunked_uploads_are_bounded_per_tenant_and_per_address
 
     bound = MAX_CHUNKED_PER_TENANT if same == "tenant" else MAX_CHUNKED_PER_ADDRESS
     edge = FakeEdge()
-    async with gateway_with(edge) as (gateway, _):
+    # Checks run in a worker thread: a generous bound, for a cold PyPy.
+    async with gateway_with(edge, check_timeout=10.0, socket_timeout=20.0) as (gateway, _):
         async with trio.open_nursery() as nursery:
             for n in range(bound):
                 peer = "192.0.2.%d" % n if same == "tenant" else "192.0.2.1"
                 key = KEY if same == "tenant" else keystore.new_api_key("T%d" % n)
                 nursery.start_soon(_silent_chunked, gateway, peer, key)
-            await trio.testing.wait_all_tasks_blocked()
+            counted = ("tenant", "ACME") if same == "tenant" else ("address", "192.0.2.1")
+            with trio.fail_after(30):
+                while gateway._chunked.get(counted) != bound:
+                    await trio.sleep(0.01)
             key = KEY if same == "tenant" else keystore.new_api_key("OTHER")
             status, reason = await _silent_chunked(gateway, "192.0.2.200" if same == "tenant"
                                                    else "192.0.2.1", key)

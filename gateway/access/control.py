@@ -80,6 +80,7 @@ from gateway.access.limiter import (
     UsageDelta,
     check_call,
     decide,
+    month_id,
     parse_api_key,
 )
 from gateway.access.redis_trio import AsyncRedisEdge
@@ -136,8 +137,10 @@ class AccessConfig:
     # Revocations, disabled tenants and raised quotas take effect within this.
     key_cache_ttl: float = 5.0
     # Fail-open admits only keys Redis confirmed this recently: a short outage
-    # keeps known agents flowing, a forged key is never admitted.
-    stale_key_ttl: float = 3600.0
+    # (a failover, a restart) keeps known agents flowing, a forged key is
+    # never admitted, and a key revoked just before the outage stops working
+    # within this.  Longer outages are an operator's call: fail closed.
+    stale_key_ttl: float = 300.0
     # About 300 bytes an entry: some 20 MB when full, far above the live keys
     # one gateway sees; the oldest entries go first.
     key_cache_size: int = 65536
@@ -210,11 +213,15 @@ class AccessConfig:
 
 
 class _KeyEntry:
-    __slots__ = ("decision", "checked_at")
+    """What Redis last said of a key; ``used`` is the month's usage it last reported."""
 
-    def __init__(self, decision: Decision, checked_at: float) -> None:
+    __slots__ = ("decision", "checked_at", "used")
+
+    def __init__(self, decision: Decision, checked_at: float,
+                 used: Optional[Tuple[int, int, str]] = None) -> None:
         self.decision = decision
         self.checked_at = checked_at
+        self.used = used
 
 
 class _Pending:
@@ -300,7 +307,12 @@ class AccessControl:
         self._state = STARTING
         self._need_recovery = trio.Event()
         self._inflight: Dict[object, float] = {}  # pipeline token -> trio time sent
+        #: Keys Redis confirmed (admitted, or refused for a rate or quota),
+        #: apart from keys it did not (unknown, revoked, disabled): forged
+        #: keys, however many, only push each other out, never a real
+        #: agent's key that fail-open mode needs.
         self._keys: Dict[str, _KeyEntry] = {}
+        self._bad_keys: Dict[str, _KeyEntry] = {}
         #: presented key -> its parse, for keys that parse (bounded like _keys).
         self._parsed: Dict[bytes, ParsedKey] = {}
         self._refusals: Dict[str, Tuple[Decision, int, float]] = {}
@@ -358,6 +370,8 @@ class AccessControl:
             self._decisions["malformed_key"] += 1
             raise Unauthorized("malformed API key")
         entry = self._keys.get(key.key_hash)
+        if entry is None:
+            entry = self._bad_keys.get(key.key_hash)
         if entry is not None and now - entry.checked_at < self.config.key_cache_ttl:
             if entry.decision.outcome not in (ADMITTED, RATE, QUOTA):
                 counts["key_cache_hits"] += 1
@@ -392,6 +406,9 @@ class AccessControl:
         self._decisions[_DECISION_OF[decision.outcome]] += 1
         if decision.admitted:
             self._counts["admitted"] += 1
+            if self._refusals:
+                # No longer refused (a quota raised, a rate paid): forget it.
+                self._refusals.pop(key.tenant, None)
             return decision.admission()
         self._counts["refused"] += 1
         if decision.outcome in (RATE, QUOTA):
@@ -410,7 +427,19 @@ class AccessControl:
         raise decision.error(now)
 
     def _remember(self, key_hash: str, decision: Decision) -> None:
-        self._bounded_put(self._keys, key_hash, _KeyEntry(decision, decision.now))
+        if decision.outcome in (ADMITTED, RATE, QUOTA):
+            if decision.admitted:
+                used: Optional[Tuple[int, int, str]] = (
+                    decision.used_records, decision.used_bytes, month_id(decision.now))
+            else:
+                prior = self._keys.get(key_hash)
+                used = prior.used if prior is not None else None
+            self._bounded_put(self._keys, key_hash, _KeyEntry(decision, decision.now, used))
+            if self._bad_keys:
+                self._bad_keys.pop(key_hash, None)
+        else:
+            self._bounded_put(self._bad_keys, key_hash, _KeyEntry(decision, decision.now))
+            self._keys.pop(key_hash, None)
 
     def _redis_stalled(self) -> bool:
         """Whether a pipeline has been out for over half a check's budget.
@@ -436,7 +465,21 @@ class AccessControl:
         if (config.on_redis_failure == "open" and entry is not None and known is not None
                 and known.outcome in (ADMITTED, RATE, QUOTA) and known.limits is not None
                 and now - entry.checked_at < config.stale_key_ttl):
-            decision = self._local.check(key.tenant, known.key_id, known.limits, body_bytes, now)
+            refusal = self._refusals.get(key.tenant)
+            if refusal is None and self._leases is not None:
+                lease = self._leases.lease(key.tenant)  # lease mode keeps its own
+                refusal = lease.refusal if lease is not None else None
+            if refusal is not None and now < refusal[0].until and body_bytes >= refusal[1]:
+                # Over a rate or quota when Redis last answered: still over it
+                # until that refusal runs out (a quota: the month's end).
+                self._counts["refused"] += 1
+                self._decisions[_DECISION_OF[refusal[0].outcome]] += 1
+                raise refusal[0].error(now)
+            used = entry.used
+            if used is not None and used[2] != month_id(now):
+                used = (0, 0, "")  # counted in an earlier month
+            decision = self._local.check(key.tenant, known.key_id, known.limits, body_bytes, now,
+                                         None if used is None else (used[0], used[1]))
             if decision.admitted:
                 self._counts["admitted_local"] += 1
                 self._decisions["admitted_local"] += 1

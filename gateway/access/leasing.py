@@ -110,7 +110,8 @@ class Leases:
                     lease.waiting_bytes -= body_bytes
             if control._state != "ok" or renewal.failed or not renewal.event.is_set():
                 return control._unavailable(key, control._keys.get(key.key_hash), body_bytes, now)
-            entry = control._keys.get(key.key_hash)
+            # Unknown, revoked and disabled keys are kept apart from confirmed ones.
+            entry = control._bad_keys.get(key.key_hash)
             if entry is not None and entry.decision.outcome in (UNKNOWN, REVOKED, DISABLED):
                 return control._refuse(entry.decision, now)
             now = control._clock()

@@ -390,6 +390,8 @@ class Decision:
     ``which`` names the refusing limit (``"requests"``/``"bytes"`` for RATE,
     ``"monthly_records"``/``"monthly_bytes"`` for QUOTA).  ``until`` is the
     clock time the refusal holds until (what caches may rely on).
+    ``used_records``/``used_bytes``: the month's usage after an admission,
+    as Redis counted it (what fail-open mode starts from).
     """
 
     outcome: str
@@ -403,6 +405,8 @@ class Decision:
     retry_after: float = 0.0
     resets_at: int = 0
     now: float = 0.0
+    used_records: int = 0
+    used_bytes: int = 0
 
     @property
     def admitted(self) -> bool:
@@ -481,7 +485,8 @@ def decide(reply: Sequence[object], tenant: str, now: float) -> Decision:
         limit = max(limits.burst, 1) if limits.requests_per_second > 0 else 0
         return Decision(outcome, tenant, key_id, limits, limit=limit,
                         remaining=int(a) if limit else 0,  # type: ignore[call-overload]
-                        reset=_number(b), now=now)
+                        reset=_number(b), now=now, used_records=int(_number(c)),
+                        used_bytes=int(_number(d)))
     which = _text(a)
     if outcome == QUOTA:
         resets_at = next_month_start(now)
@@ -596,8 +601,10 @@ class LocalLimiter:
     """GCRA per tenant in process memory, for fail-open mode.
 
     Each of ``instance_count`` gateways admits its share of the tenant's rates
-    and bursts.  Monthly quotas are not enforced here (they need the shared
-    count); the usage admitted is accumulated for :meth:`take_usage`.
+    and bursts.  Monthly quotas are enforced from the usage Redis last
+    reported (``used``): each gateway admits its share of what was left, less
+    what it counted since.  The usage admitted is accumulated for
+    :meth:`take_usage`.
     """
 
     def __init__(self, instance_count: int = 1, max_tenants: int = 100_000) -> None:
@@ -609,8 +616,17 @@ class LocalLimiter:
         self._usage: Dict[Tuple[str, str], List[int]] = {}
 
     def check(self, tenant: str, key_id: str, limits: TenantLimits, body_bytes: int,
-              now: float) -> Decision:
+              now: float, used: Optional[Tuple[int, int]] = None) -> Decision:
+        """Admit one request of ``body_bytes`` at ``now``, or refuse it (a RATE or QUOTA decision).
+
+        ``used`` is the month's (records, bytes) as Redis last counted them;
+        None skips the quotas (not known).
+        """
         share = limits.divided(self.instance_count)
+        if used is not None and (limits.monthly_records > 0 or limits.monthly_bytes > 0):
+            quota = self._over_quota(tenant, key_id, limits, body_bytes, now, used)
+            if quota is not None:
+                return quota
         rtat, btat = self._tats.get(tenant, (0.0, 0.0))
         r = gcra(rtat, share.requests_per_second, share.burst, 1, now)
         b = gcra(btat, share.bytes_per_second, share.burst_bytes, body_bytes, now)
@@ -627,6 +643,20 @@ class LocalLimiter:
         limit = max(share.burst, 1) if share.requests_per_second > 0 else 0
         return Decision(ADMITTED, tenant, key_id, limits, limit=limit,
                         remaining=r.remaining if limit else 0, reset=r.reset, now=now)
+
+    def _over_quota(self, tenant: str, key_id: str, limits: TenantLimits, body_bytes: int,
+                    now: float, used: Tuple[int, int]) -> Optional[Decision]:
+        start, end, month = _month(now)
+        counted = self._usage.get((tenant, month))
+        local_records, local_bytes = (counted[0], counted[1]) if counted else (0, 0)
+        n = self.instance_count
+        for which, quota, was, local, cost in (
+                ("monthly_records", limits.monthly_records, used[0], local_records, 1),
+                ("monthly_bytes", limits.monthly_bytes, used[1], local_bytes, body_bytes)):
+            if quota > 0 and local + cost > (quota - was) / n:
+                return Decision(QUOTA, tenant, key_id, limits, which, limit=quota,
+                                retry_after=end - now, resets_at=end, now=now)
+        return None
 
     def charge(self, tenant: str, limits: TenantLimits, nbytes: int, now: float) -> None:
         """Charge ``nbytes`` no check saw against ``tenant``'s local byte rate, as debt."""

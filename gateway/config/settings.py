@@ -370,8 +370,9 @@ SETTINGS: List[Setting] = [
             "the --redis URL names one node of a Redis Cluster", switch=True),
     Setting("on_redis_failure", _choice("closed", "open"), "closed",
             "while Redis cannot answer: closed (503 for every ingest request) or open (keys "
-            "Redis confirmed within --stale-key-ttl are admitted at the rate limit divided by "
-            "--instance-count; usage is added to Redis once it is back)"),
+            "Redis confirmed within --stale-key-ttl are admitted at the rate limit and the "
+            "quota left divided by --instance-count, tenants over a limit stay refused; usage "
+            "is added to Redis once it is back)"),
     Setting("admission", _choice("lease", "exact"), "lease",
             "how requests are admitted: lease (each gateway leases slices of a tenant's rates "
             "and quotas from Redis and spends them in memory: at most 20 Redis calls per tenant "
@@ -383,9 +384,10 @@ SETTINGS: List[Setting] = [
     Setting("key_cache_ttl", parse_duration, "5s",
             "unknown, revoked and disabled keys are refused from memory this long; revocations, "
             "re-enabled tenants and raised quotas show within it", minimum=0, maximum=3600.0),
-    Setting("stale_key_ttl", parse_duration, "1h",
-            "open mode: during an outage, keys Redis confirmed within this long are admitted",
-            minimum=0),
+    Setting("stale_key_ttl", parse_duration, "5m",
+            "open mode: during an outage, keys Redis confirmed within this long are admitted "
+            "(longer rides out longer outages, but a key revoked or a tenant disabled just "
+            "before one keeps working that long)", minimum=0),
     Setting("instance_count", _int, "1",
             "open mode: gateways sharing the Redis; each admits 1/N of a tenant's rates during "
             "an outage", minimum=1, maximum=10000),
@@ -448,7 +450,7 @@ class Config:
     admission: str = "lease"
     redis_timeout: float = 0.25
     key_cache_ttl: float = 5.0
-    stale_key_ttl: float = 3600.0
+    stale_key_ttl: float = 300.0
     instance_count: int = 1
     tls_cert: str = ""
     tls_key: str = ""
