@@ -106,4 +106,7 @@ def split_record(record) -> tuple:
     newline = bytes(view[:MAX_ENVELOPE_BYTES + 1]).find(b"\n")
     if newline < 0:
         raise ValueError("record has no envelope line")
-    return json.loads(bytes(view[:newline])), view[newline + 1:]
+    meta = json.loads(bytes(view[:newline]))
+    if not isinstance(meta, dict):
+        raise ValueError("record's envelope line is not a JSON object")
+    return meta, view[newline + 1:]

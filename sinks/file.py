@@ -32,7 +32,7 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import trio
 
@@ -70,31 +70,63 @@ def list_segments(directory: str) -> List[str]:
             for sequence in list_sequences(directory, _SEGMENT_SUFFIX)]
 
 
-def read_records(directory: str) -> Iterator[memoryview]:
+def read_records(directory: str, on_error: Optional[Callable[[SegmentError], None]] = None
+                 ) -> Iterator[memoryview]:
     """Yield every stored record (envelope line + body), oldest first.
 
-    A frame cut short at the end of a segment (a write the process did not
-    finish) ends that segment quietly; a CRC mismatch raises SegmentError.
+    Reads one record at a time (memory holds one record, not a segment).  A
+    frame cut short at the end of a segment (a write the process did not
+    finish) ends that segment quietly.  A file that is not a segment, or a
+    record that fails its CRC, raises SegmentError; with ``on_error`` it is
+    passed there instead and reading goes on (the next record, or the next
+    segment).
     """
     for path in list_segments(directory):
-        with open(path, "rb") as f:
-            data = memoryview(f.read())
-        if len(data) < len(SEGMENT_MAGIC) and SEGMENT_MAGIC.startswith(data):
-            continue  # created, then the process stopped before the magic landed
-        if data[:len(SEGMENT_MAGIC)] != SEGMENT_MAGIC:
+        try:
+            yield from _segment_records(path, on_error)
+        except SegmentError as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+
+
+def _segment_records(path: str, on_error: Optional[Callable[[SegmentError], None]]
+                     ) -> Iterator[memoryview]:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        magic = f.read(len(SEGMENT_MAGIC))
+        if len(magic) < len(SEGMENT_MAGIC) and SEGMENT_MAGIC.startswith(magic):
+            return  # created, then the process stopped before the magic landed
+        if magic != SEGMENT_MAGIC:
             raise SegmentError("%s: not a sluice segment" % path)
         pos = len(SEGMENT_MAGIC)
-        end = len(data)
-        while pos + FRAME_HEADER.size <= end:
-            length, crc = FRAME_HEADER.unpack_from(data, pos)
-            start = pos + FRAME_HEADER.size
-            if start + length > end:
+        while pos + FRAME_HEADER.size <= size:
+            header = f.read(FRAME_HEADER.size)
+            if len(header) < FRAME_HEADER.size:
                 break
-            record = data[start:start + length]
-            if zlib.crc32(record) != crc:
-                raise SegmentError("%s: CRC mismatch in the record at byte %d" % (path, pos))
-            yield record
+            length, crc = FRAME_HEADER.unpack(header)
+            start = pos + FRAME_HEADER.size
+            if start + length > size:
+                break  # a torn tail, or a length no record has: never allocated
+            record = bytearray(length)
+            view = memoryview(record)
+            filled = 0
+            while filled < length:
+                count = f.readinto(view[filled:])
+                if not count:
+                    break
+                filled += count
+            if filled < length:
+                break  # the file shrank while being read
             pos = start + length
+            if zlib.crc32(view) != crc:
+                error = SegmentError("%s: CRC mismatch in the record at byte %d"
+                                     % (path, start - FRAME_HEADER.size))
+                if on_error is None:
+                    raise error
+                on_error(error)
+                continue
+            yield view
 
 
 @dataclass(frozen=True)

@@ -303,6 +303,32 @@ def test_read_reports_a_damaged_segment(tmp_path, damage):
     assert ("CRC mismatch" if damage == "crc" else "not a sluice segment") in stderr
 
 
+def test_read_skips_crafted_records_and_segments_one_by_one(tmp_path):
+    """Damage costs only what is damaged: no traceback, every good record shown, status 1."""
+    good = [_record("01JDQ2%sAAAAAAAAAAAAAAAAAAA" % c, b"ok") for c in "ABC"]
+    crafted = [b"not json at all\nbody", b"[1, 2]\nbody", b"no newline anywhere"]
+    first = _segment(good[0], crafted[0], good[0], bad_crc_at=2) + _segment(crafted[1])[len(SEGMENT_MAGIC):]
+    # A frame that claims 4 GB: never allocated, the segment just ends there.
+    first += FRAME_HEADER.pack(0xFFFFFFFF, 0) + b"x" * 64
+    (tmp_path / "0000000000000000.seg").write_bytes(first)
+    (tmp_path / "0000000000000001.seg").write_bytes(b"GARBAGE" * 10)
+    (tmp_path / "0000000000000002.seg").write_bytes(_segment(good[1], crafted[2], good[2]))
+    result = sluice("read", str(tmp_path))
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in stderr, stderr
+    ids = [json.loads(line)["id"] for line in result.stdout.splitlines()]
+    assert ids == [_record_id(good[0]), _record_id(good[1]), _record_id(good[2])]
+    problems = stderr.splitlines()
+    assert len(problems) == 5, stderr  # 3 envelopes, a CRC, a file that is no segment
+    assert sum("(skipped)" in line for line in problems) == 5
+    result = sluice("read", "--body", str(tmp_path))
+    assert result.returncode == 1 and b"Traceback" not in result.stderr
+
+
+def _record_id(record: bytes) -> str:
+    return json.loads(record.partition(b"\n")[0])["id"]
+
+
 def test_pypy_restart_moves_a_redis_password_out_of_the_command_line():
     from gateway.cli.main import argv_without_secrets
     from gateway.cli.serve import SECRET_FLAG_MARK

@@ -354,7 +354,10 @@ def test_inspect_prints_a_table_and_refuses_what_is_not_a_spool(tmp_path, capsys
     assert out[2].startswith("total: 1 segment, 0 of 0 records pending (0 bytes)")
     (tmp_path / segment_name(4)).write_bytes(b"not a spool segment")
     assert cli.main(["spool", "inspect", str(tmp_path)]) == 1
-    assert "not a sluice spool segment" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "not a sluice spool segment" in captured.err
+    # The other segments are still shown: a bad file is reported, not fatal.
+    assert segment_name(3) in captured.out and "not a sluice spool segment" in captured.out
     assert cli.main(["spool", "inspect", str(tmp_path / "missing")]) == 1
 
 
@@ -364,6 +367,19 @@ def _frame(record: bytes) -> bytes:
     from sinks.spool.layout import FRAME
 
     return FRAME.pack(len(record), zlib.crc32(record), 0, 0) + record
+
+
+def test_inspect_survives_crafted_records_and_maps_rather_than_reads(tmp_path, capsys):
+    from sinks.spool.layout import SPOOL_MAGIC
+
+    crafted = [b"[1, 2, 3]" + b" " * 40 + b"\n", b'{"received_at": "soon"}' + b" " * 30 + b"\n",
+               b"\xff" * 60]
+    segment = SPOOL_MAGIC + b"".join(_frame(record) for record in crafted)
+    (tmp_path / segment_name(1)).write_bytes(segment)
+    (tmp_path / segment_name(2)).write_bytes(b"")  # created, nothing landed
+    doc = inspect(str(tmp_path), capsys)
+    assert doc["records"] == 3 and doc["pending_records"] == 3
+    assert doc["oldest_pending_ms"] is None
 
 
 async def test_records_the_ring_cannot_hold_or_not_ours_are_dropped_counted_and_the_gateway_serves(

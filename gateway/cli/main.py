@@ -94,29 +94,45 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin]) -> 
 
 
 def _read(directory: str, body: bool) -> int:
+    """Print every record; a damaged segment or record is reported on stderr and skipped.
+
+    Exit status 1 when anything was skipped (or the directory is unreadable).
+    """
     from gateway.cli.worker import worker_dirs
     from sinks.envelope import split_record
     from sinks.file import SegmentError, read_records
 
     out = sys.stdout.buffer
+    problems = [0]
+
+    def report(exc: SegmentError) -> None:
+        problems[0] += 1
+        print("sluice read: %s (skipped)" % exc, file=sys.stderr)
+
     # With --workers N each worker writes to DIR/worker-<i>: those follow DIR's own.
-    records = (record for path in [directory] + worker_dirs(directory) for record in read_records(path))
     try:
-        for record in records:
-            meta, data = split_record(record)
-            if body:
-                out.write(record)
-                out.write(b"\n")
-            else:
+        for path in [directory] + worker_dirs(directory):
+            for number, record in enumerate(read_records(path, report)):
+                if body:
+                    out.write(record)
+                    out.write(b"\n")
+                    continue
+                try:
+                    meta, data = split_record(record)
+                except ValueError as exc:
+                    problems[0] += 1
+                    print("sluice read: %s: record %d: %s (skipped)" % (path, number, exc),
+                          file=sys.stderr)
+                    continue
                 meta["body_bytes"] = len(data)
                 out.write(json.dumps(meta, separators=(",", ":")).encode() + b"\n")
-    except (SegmentError, OSError) as exc:
-        print("sluice read: %s" % exc, file=sys.stderr)
-        return 1
     except BrokenPipeError:  # pragma: no cover - e.g. piped into head
         return 0
+    except OSError as exc:
+        print("sluice read: %s" % exc, file=sys.stderr)
+        return 1
     out.flush()
-    return 0
+    return 1 if problems[0] else 0
 
 
 #: PyPy sizes its young generation from the CPU cache, which on some machines

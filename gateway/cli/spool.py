@@ -4,16 +4,20 @@ It only reads the files (a gateway may be running, or stopped after a crash):
 per segment the records, those not yet confirmed stored by the sink, their
 bytes and when the oldest of them arrived.  A torn tail (a write cut short by
 a crash) is shown as dropped bytes; the gateway drops it at its next start.
+A file that is not a segment is listed with what is wrong with it.  Files
+are mapped, not read: a segment of any size costs no heap.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import mmap
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Any, Iterator, List, Optional, Set
 
 __all__ = ["add_spool_commands", "run", "inspect"]
 
@@ -34,7 +38,14 @@ def add_spool_commands(commands) -> None:
 
 def inspect(directory: str) -> dict:
     """The spool's contents as a JSON-ready dict (raises OSError, SpoolError)."""
-    from sinks.spool.layout import acked_name, list_segments, parse_acks, segment_name, summarize_segment
+    from sinks.spool.layout import (
+        SpoolError,
+        acked_name,
+        list_segments,
+        parse_acks,
+        segment_name,
+        summarize_segment,
+    )
 
     segments: List[dict] = []
     oldest: Optional[int] = None
@@ -42,34 +53,52 @@ def inspect(directory: str) -> dict:
     for sequence in list_segments(directory):
         path = os.path.join(directory, segment_name(sequence))
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            with _mapped(path) as data:
+                acked: Set[int] = set()
+                try:
+                    with _mapped(os.path.join(directory, acked_name(sequence))) as entries:
+                        acked = parse_acks(entries)
+                except FileNotFoundError:
+                    pass
+                try:
+                    summary = summarize_segment(data, acked)
+                except SpoolError as exc:
+                    # Not a segment (a crafted or foreign file): shown, not fatal.
+                    segments.append({"segment": segment_name(sequence), "error": str(exc),
+                                     "file_bytes": len(data)})
+                    totals["file_bytes"] += len(data)
+                    continue
+                file_bytes = len(data)
         except FileNotFoundError:
             continue  # deleted by a running gateway meanwhile
-        acked = set()
-        try:
-            with open(os.path.join(directory, acked_name(sequence)), "rb") as f:
-                acked = parse_acks(f.read())
-        except FileNotFoundError:
-            pass
-        summary = summarize_segment(data, acked)
         segments.append({
             "segment": segment_name(sequence), "records": summary.records,
             "pending_records": summary.pending, "pending_bytes": summary.pending_bytes,
             "oldest_pending_ms": summary.oldest_pending_ms, "dropped_bytes": summary.dropped,
-            "file_bytes": len(data),
+            "file_bytes": file_bytes,
         })
         totals["records"] += summary.records
         totals["pending_records"] += summary.pending
         totals["pending_bytes"] += summary.pending_bytes
         totals["dropped_bytes"] += summary.dropped
-        totals["file_bytes"] += len(data)
+        totals["file_bytes"] += file_bytes
         if summary.oldest_pending_ms is not None and (oldest is None or summary.oldest_pending_ms < oldest):
             oldest = summary.oldest_pending_ms
     doc: dict = {"directory": directory, "segments": segments}
     doc.update(totals)
     doc["oldest_pending_ms"] = oldest
     return doc
+
+
+@contextlib.contextmanager
+def _mapped(path: str) -> Iterator[Any]:
+    """The file's bytes, mapped rather than read: a segment of any size costs no heap."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            yield mapped
 
 
 def _when(ms: Optional[int]) -> str:
@@ -83,6 +112,9 @@ def _table(doc: dict) -> str:
     lines = ["%-24s %9s %9s %14s %8s  %s" % ("SEGMENT", "RECORDS", "PENDING", "PENDING_BYTES", "DROPPED",
                                              "OLDEST_PENDING")]
     for seg in doc["segments"]:
+        if "error" in seg:
+            lines.append("%-24s %s" % (seg["segment"], seg["error"]))
+            continue
         lines.append("%-24s %9d %9d %14d %8d  %s" % (
             seg["segment"], seg["records"], seg["pending_records"], seg["pending_bytes"],
             seg["dropped_bytes"], _when(seg["oldest_pending_ms"])))
@@ -111,4 +143,7 @@ def run(args: argparse.Namespace) -> int:
     out = json.dumps(doc, separators=(",", ":")) + "\n" if args.json else _table(doc)
     sys.stdout.write(out)
     sys.stdout.flush()
-    return 0
+    bad = [seg for seg in doc["segments"] if "error" in seg]
+    for seg in bad:
+        print("sluice spool inspect: %s: %s" % (seg["segment"], seg["error"]), file=sys.stderr)
+    return 1 if bad else 0
