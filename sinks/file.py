@@ -47,6 +47,9 @@ __all__ = [
     "SEGMENT_MAGIC",
     "FRAME_HEADER",
     "SegmentError",
+    "FILE_MODE",
+    "DIR_MODE",
+    "NOFOLLOW",
     "read_records",
     "list_segments",
 ]
@@ -58,6 +61,16 @@ FRAME_HEADER = struct.Struct(">II")
 #: iovecs (frame header, record).
 _RECORDS_PER_WRITEV = 512
 _SEGMENT_SUFFIX = ".seg"
+
+
+#: Records hold other people's logs: files are readable by the gateway's
+#: user only, and so are the directories Sluice creates, whatever the umask
+#: (which can only take bits away).  A directory that exists keeps its mode.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+#: Flags for opening a file that must not be a symlink planted by someone
+#: who can write to the directory (O_EXCL already refuses one when creating).
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class SegmentError(Exception):
@@ -176,7 +189,7 @@ class FileSink(Sink):
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
-            os.makedirs(self.directory, exist_ok=True)
+            os.makedirs(self.directory, DIR_MODE, exist_ok=True)
             existing = list_sequences(self.directory, _SEGMENT_SUFFIX)
             if existing:
                 self._sequence = existing[-1] + 1
@@ -288,7 +301,7 @@ class FileSink(Sink):
 
     def _open_segment(self) -> None:
         path = os.path.join(self.directory, segment_name(self._sequence, _SEGMENT_SUFFIX))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | NOFOLLOW, FILE_MODE)
         try:
             _writev_all(fd, [memoryview(SEGMENT_MAGIC)], len(SEGMENT_MAGIC))
         except OSError:

@@ -337,3 +337,18 @@ def test_only_segment_files_are_listed(tmp_path):
     names = [os.path.basename(p) for p in list_segments(directory)]
     assert names == ["0000000000000002.seg", "0000000000000010.seg"]
     assert stored(directory) == []
+
+
+async def test_files_and_directories_are_private_whatever_the_umask(tmp_path):
+    """Logs are other people's data: 0600 files, 0700 directories, even under umask 000."""
+    import stat
+
+    old = os.umask(0)
+    try:
+        directory = str(tmp_path / "data")
+        await run_sink(Harness(directory), payloads(3))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    (segment,) = list_segments(directory)
+    assert stat.S_IMODE(os.stat(segment).st_mode) == 0o600

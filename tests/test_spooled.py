@@ -413,3 +413,42 @@ async def test_records_the_ring_cannot_hold_or_not_ours_are_dropped_counted_and_
     assert sorted(records) == sorted([small_id, json.loads(answer[2])["id"]])
     err = capsys.readouterr().err
     assert '"spool_unstorable"' in err and "the ring (--ring-size)" in err
+
+
+def test_spool_files_are_private_and_planted_symlinks_are_not_followed(tmp_path):
+    import stat
+
+    from sinks.spool.files import LOCK_NAME, SpoolFiles
+    from sinks.spool.layout import Segment, acked_name
+
+    old = os.umask(0)
+    try:
+        files = SpoolFiles(str(tmp_path / "spool"))
+        files.open_directory()
+        files.create_segment(1)
+        files.confirm_and_delete([(Segment(1, 0), [13])], [])
+    finally:
+        os.umask(old)
+        files.close()
+    spool = tmp_path / "spool"
+    assert stat.S_IMODE(os.stat(spool).st_mode) == 0o700
+    for name in (LOCK_NAME, segment_name(1), acked_name(1)):
+        assert stat.S_IMODE(os.stat(spool / name).st_mode) == 0o600, name
+    # Someone who can write the directory plants a symlink where the next
+    # .acked or the lock goes: it is refused, not followed.
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    files = SpoolFiles(str(spool))
+    files.open_directory()
+    files.create_segment(2)
+    os.symlink(str(target), str(spool / acked_name(2)))
+    try:
+        with pytest.raises(OSError):
+            files.confirm_and_delete([(Segment(2, 0), [13])], [])
+    finally:
+        files.close()
+    assert target.read_bytes() == b""
+    os.unlink(str(spool / LOCK_NAME))
+    os.symlink(str(target), str(spool / LOCK_NAME))
+    with pytest.raises(OSError):
+        SpoolFiles(str(spool)).open_directory()

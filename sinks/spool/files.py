@@ -14,7 +14,7 @@ import fcntl
 import os
 from typing import Dict, List, Sequence, Set, Tuple
 
-from sinks.file import _writev_all
+from sinks.file import DIR_MODE, FILE_MODE, NOFOLLOW, _writev_all
 from sinks.segments import list_sequences
 from sinks.spool.layout import (
     ACKED_SUFFIX,
@@ -68,8 +68,8 @@ class SpoolFiles:
 
         Raises SpoolInUse, or SpoolError naming a file that is not a segment.
         """
-        os.makedirs(self.directory, exist_ok=True)
-        fd = os.open(self._path(LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        os.makedirs(self.directory, DIR_MODE, exist_ok=True)
+        fd = os.open(self._path(LOCK_NAME), os.O_RDWR | os.O_CREAT | NOFOLLOW, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -104,7 +104,7 @@ class SpoolFiles:
         """Start segment ``sequence`` (closing the open one): magic written, file and entry synced."""
         self.close_segment()
         path = self._path(segment_name(sequence))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | NOFOLLOW, FILE_MODE)
         try:
             _writev_all(fd, [memoryview(SPOOL_MAGIC)], len(SPOOL_MAGIC))
             os.fsync(fd)
@@ -183,8 +183,8 @@ class SpoolFiles:
         an ``.acked`` without a segment, removed at the next start.
         """
         for segment, offsets in writes:
-            fd = os.open(self._path(acked_name(segment.sequence)), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                         0o644)
+            fd = os.open(self._path(acked_name(segment.sequence)),
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | NOFOLLOW, FILE_MODE)
             try:
                 data = memoryview(ack_entries(offsets))
                 _writev_all(fd, [data], len(data))

@@ -344,6 +344,10 @@ class SpooledSink(Sink):
             return await trio.to_thread.run_sync(self._files.open_directory)
         except (SpoolInUse, SpoolError) as exc:
             raise SinkConfigError("--spool-dir", str(exc)) from None
+        except OSError as exc:
+            # Unwritable, or a symlink where the lock file goes (O_NOFOLLOW).
+            raise SinkConfigError("--spool-dir", "%s: %s" % (
+                exc.filename or self._files.directory, exc.strerror or exc)) from None
 
     # -- writing -------------------------------------------------------------
 
