@@ -229,16 +229,33 @@ def test_dead_processes_keep_their_counts_but_not_their_gauges(tmp_path) -> None
     assert merged.value("t_level") == 4  # gauges are the new process's own
 
 
-def test_the_metrics_dir_is_emptied_of_metric_files_only(tmp_path) -> None:
+def test_the_metrics_dir_is_emptied_only_when_it_is_sluices(tmp_path) -> None:
+    from gateway.observe.metrics import DIRECTORY_MARK
+
+    # Only multiprocess files (an earlier gateway's): adopted, marked, emptied.
     directory = tmp_path / "metrics"
     directory.mkdir()
     (directory / "counter_1.db").write_bytes(b"stale")
-    (directory / "README").write_text("not ours")
+    (directory / "gauge_livesum_2.db").write_bytes(b"stale")
     config = configure(from_args(["--metrics-dir", str(directory)], {}), {})
     assert config.metrics_dir == str(directory)
-    assert sorted(os.listdir(directory)) == ["README"]
+    assert sorted(os.listdir(directory)) == [DIRECTORY_MARK]
+    # Marked: emptied of *.db files at every start, whatever else is there.
+    (directory / "histogram_3.db").write_bytes(b"stale")
+    (directory / "README").write_text("notes")
+    prepare_directory(str(directory))
+    assert sorted(os.listdir(directory)) == [DIRECTORY_MARK, "README"]
+    # New: created and marked.
     prepare_directory(str(tmp_path / "new"))
-    assert os.path.isdir(tmp_path / "new")
+    assert os.listdir(tmp_path / "new") == [DIRECTORY_MARK]
+    # Someone else's directory (a mistyped --metrics-dir): nothing is deleted.
+    other = tmp_path / "app"
+    other.mkdir()
+    (other / "app.db").write_bytes(b"precious")
+    (other / "counter_9.db").write_bytes(b"looks like ours")
+    with pytest.raises(ConfigError, match="--metrics-dir.*not Sluice's"):
+        configure(from_args(["--metrics-dir", str(other)], {}), {})
+    assert sorted(os.listdir(other)) == ["app.db", "counter_9.db"]
 
 
 def test_a_supervisors_directory_is_joined_as_it_is(tmp_path) -> None:

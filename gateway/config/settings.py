@@ -298,7 +298,9 @@ SETTINGS: List[Setting] = [
     # Metrics (gateway/observe/metrics.py): GET /metrics, one registry per process unless this is set.
     Setting("metrics_dir", str, "",
             "directory of multiprocess metrics (prometheus-client's PROMETHEUS_MULTIPROC_DIR "
-            "format), emptied at start; /metrics then reports every process writing there"),
+            "format); its *.db files are deleted at start if Sluice created or marked it "
+            "(a new or empty directory, or one holding only metric files, is marked; any other "
+            "is refused); /metrics then reports every process writing there"),
     # Kinesis and Firehose sinks.  Bounds: sinks/aws/limits.py.
     Setting("stream", _stream_name, "", "kinesis sink: the data stream's name or ARN"),
     Setting("delivery_stream", _stream_name, "", "firehose sink: the delivery stream's name"),

@@ -45,8 +45,10 @@ so each publication carries everything counted before it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import os
+import re
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -398,14 +400,36 @@ class GatewayCollector:
 # -- several processes: files in prometheus-client's multiprocess format --------------
 
 
+#: The file that marks a metrics directory as Sluice's: only in such a
+#: directory are ``*.db`` files deleted at start.
+DIRECTORY_MARK = ".sluice-metrics"
+#: prometheus-client's multiprocess file names (``counter_<pid>.db``,
+#: ``gauge_livesum_<pid>.db``): a directory holding nothing else is one an
+#: earlier Sluice (or a prometheus-client program) used, and is adopted.
+_METRIC_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_[^_/]+\.db\Z")
+
+
 def prepare_directory(directory: str) -> None:
     """Create ``directory`` or empty it of metric files (``*.db``), for a new gateway instance.
 
-    Only the instance's first process does this (``sluice serve`` with
-    ``--metrics-dir``, or a supervisor before it starts its workers): a
-    worker that emptied it would wipe the others' counts.
+    Files are deleted only in a directory Sluice created or marked
+    (:data:`DIRECTORY_MARK`); an empty one, or one holding only multiprocess
+    metric files, is marked now.  Any other directory raises OSError
+    (``EEXIST``): a mistyped ``--metrics-dir`` must not delete someone's
+    ``*.db`` files.  Only the instance's first process does this
+    (``sluice serve`` with ``--metrics-dir``, or a supervisor before it
+    starts its workers): a worker that emptied it would wipe the others'
+    counts.
     """
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, 0o700, exist_ok=True)
+    names = os.listdir(directory)
+    if DIRECTORY_MARK not in names:
+        if not all(_METRIC_FILE.match(name) for name in names):
+            raise OSError(errno.EEXIST, "holds files that are not Sluice's metrics: give an empty "
+                                        "or new directory")
+        fd = os.open(os.path.join(directory, DIRECTORY_MARK),
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        os.close(fd)
     for path in glob.glob(os.path.join(directory, "*.db")):
         os.remove(path)
 
