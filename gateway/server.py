@@ -184,6 +184,18 @@ class Gateway:
         """Open client connections."""
         return self.registry.open
 
+    async def reload_tls(self) -> None:
+        """Read ``--tls-cert`` and ``--tls-key`` again: new connections get the new pair.
+
+        Connections already open keep theirs.  Raises
+        :class:`~gateway.http.tls.CertificateError` (and keeps the old pair)
+        when the files cannot serve TLS.
+        """
+        from gateway.http.tls import server_context
+
+        config = self.config
+        self.tls = await trio.to_thread.run_sync(server_context, config.tls_cert, config.tls_key)
+
     # -- serving ---------------------------------------------------------
 
     async def serve(self, listeners: Optional[List[trio.socket.SocketType]] = None, *,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -220,3 +221,75 @@ def test_a_mismatched_pair_stops_the_gateway_at_start(certificates, tmp_path):
     assert result.returncode == 2 and result.stdout == b"", stderr
     assert len(stderr.splitlines()) == 1 and stderr.startswith("sluice: error: --tls-key: "), stderr
     assert not os.path.exists(data_dir)
+
+
+def test_the_context_offers_only_forward_secret_aead_suites_and_no_renegotiation(certificates):
+    from gateway.http.tls import NO_RENEGOTIATION, server_context
+
+    context = server_context(certificates.cert, certificates.key)
+    names = [c["name"] for c in context.get_ciphers()]
+    tls12 = [name for name in names if not name.startswith("TLS_")]
+    assert tls12 and all(name.startswith("ECDHE-") for name in tls12), names
+    assert not [name for name in names if "CBC" in name or name.endswith("-SHA") or "RSA-AES" in name
+                and not name.startswith("ECDHE-")]
+    assert context.options & NO_RENEGOTIATION
+
+
+def test_a_cbc_sha1_client_is_refused(tls_gateway, certificates):
+    """PyPy's default list offered these; a client that offers only them gets no session."""
+    context = client_context(certificates)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA")
+    with socket.create_connection(("127.0.0.1", tls_gateway.port), timeout=CLIENT_TIMEOUT) as raw:
+        with pytest.raises(ssl.SSLError):
+            context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_sighup_reloads_the_certificate_in_a_single_process(tmp_path):
+    import shutil
+
+    old = make_certificates(str(_mkdir(tmp_path / "old")))
+    new = make_certificates(str(_mkdir(tmp_path / "new")))
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    shutil.copy(old.cert, cert)
+    shutil.copy(old.key, key)
+    with GatewayProcess(["--tls-cert", cert, "--tls-key", key, "--sink", "null"],
+                        data_dir=str(tmp_path / "data")).start() as gateway:
+
+        def status(certs: Certificates) -> int:
+            conn = http.client.HTTPSConnection("127.0.0.1", gateway.port, timeout=CLIENT_TIMEOUT,
+                                               context=client_context(certs))
+            try:
+                return exchange(conn, b"x")[0]
+            finally:
+                conn.close()
+
+        assert status(old) == 202
+        shutil.copy(new.cert, cert)
+        shutil.copy(new.key, key)
+        gateway.send_signal(signal.SIGHUP)
+        _wait_for_event(gateway, "tls_reloaded")
+        assert status(new) == 202
+        with pytest.raises(ssl.SSLError):
+            status(old)
+        # A broken pair is refused and the loaded one kept.
+        with open(key, "w") as f:
+            f.write("not a key")
+        gateway.send_signal(signal.SIGHUP)
+        (failed,) = _wait_for_event(gateway, "tls_reload_failed")
+        assert "--tls-key" in failed["error"]
+        assert status(new) == 202
+    assert gateway.returncode == 0
+
+
+def _mkdir(path):
+    path.mkdir()
+    return path
+
+
+def _wait_for_event(gateway: GatewayProcess, event: str) -> List[dict]:
+    deadline = time.monotonic() + 30
+    while not gateway.events(event):
+        assert time.monotonic() < deadline and gateway.running, gateway.stderr
+        time.sleep(0.05)
+    return gateway.events(event)

@@ -99,8 +99,9 @@ async def serve_until_drained(gateway: Gateway, listener, done: trio.CancelScope
 async def watch_signals(gateway: Gateway, hangup: bool = False, fields: Optional[Dict[str, Any]] = None,
                          *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """SIGTERM/SIGINT: drain, then stop now.  With ``hangup`` (a single process,
-    ``--workers 1``) SIGHUP is answered with a warning instead of ending the process.
-    ``fields`` are added to the events (a worker's index)."""
+    ``--workers 1``) SIGHUP reloads the TLS certificate and key (other
+    settings need a restart, which the event says) instead of ending the
+    process.  ``fields`` are added to the events (a worker's index)."""
     fields = fields or {}
     watched = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hangup else ())
     with trio.open_signal_receiver(*watched) as signals:
@@ -108,10 +109,7 @@ async def watch_signals(gateway: Gateway, hangup: bool = False, fields: Optional
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
-                logs.emit("reload_unsupported", level="warning", signal=name,
-                          detail="a single process (--workers 1) reads its configuration only at "
-                                 "start: restart it to apply changes, or run --workers 2 or more "
-                                 "to reload on SIGHUP")
+                await _hangup(gateway, name)
             elif gateway.draining:
                 logs.emit("stopping_now", signal=name, connections=gateway.connections, **fields)
                 gateway.stop_now()
@@ -119,6 +117,25 @@ async def watch_signals(gateway: Gateway, hangup: bool = False, fields: Optional
                 logs.emit("stopping", signal=name, connections=gateway.connections,
                           shutdown_timeout=gateway.config.shutdown_timeout, **fields)
                 gateway.drain()
+
+
+async def _hangup(gateway: Gateway, name: str) -> None:
+    """SIGHUP in a single process: a renewed certificate is taken up; the rest needs a restart."""
+    other = ("a single process (--workers 1) reads its other settings only at start: restart "
+             "it to apply them, or run --workers 2 or more to reload on SIGHUP")
+    if gateway.tls is None:
+        logs.emit("reload_unsupported", level="warning", signal=name, detail=other)
+        return
+    from gateway.http.tls import CertificateError
+
+    try:
+        await gateway.reload_tls()
+    except CertificateError as exc:
+        logs.emit("tls_reload_failed", level="error", signal=name, error=str(exc),
+                  detail="still serving the certificate loaded before")
+        return
+    logs.emit("tls_reloaded", signal=name, cert=gateway.config.tls_cert,
+              detail="new connections get the certificate read now; " + other)
 
 
 def config_error(exc: BaseException) -> Optional[BaseException]:
