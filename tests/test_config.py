@@ -287,3 +287,21 @@ def test_parse_redis_url_refuses_without_repeating_the_url(text):
     with pytest.raises(ValueError) as info:
         parse_redis_url(text)
     assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:4566", "http://localhost:4566",
+                                 "http://[::1]:4566", "http://127.8.9.10/", "https://kinesis.example",
+                                 "HTTPS://kinesis.example"])
+def test_endpoint_url_https_or_loopback(url):
+    flags = ["--sink", "kinesis", "--stream", "s", "--endpoint-url", url]
+    assert from_args(flags, {}).endpoint_url == url
+
+
+@pytest.mark.parametrize("url", ["http://kinesis.example", "http://10.0.0.5:4566",
+                                 "HTTP://192.0.2.1", "http://127.0.0.1.example"])
+def test_a_plain_http_endpoint_elsewhere_needs_allow_insecure_endpoint(url):
+    flags = ["--sink", "kinesis", "--stream", "s", "--endpoint-url", url]
+    with pytest.raises(ConfigError, match="--endpoint-url.*--allow-insecure-endpoint"):
+        from_args(flags, {})
+    assert from_args(flags + ["--allow-insecure-endpoint"], {}).allow_insecure_endpoint
+    assert from_args(flags, {"SLUICE_ALLOW_INSECURE_ENDPOINT": "true"}).endpoint_url == url

@@ -289,9 +289,9 @@ def test_options_from_config():
 
 def test_env_twins_fill_the_settings():
     config = from_args([], {"SLUICE_SINK": "kinesis", "SLUICE_STREAM": "from-env",
-                            "SLUICE_REGION": "eu-west-1", "SLUICE_ENDPOINT_URL": "http://x"})
+                            "SLUICE_REGION": "eu-west-1", "SLUICE_ENDPOINT_URL": "https://x"})
     assert (config.sink, config.stream, config.region, config.endpoint_url) == (
-        "kinesis", "from-env", "eu-west-1", "http://x")
+        "kinesis", "from-env", "eu-west-1", "https://x")
 
 
 def test_sink_builds_its_batches_from_the_ring_it_is_given():

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
+import urllib.parse
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gateway.config.errors import ConfigError
@@ -308,7 +310,11 @@ SETTINGS: List[Setting] = [
             "kinesis/firehose: AWS region (default: botocore's chain, e.g. AWS_DEFAULT_REGION or "
             "the profile)"),
     Setting("endpoint_url", str, "",
-            "kinesis/firehose: endpoint URL (default: botocore's, e.g. AWS_ENDPOINT_URL_KINESIS)"),
+            "kinesis/firehose: endpoint URL (default: botocore's, e.g. AWS_ENDPOINT_URL_KINESIS); "
+            "https, or http to a loopback address"),
+    Setting("allow_insecure_endpoint", parse_switch, "false",
+            "kinesis/firehose: accept an http:// --endpoint-url to a host that is not loopback "
+            "(records and signed requests then cross the network unencrypted)", switch=True),
     Setting("ack", _choice("kinesis", "received", "spool"), "kinesis",
             "when 202 is sent: kinesis/firehose: once the service stored the record (kinesis) or "
             "once it is in memory (received); any sink: once it is fsynced to --spool-dir (spool)"),
@@ -428,6 +434,7 @@ class Config:
     delivery_stream: str = ""
     region: str = ""
     endpoint_url: str = ""
+    allow_insecure_endpoint: bool = False
     ack: str = "kinesis"
     partition_key: str = "random"
     explicit_hash_key_header: str = ""
@@ -677,6 +684,10 @@ def _check(config: Config, *, stream_decides: bool = False) -> None:
                           "no aggregated records from a producer (leave it off)")
     if config.sink == "firehose" and config.delivery_stream.startswith("arn:"):
         raise ConfigError("--delivery-stream: give the delivery stream's name, not its ARN")
+    if (config.endpoint_url.lower().startswith("http://") and not config.allow_insecure_endpoint
+            and not _loopback(config.endpoint_url)):
+        raise ConfigError("--endpoint-url: http:// only to a loopback address; use https://, or "
+                          "--allow-insecure-endpoint if the path is trusted")
     if stream_decides:
         # The stream's limit is read at start (Gateway.serve checks the ring
         # again then); every stream takes 1 MiB records at least.
@@ -689,6 +700,20 @@ def _check(config: Config, *, stream_decides: bool = False) -> None:
         raise ConfigError(
             "--ring-size: must hold at least two of the largest records (2 x %d bytes for "
             "--max-body %d), got %d" % (config.max_record, config.max_body, config.ring_size))
+
+
+def _loopback(url: str) -> bool:
+    """Whether ``url``'s host is this machine (localhost, 127.0.0.0/8, ::1)."""
+    try:
+        host = urllib.parse.urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
