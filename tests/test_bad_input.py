@@ -115,6 +115,11 @@ CASES = [
     Case("no-host", _head(b"Content-Length: 3") + b"abc", 400),
     Case("two-hosts", _cl(b"3", b"abc", b"Host: u"), 400),
     Case("bare-cr", _cl(b"3", b"abc", b"X-A: a\rb"), 400),
+    # Bare LF: h11 would take it as a line end; a proxy in front may not.
+    Case("bare-lf-head", b"POST /v1/logs HTTP/1.1\nHost: t\nContent-Length: 3\n\nabc", 400),
+    Case("bare-lf-one-line", b"POST /v1/logs HTTP/1.1\r\nHost: t\nContent-Length: 3\r\n\r\nabc", 400),
+    Case("bare-lf-hides-a-header", b"POST /v1/logs HTTP/1.1\r\nHost: t\r\nX-A: a\nTransfer-Encoding: "
+         b"chunked\r\nContent-Length: 3\r\n\r\nabc", 400),
     Case("leading-whitespace-line", _head(b" Host: t", b"Content-Length: 3") + b"abc", 400),
     Case("head-cut-by-eof", _head(H)[:-2], 400, shutdown=True),
     # Request smuggling.
