@@ -145,8 +145,13 @@ async def test_chunked_body_is_decoded_into_the_record(mode, case):
     gateway, sink = make_gateway()
     kwargs = CHUNKED_CASES[case]
     data = chunked(headers=[(b"Content-Type", b"text/plain")], **kwargs)
-    _, responses = await exchange(gateway, sink, data, mode, accepted=True)
+    # After trailers the connection closes: a request pipelined behind them
+    # is not read (h11 reads trailers leniently, a proxy may not).
+    after_trailers = case == "trailers" and mode == "trailing"
+    _, responses = await exchange(gateway, sink, data, mode, accepted=not after_trailers)
     assert [r.status for r in responses] == [202]
+    if after_trailers:
+        assert responses[0].header(b"connection") == b"close"
     meta, body = split_record(sink.records[0])
     assert body == b"".join(kwargs["pieces"])
     assert meta["content_type"] == "text/plain" and meta["id"] == responses[0].json()["id"]
@@ -160,7 +165,7 @@ def _pipeline() -> Tuple[bytes, List[bytes]]:
         get(b"/healthz"),
         post(b""),
         get(b"/readyz?verbose=1"),
-        chunked([b"fourth"], trailers=[(b"X-T", b"1")]),
+        chunked([b"fourth"]),
         post(b"fifth", headers=[(b"Expect", b"100-continue")]),
         get(b"/healthz", method=b"HEAD"),
         post(b"sixth"),

@@ -187,6 +187,7 @@ class HTTPConnection:
         self._eof = False
         self._h11 = self._new_h11()
         self._chunked_h11_fed = False
+        self._had_trailers = False
         self._method = b""
         #: Reused for every head the fast path reads; None with ``fast=False``.
         self._fast_head: Optional[FastHead] = FastHead(_NO_BUFFER) if fast else None
@@ -374,6 +375,12 @@ class HTTPConnection:
                 dest[filled:filled + len(data)] = data
                 filled += len(data)
             elif type(event) is h11.EndOfMessage:
+                if event.headers:
+                    # h11 reads trailers with bare-LF line ends too, and we
+                    # never see their bytes: a request hidden after them
+                    # could be read differently by a proxy.  Nothing follows
+                    # on this connection (see next_cycle).
+                    self._had_trailers = True
                 return filled, True
             else:
                 raise BadRequest("unexpected event in a chunked body")
@@ -405,6 +412,7 @@ class HTTPConnection:
             self._fast_keep_alive = head.keep_alive and self._fast_body_done and not close
             return self._format(status, headers, body, _close_line(head, close))
         conn = self._h11
+        close = close or self._had_trailers
         if not _CAN_TELL_STATE or conn.our_state is not h11.SEND_RESPONSE \
                 or conn.their_state is not h11.DONE:
             return self._respond_h11(status, headers, body, close=close)
@@ -471,6 +479,8 @@ class HTTPConnection:
             return True
         conn = self._h11
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        if self._had_trailers:
             return False
         # The next answer, even an error before its request is parsed, must
         # not be framed as the answer to this request's method (HEAD).
