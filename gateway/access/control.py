@@ -21,12 +21,15 @@ checks, and at low load a check waits only for its own round trip.  At most
 
 Caches, both bounded, both filled from what Redis said last:
 
-* key hash -> tenant, key id, limits and validity.  Unknown, revoked and
-  disabled keys are refused without Redis for ``key_cache_ttl`` seconds (so
-  re-enabling a tenant shows within it).  A valid key still goes to Redis on
-  every request, so a revocation shows on the next one that does.
+* key hash -> tenant, key id, limits, validity and the month's usage Redis
+  last reported; keys Redis confirmed apart from unknown, revoked and
+  disabled ones, so forged keys cannot push real ones out.  Those refused are
+  refused without Redis for ``key_cache_ttl`` seconds (so re-enabling a
+  tenant shows within it).  A valid key still goes to Redis on every request,
+  so a revocation shows on the next one that does.
 * tenant -> its last rate or quota refusal, until the retry time (quotas at
-  most ``key_cache_ttl``): a throttled tenant is refused without Redis.
+  most ``key_cache_ttl``; while Redis is down, until the month's end): a
+  throttled tenant is refused without Redis.
 
 Redis states: ``starting`` (no answer yet), ``ok``, ``down``.  A pipeline that
 fails on the connection, or a check that times out while a pipeline has been
@@ -35,14 +38,16 @@ task then probes (connect, PING, SCRIPT LOAD) with exponential backoff and
 sets ``ok`` again.  While not ``ok``, checks do not touch Redis: with
 ``on_redis_failure="closed"`` they raise AccessUnavailable; with ``"open"``,
 keys that Redis confirmed within ``stale_key_ttl`` are admitted by a
-:class:`~gateway.access.limiter.LocalLimiter` at the tenant's rate divided by
-``instance_count`` (monthly quotas are not enforced meanwhile), and the usage
+:class:`~gateway.access.limiter.LocalLimiter` at the tenant's rates, and the quota
+Redis last reported as left, divided by ``instance_count``, and the usage
 so admitted is added to Redis as soon as it answers again.  A batch lost with
 its connection may have been counted by Redis already: such usage is counted
 twice rather than not at all.
 
-Usage known only after the check (:meth:`AccessControl.add_usage`: the size
-of a chunked body, or a request admitted and then not stored, taken back)
+Usage known only after the check (:meth:`AccessControl.charge_after_store`:
+the size of a chunked body, also charged to the byte rate;
+:meth:`AccessControl.add_usage`: a request admitted and then not stored,
+taken back)
 goes with the next pipeline, or within ``usage_flush_interval`` when no
 check comes; :meth:`AccessControl.aclose` hands over what is left.
 State changes of Redis (down, answering again) go to ``report`` as one line
@@ -54,13 +59,18 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import trio
 
 from gateway.access import keystore
-from gateway.access.edge import AccessStatistics, Edge
+from gateway.access.edge import (
+    AccessConfig,
+    AccessStatistics,
+    Edge,
+    KeyEntry,
+    limited_reply,
+)
 from gateway.access.keystore import EdgeUnavailable, RedisEdge
 from gateway.access.lease import LEASE_SECONDS
 from gateway.access.leasing import Leases
@@ -87,11 +97,8 @@ from gateway.access.redis_trio import AsyncRedisEdge
 from gateway.errors import AccessUnavailable, Unauthorized
 from gateway.observe.logs import EventLimiter
 from gateway.observe.telemetry import Histogram
-from sinks.backoff import EQUAL_JITTER, Retry, RetryPolicy
+from sinks.backoff import Retry
 from sinks.base import Log, no_log
-
-if TYPE_CHECKING:
-    from gateway.config.settings import Config
 
 __all__ = [
     "STARTING",
@@ -127,101 +134,8 @@ MALFORMED_REPLY_LOG_INTERVAL = 60.0
 MALFORMED_REPLY_LOG_CHARS = 200
 
 
-@dataclass(frozen=True)
-class AccessConfig:
-    """Settings of :class:`AccessControl`; each bound with its reason."""
-
-    redis_url: str = keystore.DEFAULT_REDIS_URL
-    # Also implied by a redis+cluster:// or rediss+cluster:// URL.
-    redis_cluster: bool = False
-    # Revocations, disabled tenants and raised quotas take effect within this.
-    key_cache_ttl: float = 5.0
-    # Fail-open admits only keys Redis confirmed this recently: a short outage
-    # (a failover, a restart) keeps known agents flowing, a forged key is
-    # never admitted, and a key revoked just before the outage stops working
-    # within this.  Longer outages are an operator's call: fail closed.
-    stale_key_ttl: float = 300.0
-    # About 300 bytes an entry: some 20 MB when full, far above the live keys
-    # one gateway sees; the oldest entries go first.
-    key_cache_size: int = 65536
-    # A check script takes 10-20 us of Redis time, so a batch of 256 is a few
-    # ms: its last check does not wait long on its first.
-    batch_max_checks: int = 256
-    # Checks waiting for a batch; past it, check() waits (up to check_timeout)
-    # for room.  16 full batches is tens of ms of Redis work.
-    max_queued_checks: int = 4096
-    # Two pipelines in flight hide the thread hand-off of one behind the other;
-    # more would only split batches.
-    max_concurrent_batches: int = 2
-    # Extra time a batch waits to fill; 0 batches only what queued meanwhile,
-    # which keeps low-load latency at one round trip.
-    batch_linger: float = 0.0
-    # Longest a check waits on Redis: well above a pipelined round trip (about
-    # a millisecond), short enough that a stalled Redis costs a request a
-    # quarter second, not its client's timeout.
-    check_timeout: float = 0.25
-    # A stuck worker thread is freed after this; must exceed check_timeout.
-    socket_timeout: float = 1.0
-    on_redis_failure: str = "closed"
-    # "lease": spend slices leased from Redis (gateway/access/lease.py);
-    # "exact": one script call per request (batched).
-    admission: str = "lease"
-    # Gateways sharing the Redis: each admits 1/n of a tenant's rate when open.
-    instance_count: int = 1
-    # Reconnect backoff: fast first retry (a failover takes about a second),
-    # capped so a long outage is probed every couple of seconds.
-    backoff_initial: float = 0.05
-    backoff_max: float = 2.0
-    # Retry-After for AccessUnavailable.
-    unavailable_retry_after: float = 1.0
-    # Usage counted after a check (chunked body sizes, refunds) waits at most
-    # this long for a pipeline to carry it.
-    usage_flush_interval: float = 1.0
-
-    @property
-    def reconnect_backoff(self) -> RetryPolicy:
-        """Delays between probes of an unreachable Redis: doubling from ``backoff_initial``
-        to ``backoff_max``, for ever; half of each is random, so a fleet of
-        gateways does not reconnect in step."""
-        return RetryPolicy(base=self.backoff_initial, cap=self.backoff_max, deadline=None,
-                           jitter=EQUAL_JITTER)
-
-    @classmethod
-    def from_config(cls, config: Config) -> AccessConfig:
-        """The access settings of ``sluice serve`` (``--redis`` and its group)."""
-        return cls(
-            redis_url=config.redis, redis_cluster=config.redis_cluster,
-            key_cache_ttl=config.key_cache_ttl, stale_key_ttl=config.stale_key_ttl,
-            check_timeout=config.redis_timeout,
-            # Well past the check's bound, so a slow reply is still read and
-            # its connection reused rather than dropped.
-            socket_timeout=max(1.0, 4 * config.redis_timeout),
-            on_redis_failure=config.on_redis_failure, instance_count=config.instance_count,
-            admission=config.admission)
-
-    def __post_init__(self) -> None:
-        if self.on_redis_failure not in ("closed", "open"):
-            raise ValueError("on_redis_failure must be 'closed' or 'open'")
-        if self.admission not in ("lease", "exact"):
-            raise ValueError("admission must be 'lease' or 'exact'")
-        for name in ("batch_max_checks", "max_queued_checks", "max_concurrent_batches",
-                     "instance_count", "key_cache_size"):
-            if getattr(self, name) < 1:
-                raise ValueError("%s must be at least 1" % name)
-        if self.socket_timeout <= 0 or self.check_timeout <= 0:
-            raise ValueError("timeouts must be positive")
-
-
-class _KeyEntry:
-    """What Redis last said of a key; ``used`` is the month's usage it last reported."""
-
-    __slots__ = ("decision", "checked_at", "used")
-
-    def __init__(self, decision: Decision, checked_at: float,
-                 used: Optional[Tuple[int, int, str]] = None) -> None:
-        self.decision = decision
-        self.checked_at = checked_at
-        self.used = used
+#: The settings of an AccessControl given none (tests, tools).
+_DEFAULT_CONFIG = AccessConfig()
 
 
 class _Pending:
@@ -262,14 +176,6 @@ def _group_call(group: Sequence[_Pending]) -> ScriptCall:
                       records=len(group), strict=True)
 
 
-def _limited(reply: object) -> bool:
-    """Whether a script reply is a refusal for a rate or a quota."""
-    if isinstance(reply, Exception) or not isinstance(reply, (list, tuple)) or not reply:
-        return False
-    outcome = reply[0]
-    if isinstance(outcome, bytes):
-        outcome = outcome.decode("ascii", "replace")
-    return outcome in (RATE, QUOTA)
 
 
 class AccessControl:
@@ -279,7 +185,7 @@ class AccessControl:
     seconds); waits and timeouts use trio's clock.
     """
 
-    def __init__(self, config: AccessConfig = AccessConfig(), *, edge: Optional[Edge] = None,
+    def __init__(self, config: AccessConfig = _DEFAULT_CONFIG, *, edge: Optional[Edge] = None,
                  clock: Callable[[], float] = time.time,
                  report: Optional[Callable[[str], None]] = None,
                  log: Log = no_log) -> None:
@@ -311,8 +217,8 @@ class AccessControl:
         #: apart from keys it did not (unknown, revoked, disabled): forged
         #: keys, however many, only push each other out, never a real
         #: agent's key that fail-open mode needs.
-        self._keys: Dict[str, _KeyEntry] = {}
-        self._bad_keys: Dict[str, _KeyEntry] = {}
+        self._keys: Dict[str, KeyEntry] = {}
+        self._bad_keys: Dict[str, KeyEntry] = {}
         #: presented key -> its parse, for keys that parse (bounded like _keys).
         self._parsed: Dict[bytes, ParsedKey] = {}
         self._refusals: Dict[str, Tuple[Decision, int, float]] = {}
@@ -434,11 +340,11 @@ class AccessControl:
             else:
                 prior = self._keys.get(key_hash)
                 used = prior.used if prior is not None else None
-            self._bounded_put(self._keys, key_hash, _KeyEntry(decision, decision.now, used))
+            self._bounded_put(self._keys, key_hash, KeyEntry(decision, decision.now, used))
             if self._bad_keys:
                 self._bad_keys.pop(key_hash, None)
         else:
-            self._bounded_put(self._bad_keys, key_hash, _KeyEntry(decision, decision.now))
+            self._bounded_put(self._bad_keys, key_hash, KeyEntry(decision, decision.now))
             self._keys.pop(key_hash, None)
 
     def _redis_stalled(self) -> bool:
@@ -457,7 +363,7 @@ class AccessControl:
             del cache[next(iter(cache))]
         cache[key] = value
 
-    def _unavailable(self, key: ParsedKey, entry: Optional[_KeyEntry], body_bytes: int,
+    def _unavailable(self, key: ParsedKey, entry: Optional[KeyEntry], body_bytes: int,
                      now: float, pending: Optional[_Pending] = None) -> Admission:
         """Answer without Redis: 503, or the local limiter when failing open."""
         config = self.config
@@ -512,12 +418,9 @@ class AccessControl:
         """Charge a body whose size was known only once stored (chunked) to ``tenant``.
 
         With leases it is spent from the tenant's slice, which may go into
-        debt: the debt is charged to the byte rate and the month when the
-        slice is settled, so a tenant in debt gets 429 until it is paid.
-        Otherwise the bytes go to the month's usage and are charged against
-        the byte rate as debt, here (fail-open, with the tenant's ``limits``)
-        and in Redis with the next pipeline: the tenant's next requests are
-        refused until the debt is paid.
+        debt, charged to the byte rate and the month when the slice settles;
+        otherwise to both in Redis with the next pipeline and here (fail-open,
+        with ``limits``).  Either way the tenant gets 429 until it is paid.
         """
         if self._leases is not None and self._leases.charge_after_store(tenant, body_bytes):
             return
@@ -627,7 +530,7 @@ class AccessControl:
             return
         again: List[_Pending] = []
         for group, reply in zip(groups, results):
-            if len(group) > 1 and _limited(reply):
+            if len(group) > 1 and limited_reply(reply):
                 again.extend(group)
             else:
                 self._settle(group, reply)
