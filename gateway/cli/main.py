@@ -89,6 +89,8 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin]) -> 
         # Signals are handled from here on: whoever reads "started" may stop it.
         await nursery.start(watch_signals, gateway, True)
         logs.emit("started", **started_fields(config, origins, gateway, host, port))
+        # After "started": a start that fails says only why.
+        start_warnings(config, origins, os.environ)  # type: ignore[arg-type]
     logs.emit("stopped", requests=gateway.requests, accepted=gateway.accepted, errors=gateway.errors,
               internal_errors=gateway.internal_errors)
 
@@ -213,7 +215,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.write(config_view.render_check(config_view.rows(origins)))
         return 0
     logs.configure(log_format=config.log_format)
-    start_warnings(config, origins, os.environ)  # type: ignore[arg-type]
     if config.workers > 1:
         from gateway.cli.supervisor import supervise
 

@@ -19,6 +19,7 @@ import trio
 from gateway.config import settings as _config
 from gateway.config import view as config_view
 from gateway.config.errors import ConfigError
+from gateway.config.secrets import SECRET_FLAG_MARK
 from gateway.observe import logs
 from gateway.server import Gateway
 from sinks.errors import SinkConfigError
@@ -42,10 +43,6 @@ def started_fields(config: _config.Config, origins: Dict[str, _config.Origin], g
                 config=config_view.settings_dict(origins))
 
 
-#: Set (to the flag's name) by the PyPy restart of ``sluice serve``, which
-#: moves a ``--redis`` URL out of the command line into the environment:
-#: the warning below must still be given.
-SECRET_FLAG_MARK = "SLUICE_SECRET_WAS_FLAG"
 
 
 def start_warnings(config: _config.Config, origins: Dict[str, _config.Origin],

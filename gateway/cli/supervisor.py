@@ -54,6 +54,7 @@ import trio
 from gateway.cli.worker import ERROR_PREFIX, MAX_STATUS_BYTES, READY_LINE, WorkerSpec, worker_dir
 from gateway.config import settings as _config
 from gateway.config import view as config_view
+from gateway.config.secrets import SECRET_FLAG_MARK
 from gateway.observe import logs, metrics
 from sinks.backoff import NO_JITTER, RetryPolicy
 
@@ -271,6 +272,12 @@ class Supervisor:
         self._command = [python, "-m", "gateway.cli.worker"]
         self._policy = policy
         self._env = dict(os.environ)
+        #: The PyPy restart's mark of a password moved off the command line,
+        #: for the warning once every worker listens (workers don't need it).
+        self._marks: Dict[str, str] = {}
+        mark = self._env.pop(SECRET_FLAG_MARK, None)
+        if mark is not None:
+            self._marks[SECRET_FLAG_MARK] = mark
         self._env[metrics.MULTIPROC_ENV] = metrics_dir
         self._slots: List[_Slot] = []
         self._stopping = False
@@ -363,6 +370,9 @@ class Supervisor:
         logs.emit("supervisor_started", url=self._url(), workers=count, pids=self._pids(),
                   pid=os.getpid(), metrics_dir=self.metrics_dir,
                   config=config_view.settings_dict(generation.origins))
+        from gateway.cli.serve import start_warnings
+
+        start_warnings(generation.config, dict(generation.origins), self._marks)
 
     def _start_keeper(self, slot: _Slot) -> None:
         assert self._keepers is not None

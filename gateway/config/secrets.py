@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode
 
-__all__ = ["redacted_url", "has_password", "URL_PARSE_ERROR"]
+__all__ = ["redacted_url", "has_password", "URL_PARSE_ERROR", "SECRET_FLAG_MARK"]
+
+#: Set (to the flag's name) by the PyPy restart of ``sluice serve``, which
+#: moves a ``--redis`` URL holding a password out of the command line into
+#: the environment: the warning about it must still be given.
+SECRET_FLAG_MARK = "SLUICE_SECRET_WAS_FLAG"
 
 #: The one message for a Redis URL that does not parse.  The parser's own
 #: message is never shown: it quotes pieces of the URL, such as a password
