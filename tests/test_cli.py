@@ -343,6 +343,19 @@ def test_pypy_restart_moves_a_redis_password_out_of_the_command_line():
     assert argv_without_secrets(plain) == (plain, {})
 
 
+def test_after_the_pypy_restart_the_url_is_a_flag_again_inside_the_process():
+    from gateway.cli.main import _parser, _restore_secret_flag, argv_without_secrets
+    from gateway.config import settings
+
+    url = "redis://:hunter2@127.0.0.1:6379/0"
+    argv, environ = argv_without_secrets(["serve", "--redis", url])
+    args = _parser().parse_args(argv)
+    _restore_secret_flag(args, environ)
+    assert environ == {}
+    config, origins = settings.load_with_origins(vars(args), environ)
+    assert config.redis == url and origins["redis"].source == "flag"
+
+
 def test_start_warns_of_a_password_on_the_command_line_and_of_root():
     import io
 

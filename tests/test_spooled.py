@@ -409,6 +409,7 @@ async def test_records_the_ring_cannot_hold_or_not_ours_are_dropped_counted_and_
         assert sink.statistics().unstorable == 2
         (answer,) = await post_all(port, [b"served"])
         assert answer[0] == 202
+        await wait_until(lambda: sink.statistics().pending_records == 0)  # shipped
     records = stored(data_dir)
     assert sorted(records) == sorted([small_id, json.loads(answer[2])["id"]])
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ import json
 import os
 import platform
 import sys
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import trio
 
@@ -188,6 +188,18 @@ def argv_without_secrets(argv: Sequence[str]) -> Tuple[List[str], Dict[str, str]
     return out, environ
 
 
+def _restore_secret_flag(args: argparse.Namespace, environ: MutableMapping[str, str]) -> None:
+    """Undo :func:`argv_without_secrets` after the PyPy restart, inside this process only.
+
+    The URL is a flag again for the settings (errors name ``--redis``, and
+    the start warns of a password given on the command line), and the
+    environment is as the operator left it.
+    """
+    if environ.get(SECRET_FLAG_MARK) == "--redis" and getattr(args, "redis", None) is None:
+        args.redis = environ.pop("SLUICE_REDIS_URL", None)
+        del environ[SECRET_FLAG_MARK]
+
+
 def _tune_pypy_gc() -> None:
     """On PyPy, restart once with our GC settings unless the operator chose them."""
     if platform.python_implementation() == "PyPy" and "PYPY_GC_NURSERY" not in os.environ:
@@ -206,6 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return admin_cli.run(args)
     if args.command == "spool":
         return spool_cli.run(args)
+    _restore_secret_flag(args, os.environ)
     try:
         config, origins = _config.load_with_origins(vars(args), os.environ)
     except _config.ConfigError as exc:
