@@ -31,7 +31,6 @@ waiting for the sink get ``503`` (:meth:`Sink.stop_waiting`, then
 from __future__ import annotations
 
 import codecs
-import contextlib
 import dataclasses
 import errno
 import json
@@ -39,7 +38,7 @@ import math
 import socket as _stdlib_socket
 import time
 import traceback
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import trio
 
@@ -59,6 +58,7 @@ from gateway.observe.loop import watch_loop
 from gateway.observe.memory import limit_malloc_arenas
 from gateway.observe.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.observe.telemetry import Telemetry
+from gateway.uploads import ChunkedUploads
 from sinks.base import Record, Sink, body_room
 from sinks.envelope import MAX_FIELD_BYTES, RecordIds, envelope
 
@@ -94,15 +94,6 @@ ACCEPT_BACKOFF = 0.1
 #: their record are answered 503 (Sink.stop_waiting); they get this long to
 #: send that answer before their connections are cut.
 ANSWER_GRACE = 1.0
-#: Chunked uploads in progress at once per tenant and per client address.
-#: A chunked body's size is unknown until it ends, so each one reserves a
-#: whole --max-body slot and is charged to the byte rate and the monthly
-#: quota only once stored: this bounds what silent chunked connections hold
-#: of the ring, and how far concurrent chunked uploads can overshoot a
-#: tenant's quota (by this many bodies per gateway process).  Agents send
-#: one request at a time per connection and rarely open more than a couple.
-MAX_CHUNKED_PER_TENANT = 4
-MAX_CHUNKED_PER_ADDRESS = 4
 #: However short --shutdown-timeout is, the sink gets at least this long
 #: after the last request to store what it holds: a file sink's last write
 #: takes milliseconds, one Kinesis call well under a second.
@@ -157,8 +148,7 @@ class Gateway:
         self.registry = ConnectionRegistry(self.capacity.limit)
         self.draining = False
         self._refusing = 0
-        #: Chunked uploads in progress, by tenant and by client address.
-        self._chunked: Dict[object, int] = {}
+        self.chunked_uploads = ChunkedUploads()
         self._accept_scope: Optional[trio.CancelScope] = None
         self._conn_scope: Optional[trio.CancelScope] = None
         #: When draining: the end of --shutdown-timeout.
@@ -185,16 +175,13 @@ class Gateway:
         return self.registry.open
 
     async def reload_tls(self) -> None:
-        """Read ``--tls-cert`` and ``--tls-key`` again: new connections get the new pair.
+        """Read ``--tls-cert`` and ``--tls-key`` again for new connections (open ones keep theirs).
 
-        Connections already open keep theirs.  Raises
-        :class:`~gateway.http.tls.CertificateError` (and keeps the old pair)
-        when the files cannot serve TLS.
+        Raises :class:`~gateway.http.tls.CertificateError`, keeping the old pair, if they cannot serve.
         """
         from gateway.http.tls import server_context
 
-        config = self.config
-        self.tls = await trio.to_thread.run_sync(server_context, config.tls_cert, config.tls_key)
+        self.tls = await trio.to_thread.run_sync(server_context, self.config.tls_cert, self.config.tls_key)
 
     # -- serving ---------------------------------------------------------
 
@@ -572,16 +559,16 @@ class Gateway:
                 raise errors.BadRequest("header value longer than %d bytes" % MAX_FIELD_BYTES)
         access = self.access
         if access is None:
-            with self._chunked_upload(length, transport.peer, None):
+            with self.chunked_uploads.hold(length, transport.peer, None):
                 return await self._store(head, conn, transport, None, parsed, limit)
         # Decided from the head alone, before a ring slot is reserved and
         # before 100 Continue: a refused client uploads nothing.  The cost is
-        # the declared Content-Length; a chunked body costs 0 bytes here (a
-        # tenant still in debt for earlier bytes is refused) and its size is
-        # charged to the byte rate and the month once it is stored.
+        # the declared Content-Length; a chunked body costs 0 bytes here (a tenant
+        # in debt is refused) and its size is charged to the byte rate and the
+        # month once it is stored.
         admission = await access.check(api_key_from_headers(head.credential_headers), length or 0)
         try:
-            with self._chunked_upload(length, transport.peer, admission.tenant):
+            with self.chunked_uploads.hold(length, transport.peer, admission.tenant):
                 return await self._store(head, conn, transport, admission, parsed, limit)
         except BaseException:
             # Not stored: take back the record and bytes the check counted.
@@ -596,44 +583,13 @@ class Gateway:
         await self._ingest(head, conn, transport, parsed, limit)
         return 200, otlp.SUCCESS_BODIES[encoding]
 
-    @contextlib.contextmanager
-    def _chunked_upload(self, length: Optional[int], peer: str,
-                        tenant: Optional[str]) -> Iterator[None]:
-        """Count a chunked upload against its tenant's and address's bounds."""
-        if length is not None:
-            yield
-            return
-        counts = self._chunked
-        keys: Tuple[object, ...] = (("address", peer),) if tenant is None else (
-            ("address", peer), ("tenant", tenant))
-        if counts.get(("address", peer), 0) >= MAX_CHUNKED_PER_ADDRESS:
-            raise errors.TooManyUploads(
-                "more than %d chunked uploads at once from one address: send one at a time "
-                "or with Content-Length" % MAX_CHUNKED_PER_ADDRESS, retry_after=1.0)
-        if tenant is not None and counts.get(("tenant", tenant), 0) >= MAX_CHUNKED_PER_TENANT:
-            raise errors.TooManyUploads(
-                "more than %d chunked uploads at once for tenant %s: send one at a time "
-                "or with Content-Length" % (MAX_CHUNKED_PER_TENANT, tenant), retry_after=1.0)
-        for key in keys:
-            counts[key] = counts.get(key, 0) + 1
-        try:
-            yield
-        finally:
-            for key in keys:
-                left = counts[key] - 1
-                if left:
-                    counts[key] = left
-                else:
-                    del counts[key]
-
     async def _store(self, head: RequestHead, conn: HTTPConnection, transport: Transport,
                      admission: Optional[Admission], parsed: float,
                      deadline: Deadline) -> Tuple[int, bytes]:
         """Reserve a ring slot, receive the body into it, hand the record to the sink."""
         config = self.config
         length = head.content_length
-        tenant_name = admission.tenant if admission is not None else None
-        tenant = tenant_name.encode("ascii") if tenant_name is not None else None
+        tenant = admission.tenant.encode("ascii") if admission is not None else None
         now_ms = int(time.time() * 1000)
         record_id = self.ids.next(now_ms)
         partition_key, hash_key, key_bytes = self.sink.record_keys(record_id, tenant, head.header)

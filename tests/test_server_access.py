@@ -242,7 +242,7 @@ async def _silent_chunked(gateway: Gateway, peer: str, key: str = KEY) -> Tuple[
 @pytest.mark.parametrize("same", ["tenant", "address"])
 async def test_concurrent_chunked_uploads_are_bounded_per_tenant_and_per_address(same):
     """Silent chunked uploads cannot hold the ring, nor overshoot a quota without bound."""
-    from gateway.server import MAX_CHUNKED_PER_ADDRESS, MAX_CHUNKED_PER_TENANT
+    from gateway.uploads import MAX_CHUNKED_PER_ADDRESS, MAX_CHUNKED_PER_TENANT
 
     bound = MAX_CHUNKED_PER_TENANT if same == "tenant" else MAX_CHUNKED_PER_ADDRESS
     edge = FakeEdge()
@@ -255,7 +255,7 @@ async def test_concurrent_chunked_uploads_are_bounded_per_tenant_and_per_address
                 nursery.start_soon(_silent_chunked, gateway, peer, key)
             counted = ("tenant", "ACME") if same == "tenant" else ("address", "192.0.2.1")
             with trio.fail_after(30):
-                while gateway._chunked.get(counted) != bound:
+                while gateway.chunked_uploads._counts.get(counted) != bound:
                     await trio.sleep(0.01)
             key = KEY if same == "tenant" else keystore.new_api_key("OTHER")
             status, reason = await _silent_chunked(gateway, "192.0.2.200" if same == "tenant"
@@ -265,7 +265,7 @@ async def test_concurrent_chunked_uploads_are_bounded_per_tenant_and_per_address
             transport = await serve(gateway, [with_key(b"fine")])
             assert [r.status for r in parse_responses(transport.sent)] == [202]
             nursery.cancel_scope.cancel()
-        assert gateway._chunked == {}
+        assert gateway.chunked_uploads._counts == {}
 
 
 async def test_chunked_body_is_charged_to_the_byte_rate_and_a_tenant_in_debt_is_refused():

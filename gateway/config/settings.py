@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import ipaddress
 import os
 import re
-import urllib.parse
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gateway.config.errors import ConfigError
-from gateway.config.secrets import URL_PARSE_ERROR
 from gateway.config.settings_file import read_settings_file
+from gateway.config.urls import is_loopback_url, parse_redis_url
 from gateway.http.capacity import parse_connections
 from gateway.http.connection import DEFAULT_MAX_HEAD
 from gateway.http.tls import CertificateError, server_context
@@ -170,34 +168,6 @@ def _fraction(text: str) -> float:
         return float(text)
     except ValueError:
         raise ValueError("not a number: %r (use e.g. 0.001)" % text) from None
-
-
-_REDIS_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://", "unix://")
-#: Query parameters of a Redis URL that name files the TLS setup reads.
-_REDIS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
-
-
-def parse_redis_url(text: str) -> str:
-    """A Redis URL as redis-py reads it, or empty (access control off).
-
-    Error messages never repeat the URL: it may hold a password.
-    """
-    text = text.strip()
-    if not text:
-        return ""
-    if not text.startswith(_REDIS_SCHEMES):
-        raise ValueError("must start with one of %s" % ", ".join(_REDIS_SCHEMES))
-    from redis.connection import parse_url
-
-    try:
-        options = parse_url(text.replace("+cluster", "", 1))
-    except ValueError:
-        raise ValueError(URL_PARSE_ERROR) from None
-    for name in _REDIS_FILE_OPTIONS:
-        path = options.get(name)
-        if isinstance(path, str) and not os.path.exists(path):
-            raise ValueError("%s: no such file or directory: %s" % (name, path))
-    return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -685,7 +655,7 @@ def _check(config: Config, *, stream_decides: bool = False) -> None:
     if config.sink == "firehose" and config.delivery_stream.startswith("arn:"):
         raise ConfigError("--delivery-stream: give the delivery stream's name, not its ARN")
     if (config.endpoint_url.lower().startswith("http://") and not config.allow_insecure_endpoint
-            and not _loopback(config.endpoint_url)):
+            and not is_loopback_url(config.endpoint_url)):
         raise ConfigError("--endpoint-url: http:// only to a loopback address; use https://, or "
                           "--allow-insecure-endpoint if the path is trusted")
     if stream_decides:
@@ -700,20 +670,6 @@ def _check(config: Config, *, stream_decides: bool = False) -> None:
         raise ConfigError(
             "--ring-size: must hold at least two of the largest records (2 x %d bytes for "
             "--max-body %d), got %d" % (config.max_record, config.max_body, config.ring_size))
-
-
-def _loopback(url: str) -> bool:
-    """Whether ``url``'s host is this machine (localhost, 127.0.0.0/8, ::1)."""
-    try:
-        host = urllib.parse.urlsplit(url).hostname or ""
-    except ValueError:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
