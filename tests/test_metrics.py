@@ -331,7 +331,10 @@ async def test_a_file_sink_gateway_reports_what_it_was_sent(tmp_path) -> None:
                                 (get_request("/healthz", method="DELETE"), 405)):
             assert await trio.to_thread.run_sync(exchange, port, request) == status
         await trio.to_thread.run_sync(head_metrics, port)
-        await trio.to_thread.run_sync(wait_until, lambda: gw.sink.records == len(sizes))
+        # The sink counts a write in its worker thread and releases the ring
+        # slices back in the event loop: wait for both before scraping.
+        await trio.to_thread.run_sync(
+            wait_until, lambda: gw.sink.records == len(sizes) and gw.ring.used == 0)
         metrics = await scrape_port(port)
         stored_bytes = gw.sink.bytes
     requests = {(labels["route"], labels["status"]): value
