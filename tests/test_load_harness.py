@@ -170,3 +170,16 @@ def test_stalls_are_charged_to_their_tasks_less_gc_and_preemption() -> None:
     assert access["without_gc"] == 1
     text = report.details([{"name": "sluice-pypy-seed-open", "stalls": summary, "heap": None}])
     assert "| sink | 2 | 6.00 | 1 | 3.50 | aws/sink.py:1 _call ×1 |" in text
+
+
+def test_loop_time_is_added_up_per_task_over_the_window() -> None:
+    task = "gateway.server.Gateway.handle_connection"
+    probe = {"marks": [
+        {"busy": {task + " @ http/transport.py:119 send_all": [1.0, 10]}},
+        {"busy": {task + " @ http/transport.py:119 send_all": [3.0, 30],
+                  task + " @ http/transport.py:114 wait_readable": [0.5, 5],
+                  "sinks.aws.sink.StreamSink._call @ (finished)": [0.25, 2]}},
+    ]}
+    rows = report._busy(probe, (0.0, 10.0))
+    assert rows[0] == (task + " @ http/transport.py:119 send_all", 2.0, 20)
+    assert report.busy_by_task(rows) == [(task, 2.5, 25), ("sinks.aws.sink.StreamSink._call", 0.25, 2)]

@@ -105,6 +105,8 @@ class _Probe:
                 mark["traced_current"], mark["traced_peak"] = tracemalloc.get_traced_memory()
                 tracemalloc.reset_peak()
         mark["memory"] = heap.memory()
+        if self.stalls is not None:
+            mark["busy"] = {name: list(busy) for name, busy in self.stalls.busy.items()}
         if self.marks:
             # The end of the measured window: the steady state's heap.
             mark["census"] = heap.census()

@@ -236,7 +236,34 @@ def stall_summary(probe: Optional[Dict[str, Any]], window: Tuple[float, float]) 
             g["tasks"][place] = g["tasks"].get(place, 0) + 1
     for g in groups.values():
         g["tasks"] = sorted(g["tasks"].items(), key=lambda kv: -kv[1])[:5]
-    return {"threshold_s": threshold, "steps": doc["steps"], "dropped": doc["dropped"], "groups": groups}
+    return {"threshold_s": threshold, "steps": doc["steps"], "dropped": doc["dropped"], "groups": groups,
+            "busy": _busy(probe, window)}
+
+
+def _busy(probe: Dict[str, Any], window: Tuple[float, float]) -> List[Tuple[str, float, int]]:
+    """Seconds each task spent in its steps between the first and the last mark,
+    and its steps, busiest first."""
+    marks = [m for m in probe.get("marks", []) if "busy" in m]
+    if len(marks) < 2:
+        return []
+    first, last = marks[0]["busy"], marks[-1]["busy"]
+    rows = []
+    for name, (seconds, steps) in last.items():
+        before = first.get(name, [0.0, 0])
+        rows.append((name, seconds - before[0], int(steps - before[1])))
+    rows.sort(key=lambda r: -r[1])
+    return rows
+
+
+def busy_by_task(rows: List[Tuple[str, float, int]]) -> List[Tuple[str, float, int]]:
+    """:func:`_busy`'s rows (``task @ where``) added up per task."""
+    tasks: Dict[str, List[float]] = {}
+    for name, seconds, steps in rows:
+        task = name.split(" @ ", 1)[0]
+        entry = tasks.setdefault(task, [0.0, 0])
+        entry[0] += seconds
+        entry[1] += steps
+    return sorted(((t, v[0], int(v[1])) for t, v in tasks.items()), key=lambda r: -r[1])
 
 
 def heap_summary(probe: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
@@ -256,6 +283,16 @@ def details(cases: List[Dict[str, Any]]) -> str:
             out.append("\n### %s: event-loop stalls (task steps of %.0f ms or more)\n" % (
                 c["name"], stalls["threshold_s"] * 1e3))
             out.append("%d task steps timed.\n" % stalls["steps"])
+            busy = stalls.get("busy") or []
+            if busy:
+                span = c["window"][1] - c["window"][0]
+                out.append("Loop time in task steps over the window: %.1f%% of a core; busiest: %s.\n" % (
+                    100 * sum(r[1] for r in busy) / span,
+                    ", ".join("%s %.1f%% (%d steps)" % (name, 100 * seconds / span, steps)
+                              for name, seconds, steps in busy_by_task(busy)[:6])))
+                out.append("Busiest steps by where they ended: %s.\n" % ", ".join(
+                    "%s %.2f%%" % (name.split(".")[-1], 100 * seconds / span)
+                    for name, seconds, _ in busy[:12]))
             out.append("| tasks | stalls (wall) | longest ms | own (CPU less GC) | longest own ms | "
                        "where own stalls ended |")
             out.append("|---|---|---|---|---|---|")
