@@ -165,3 +165,20 @@ async def test_pypy_raw_memory_does_not_grow_with_10_mib_bodies(tmp_path):
         grown = _raw_bytes() - before
         gateway.drain()
     assert grown < RAW_GROWTH_BOUND, grown
+
+
+def test_a_serving_process_freezes_its_start_up_heap_on_cpython():
+    # In a child: freezing is for the whole process, and this one runs the tests.
+    import subprocess
+
+    code = textwrap.dedent("""
+        import gc, sys
+        from gateway.observe.memory import freeze_startup_heap
+        frozen = freeze_startup_heap()
+        count = gc.get_freeze_count() if hasattr(gc, "get_freeze_count") else 0
+        print(frozen, count > 1000)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          check=True)
+    expected = "True True" if platform.python_implementation() == "CPython" else "False False"
+    assert done.stdout.split() == expected.split()

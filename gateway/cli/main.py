@@ -34,6 +34,7 @@ from gateway.cli.serve import (
 from gateway.config import settings as _config
 from gateway.config import view as config_view
 from gateway.observe import logs, metrics
+from gateway.observe.memory import freeze_startup_heap
 from gateway.server import Gateway, open_listener
 
 __all__ = ["main", "version_line"]
@@ -88,6 +89,7 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin]) -> 
         host, port = (await nursery.start(serve_until_drained, gateway, listener, nursery.cancel_scope))[:2]
         # Signals are handled from here on: whoever reads "started" may stop it.
         await nursery.start(watch_signals, gateway, True)
+        freeze_startup_heap()
         logs.emit("started", **started_fields(config, origins, gateway, host, port))
         # After "started": a start that fails says only why.
         start_warnings(config, origins, os.environ)  # type: ignore[arg-type]
