@@ -230,18 +230,14 @@ class MemoryTransport(Transport):
             if not self._eof:
                 await trio.sleep_forever()
             return 0
-        piece = self._pieces[0]
-        count = min(len(piece), len(view))
-        view[:count] = piece[:count]
-        if count == len(piece):
-            self._pieces.pop(0)
-        else:
-            self._pieces[0] = piece[count:]
-        return count
+        return self._take(view)
 
     def recv_nowait(self, view: memoryview) -> Optional[int]:
         if not self._pieces:
             return 0 if self._eof else None
+        return self._take(view)
+
+    def _take(self, view: memoryview) -> int:
         piece = self._pieces[0]
         count = min(len(piece), len(view))
         view[:count] = piece[:count]

@@ -517,6 +517,9 @@ class StreamSink(RecordLimitFollower, Sink):
                         entry.call = encoded
                     self._in_flight += 1
                     calls.start_soon(self._call, builder, sent, encoded)
+                    # Filling a batch is up to 500 records' work: with a
+                    # backlog, the next one is filled after other tasks ran.
+                    await trio.lowlevel.checkpoint()
                 else:
                     builder.reset()
                     self._free.append(builder)

@@ -263,6 +263,7 @@ async def sign_in_steps(auth: Any, request: Any) -> None:
 
     if auth.credentials is None:
         raise NoCredentialsError()
+    await trio.lowlevel.checkpoint()
     # Older botocore took the time with utcnow() in add_auth itself.
     now = getattr(botocore.auth, "get_current_datetime", datetime.datetime.utcnow)()
     request.context["timestamp"] = now.strftime(botocore.auth.SIGV4_TIMESTAMP)
@@ -271,6 +272,7 @@ async def sign_in_steps(auth: Any, request: Any) -> None:
     canonical_request = auth.canonical_request(request)
     await trio.lowlevel.checkpoint()
     string_to_sign = auth.string_to_sign(request, canonical_request)
+    await trio.lowlevel.checkpoint()
     signature = auth.signature(string_to_sign, request)
     await trio.lowlevel.checkpoint()
     auth._inject_signature_to_request(request, signature)
