@@ -15,9 +15,9 @@ import trio
 
 from gateway.access import keystore
 from gateway.access.control import AccessConfig, AccessControl
-from gateway.access.keystore import EdgeUnavailable
 from gateway.access.limiter import ScriptCall, UsageDelta, parse_api_key
 from gateway.errors import AccessUnavailable, QuotaExceeded, RateLimited, Unauthorized
+from tests.support.access import EdgeDouble
 
 T0 = 1_700_000_000.0  # mid November 2023
 
@@ -30,31 +30,20 @@ class Clock:
         return self.now
 
 
-class ScriptedEdge:
+class ScriptedEdge(EdgeDouble):
     """Redis as the check script answers: a reply per key hash, 'unknown' for the rest."""
 
     def __init__(self) -> None:
-        self.replies: Dict[str, List[object]] = {}
+        self.answers: Dict[str, List[object]] = {}
         self.down = False
 
     def answer(self, key: bytes, reply: List[object]) -> None:
         parsed = parse_api_key(key)
         assert parsed is not None
-        self.replies[parsed.key_hash] = reply
+        self.answers[parsed.key_hash] = reply
 
-    def probe(self) -> None:
-        if self.down:
-            raise EdgeUnavailable("ConnectionError")
-
-    def run_checks(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]] = ()
-                   ) -> Tuple[List[object], int, int]:
-        if self.down:
-            raise EdgeUnavailable("ConnectionError")
-        return [list(self.replies.get(call.keys[0].rsplit(":", 1)[1], [b"unknown"]))
-                for call in calls], 1, 0
-
-    def close(self) -> None:
-        pass
+    def replies(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]]) -> List[object]:
+        return [list(self.answers.get(call.keys[0].rsplit(":", 1)[1], [b"unknown"])) for call in calls]
 
 
 @asynccontextmanager

@@ -8,14 +8,15 @@ import threading
 
 import pytest
 import trio
-from botocore.credentials import RefreshableCredentials
 
 from sinks.aws.errors import CredentialsError, TransientError
 from sinks.aws.http import BotocoreEndpoint, NoRegion, open_botocore_endpoint
 from sinks.aws.putrecords import PutRecordsBatch
 from tests.support.batches import add
 from tests.support.kinesis import (  # noqa: F401 - fixtures
+    CredentialsSession,
     aws_env_fixture,
+    expiring_credentials,
     fault_server_fixture,
     moto_fixture,
     read_stream,
@@ -101,23 +102,6 @@ async def test_calls_run_in_worker_threads(fault_server, aws_env, monkeypatch):
     await endpoint.aclose()
 
 
-class _Session:
-    """Just what BotocoreEndpoint asks of a botocore session: credentials."""
-
-    def __init__(self, credentials):
-        self.credentials = credentials
-
-    def get_credentials(self):
-        return self.credentials
-
-
-def _refreshable(refresh):
-    soon = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1)).isoformat()
-    return RefreshableCredentials.create_from_metadata(
-        {"access_key": "old", "secret_key": "old", "token": "t", "expiry_time": soon},
-        refresh_using=refresh, method="test")
-
-
 async def test_credentials_near_expiry_are_refreshed_in_a_worker_thread(fault_server):
     from botocore.httpsession import URLLib3Session
 
@@ -128,8 +112,8 @@ async def test_credentials_near_expiry_are_refreshed_in_a_worker_thread(fault_se
         threads.append(threading.current_thread())
         return {"access_key": "fresh", "secret_key": "fresh", "token": "t2", "expiry_time": later}
 
-    endpoint = BotocoreEndpoint(_Session(_refreshable(refresh)), URLLib3Session(), fault_server.url,
-                                "us-east-1", "kinesis")
+    endpoint = BotocoreEndpoint(CredentialsSession(expiring_credentials(refresh)), URLLib3Session(),
+                                fault_server.url, "us-east-1", "kinesis")
     batch, view = body()
     assert (await endpoint.call(batch.target, view)).status == 200
     assert threads and all(t is not threading.current_thread() for t in threads)
@@ -144,12 +128,13 @@ async def test_credentials_that_cannot_refresh_are_a_credentials_error(fault_ser
     def refresh():
         raise CredentialRetrievalError(provider="test", error_msg="token file gone")
 
-    endpoint = BotocoreEndpoint(_Session(_refreshable(refresh)), URLLib3Session(), fault_server.url,
-                                "us-east-1", "kinesis")
+    endpoint = BotocoreEndpoint(CredentialsSession(expiring_credentials(refresh)), URLLib3Session(),
+                                fault_server.url, "us-east-1", "kinesis")
     batch, view = body()
     with pytest.raises(CredentialsError, match="token file gone"):
         await endpoint.call(batch.target, view)
-    nobody = BotocoreEndpoint(_Session(None), URLLib3Session(), fault_server.url, "us-east-1", "kinesis")
+    nobody = BotocoreEndpoint(CredentialsSession(None), URLLib3Session(), fault_server.url, "us-east-1",
+                              "kinesis")
     with pytest.raises(CredentialsError, match="no AWS credentials"):
         await nobody.call(batch.target, view)
     assert fault_server.requests == []

@@ -11,14 +11,16 @@ import threading
 
 import pytest
 import trio
-from botocore.credentials import Credentials, RefreshableCredentials
+from botocore.credentials import Credentials
 
 from sinks.aws.errors import CredentialsError, TransientError
 from sinks.aws.http import BotocoreEndpoint
 from sinks.aws.trio_http import HASH_SLICE, TrioEndpoint, _sha256_hex, open_trio_endpoint
 from tests.support.kinesis import (  # noqa: F401 - fixtures
+    CredentialsSession,
     Plan,
     aws_env_fixture,
+    expiring_credentials,
     fault_server_fixture,
     moto_fixture,
     read_stream,
@@ -34,21 +36,9 @@ def body(stream="logs", datas=(b"hello",)) -> memoryview:
     return memoryview(bytearray(json.dumps(doc).encode()))
 
 
-class _Session:
-    """Just what the endpoint asks of a botocore session: credentials."""
-
-    def __init__(self, credentials):
-        self.credentials = credentials
-        self.asked = 0
-
-    def get_credentials(self):
-        self.asked += 1
-        return self.credentials
-
-
 def _endpoint(url, credentials=None, **options) -> TrioEndpoint:
     credentials = credentials or Credentials("AKIDEXAMPLE", "s3cret")
-    return TrioEndpoint(_Session(credentials), url, "us-east-1", "kinesis", **options)
+    return TrioEndpoint(CredentialsSession(credentials), url, "us-east-1", "kinesis", **options)
 
 
 async def test_requests_are_signed_and_the_body_arrives_whole(fault_server, aws_env, monkeypatch):
@@ -114,13 +104,6 @@ async def test_calls_reuse_one_connection_and_need_no_thread_once_credentials_ar
     await endpoint.aclose()
 
 
-def _refreshable(refresh):
-    soon = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1)).isoformat()
-    return RefreshableCredentials.create_from_metadata(
-        {"access_key": "old", "secret_key": "old", "token": "t", "expiry_time": soon},
-        refresh_using=refresh, method="test")
-
-
 async def test_credentials_near_expiry_are_refreshed_in_a_worker_thread(fault_server):
     threads = []
     later = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)).isoformat()
@@ -129,7 +112,7 @@ async def test_credentials_near_expiry_are_refreshed_in_a_worker_thread(fault_se
         threads.append(threading.current_thread())
         return {"access_key": "fresh", "secret_key": "fresh", "token": "t2", "expiry_time": later}
 
-    endpoint = _endpoint(fault_server.url, _refreshable(refresh))
+    endpoint = _endpoint(fault_server.url, expiring_credentials(refresh))
     assert (await endpoint.call(TARGET, body())).status == 200
     assert threads and all(t is not threading.current_thread() for t in threads)
     assert "Credential=fresh/" in fault_server.requests[0]["Authorization"]
@@ -142,10 +125,10 @@ async def test_credentials_that_cannot_refresh_are_a_credentials_error(fault_ser
     def refresh():
         raise CredentialRetrievalError(provider="test", error_msg="token file gone")
 
-    endpoint = _endpoint(fault_server.url, _refreshable(refresh))
+    endpoint = _endpoint(fault_server.url, expiring_credentials(refresh))
     with pytest.raises(CredentialsError, match="token file gone"):
         await endpoint.call(TARGET, body())
-    nobody = TrioEndpoint(_Session(None), fault_server.url, "us-east-1", "kinesis")
+    nobody = TrioEndpoint(CredentialsSession(None), fault_server.url, "us-east-1", "kinesis")
     with pytest.raises(CredentialsError, match="no AWS credentials"):
         await nobody.call(TARGET, body())
     assert fault_server.requests == []

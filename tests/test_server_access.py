@@ -17,13 +17,13 @@ import trio
 
 from gateway.access import keystore
 from gateway.access.control import AccessConfig, AccessControl
-from gateway.access.keystore import EdgeUnavailable
 from gateway.access.limiter import ScriptCall, UsageDelta, parse_api_key
 from gateway.config.settings import from_args
 from gateway.http.transport import MemoryTransport
 from gateway.server import Gateway
 from sinks.aws.partition_keys import KeyPolicy
 from sinks.base import HeaderLookup, Record, RecordKeys
+from tests.support.access import EdgeDouble
 from tests.support.units import (
     SMALL_FLAGS,
     ContinueClient,
@@ -51,7 +51,7 @@ REPLIES = {
 }
 
 
-class FakeEdge:
+class FakeEdge(EdgeDouble):
     """Redis as the access layer sees it: one canned reply for every check."""
 
     def __init__(self, outcome: str = "ok", *, down: bool = False) -> None:
@@ -60,20 +60,10 @@ class FakeEdge:
         self.calls: List[ScriptCall] = []
         self.usage: List[UsageDelta] = []
 
-    def probe(self) -> None:
-        if self.down:
-            raise EdgeUnavailable("ConnectionError")
-
-    def run_checks(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]] = ()
-                   ) -> Tuple[List[object], int, int]:
-        if self.down:
-            raise EdgeUnavailable("ConnectionError")
+    def replies(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]]) -> List[object]:
         self.calls.extend(calls)
         self.usage.extend(delta for delta, _ in usage)
-        return [list(REPLIES[self.outcome]) for _ in calls], 1, 0
-
-    def close(self) -> None:
-        pass
+        return [list(REPLIES[self.outcome]) for _ in calls]
 
     def usage_total(self) -> Tuple[int, int]:
         return sum(d.records for d in self.usage), sum(d.bytes for d in self.usage)

@@ -5,7 +5,8 @@ connection and returns the answer as it came over the wire (plus whether a
 ``100 Continue`` preceded it).  :func:`sluice` runs the ``sluice`` command
 (``python -m gateway``) to completion; :func:`wait_until` polls a condition
 with a bound, for the few things that settle asynchronously (usage handed to
-Redis, a gateway noticing that Redis is back).
+Redis, a gateway noticing that Redis is back).  :class:`EdgeDouble` stands in
+for Redis in tests of the access layer without a server.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import re
 import subprocess
 import sys
 import time
-from typing import Callable, Mapping, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
+from gateway.access.keystore import EdgeUnavailable
+from gateway.access.limiter import ScriptCall, UsageDelta
 from tests.support.gateway import RawConnection, Response, post_request
 
-__all__ = ["KEY_PATTERN", "Answer", "post", "head_only", "sluice", "wait_until", "assert_no_key"]
+__all__ = ["KEY_PATTERN", "Answer", "post", "head_only", "sluice", "wait_until", "assert_no_key",
+           "EdgeDouble"]
 
 #: What an API key looks like (gateway.access.limiter: ``sluice1.<tenant>.<secret>``).
 KEY_PATTERN = re.compile(r"sluice1\.[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{43}")
@@ -115,3 +119,26 @@ def assert_no_key(text: str, *secrets: str) -> None:
     assert found is None, "an API key appears in: %r" % text[max(0, found.start() - 80):found.end()]
     for secret in secrets:
         assert secret not in text, "a secret appears in the text"
+
+
+class EdgeDouble:
+    """Redis as the access layer sees it, without a server: unreachable while
+    ``down``, else each check answered by :meth:`replies` (a subclass's)."""
+
+    down = False
+
+    def probe(self) -> None:
+        if self.down:
+            raise EdgeUnavailable("ConnectionError")
+
+    def run_checks(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]] = ()
+                   ) -> Tuple[List[object], int, int]:
+        if self.down:
+            raise EdgeUnavailable("ConnectionError")
+        return self.replies(calls, usage), 1, 0
+
+    def replies(self, calls: Sequence[ScriptCall], usage: Sequence[Tuple[UsageDelta, int]]) -> List[object]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import datetime
 import http.server
 import importlib.util
 import json
@@ -480,3 +481,26 @@ def read_stream(client: Any, stream: str) -> List[Dict[str, Any]]:
                 break
             iterator = page.get("NextShardIterator")
     return out
+
+
+class CredentialsSession:
+    """Just what the sinks' endpoints ask of a botocore session: credentials
+    (``asked`` counts how often)."""
+
+    def __init__(self, credentials: Any) -> None:
+        self.credentials = credentials
+        self.asked = 0
+
+    def get_credentials(self) -> Any:
+        self.asked += 1
+        return self.credentials
+
+
+def expiring_credentials(refresh: Callable[[], Dict[str, str]]) -> Any:
+    """botocore refreshable credentials a minute from expiry, renewed by ``refresh``."""
+    from botocore.credentials import RefreshableCredentials
+
+    soon = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1)).isoformat()
+    return RefreshableCredentials.create_from_metadata(
+        {"access_key": "old", "secret_key": "old", "token": "t", "expiry_time": soon},
+        refresh_using=refresh, method="test")
