@@ -42,7 +42,8 @@ IDLE = 10000
 SLOW_HEADS = 200
 SLOW_BODIES = 50
 POSTS = 500
-#: The well-behaved client's answers must come within this (the issue's bound).
+#: The well-behaved client's answers must come within this: a second, so a load
+#: balancer's health check or an agent's retry never waits on the idle crowd.
 ANSWER_WITHIN = 1.0
 #: Descriptors the test process needs besides the idle connections.
 TEST_FDS = 1000
