@@ -9,7 +9,7 @@ progress in one process and refuses one more past its bounds.  No I/O.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional, Tuple
+from typing import ContextManager, Dict, Iterator, Optional, Tuple
 
 from gateway import errors
 
@@ -22,6 +22,8 @@ __all__ = ["ChunkedUploads", "MAX_CHUNKED_PER_TENANT", "MAX_CHUNKED_PER_ADDRESS"
 #: connection and rarely open more than a couple.
 MAX_CHUNKED_PER_TENANT = 4
 MAX_CHUNKED_PER_ADDRESS = 4
+#: What a body with a Content-Length holds: nothing (nullcontext is reusable).
+_NOT_COUNTED = contextlib.nullcontext()
 
 
 class ChunkedUploads:
@@ -30,16 +32,19 @@ class ChunkedUploads:
     def __init__(self) -> None:
         self._counts: Dict[object, int] = {}
 
-    @contextlib.contextmanager
-    def hold(self, length: Optional[int], peer: str, tenant: Optional[str]) -> Iterator[None]:
+    def hold(self, length: Optional[int], peer: str, tenant: Optional[str]) -> ContextManager[None]:
         """Count a chunked upload (``length`` None) while the block runs.
 
         Raises :class:`gateway.errors.TooManyUploads` when the address or the
-        tenant already has its most; a body with a length is not counted.
+        tenant already has its most; a body with a length is not counted
+        (and costs no object per request: the shared no-op context).
         """
         if length is not None:
-            yield
-            return
+            return _NOT_COUNTED
+        return self._hold_chunked(peer, tenant)
+
+    @contextlib.contextmanager
+    def _hold_chunked(self, peer: str, tenant: Optional[str]) -> Iterator[None]:
         counts = self._counts
         keys: Tuple[object, ...] = (("address", peer),) if tenant is None else (
             ("address", peer), ("tenant", tenant))
