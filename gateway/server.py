@@ -611,8 +611,6 @@ class Gateway:
             interim = conn.continue_100()
             if interim:
                 await transport.send_all(interim)
-            # --min-body-rate: from here each received byte moves the deadline on.
-            deadline.pace(config.min_body_rate)
             if length is not None:
                 filled = await self._read_body(conn, transport, slot.view[offset:], deadline)
             else:
@@ -641,6 +639,8 @@ class Gateway:
                          pace: Deadline) -> int:
         filled = conn.take_body(dest)
         size = len(dest)
+        if filled < size:  # --min-body-rate holds only for a body still to come
+            pace.pace(self.config.min_body_rate)
         while filled < size:
             pace.received(filled)
             count = await transport.recv_into(dest[filled:])
@@ -654,6 +654,8 @@ class Gateway:
                             pace: Deadline) -> int:
         filled, done = conn.read_chunked(dest, 0)
         received = 0
+        if not done:  # as in _read_body
+            pace.pace(self.config.min_body_rate)
         while not done:
             pace.received(received)
             count = await transport.recv_into(conn.head_buffer())
