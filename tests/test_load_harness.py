@@ -5,10 +5,11 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
-from bench.load import bodies, report
+from bench.load import bodies, report, stalls
 from bench.load.stubs import check_put_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,27 +150,62 @@ def test_missing_interpreter_says_how_to_get_one(monkeypatch) -> None:
     assert servers.require_gateway_python(sys.executable) == sys.executable
 
 
-def test_stalls_are_charged_to_their_tasks_less_gc_and_preemption() -> None:
+def test_stalls_are_charged_to_their_tasks_less_gc_jit_and_preemption() -> None:
     threshold = 0.001
     stalls = [
-        # time, wall, thread CPU, GC inside, task, where the step ended
-        [5.0, 0.004, 0.0035, 0.0, "sinks.aws.sink.StreamSink._call", "aws/sink.py:1 _call"],
-        [5.1, 0.006, 0.006, 0.0055, "sinks.aws.sink.StreamSink._call", "aws/sink.py:2 _call"],  # GC's
-        [5.2, 0.009, 0.0002, 0.0, "gateway.server.Gateway._run_connection", "x:1 y"],  # preempted
-        [5.3, 0.002, 0.002, 0.0, "gateway.access.control.AccessControl._flush_loop", "z:1 w"],
-        [9.5, 0.050, 0.050, 0.0, "sinks.aws.sink.StreamSink._call", "outside the window"],
+        # time, wall, thread CPU, GC inside, JIT inside, task, where the step ended
+        [5.0, 0.004, 0.0035, 0.0, 0.0, "sinks.aws.sink.StreamSink._call", "aws/sink.py:1 _call"],
+        [5.1, 0.006, 0.006, 0.0055, 0.0, "sinks.aws.sink.StreamSink._call", "aws/sink.py:2 _call"],  # GC's
+        [5.15, 0.008, 0.008, 0.0, 0.0075, "sinks.aws.sink.StreamSink._call", "aws/sink.py:3 _call"],  # JIT's
+        [5.2, 0.009, 0.0002, 0.0, 0.0, "gateway.server.Gateway._run_connection", "x:1 y"],  # preempted
+        [5.3, 0.002, 0.002, 0.0, 0.0, "gateway.access.control.AccessControl._flush_loop", "z:1 w"],
+        [9.5, 0.050, 0.050, 0.0, 0.0, "sinks.aws.sink.StreamSink._call", "outside the window"],
     ]
-    probe = {"stalls": {"threshold_s": threshold, "steps": 1000, "dropped": 0, "stalls": stalls}}
+    compiled = [
+        # time, task whose step it was in, kind, where the trace starts, operations
+        [5.0, "sinks.aws.sink.StreamSink._call", "bridge", "aws/sink.py:500 _call", 40],
+        [5.5, "sinks.aws.sink.StreamSink._call", "loop", "aws/sink.py:500 _call", 400],
+        [6.0, "", "loop", "trio/_run.py:2000 unrolled_run", 900],
+        [9.0, "sinks.aws.sink.StreamSink._call", "bridge", "outside the window", 40],
+    ]
+    probe = {"stalls": {"threshold_s": threshold, "steps": 1000, "dropped": 0, "stalls": stalls,
+                        "compiled": compiled}}
     summary = report.stall_summary(probe, (2.0, 8.0))
     assert summary is not None
+    assert summary["compiled"]["sink"] == {"loops": 1, "bridges": 1, "starts": [("aws/sink.py:500 _call", 2)]}
+    assert summary["compiled"]["between steps"]["loops"] == 1
     sink, connection, access = (summary["groups"][g] for g in ("sink", "connection", "access"))
-    assert (sink["stalls"], sink["without_gc"]) == (2, 1)
+    assert (sink["stalls"], sink["without_gc"], sink["with_jit"]) == (3, 1, 1)
     assert sink["max_without_gc_s"] == pytest.approx(0.0035)
+    assert sink["max_jit_s"] == pytest.approx(0.0075)
     assert sink["tasks"] == [("aws/sink.py:1 _call", 1)]
     assert (connection["stalls"], connection["without_gc"]) == (1, 0)
     assert access["without_gc"] == 1
     text = report.details([{"name": "sluice-pypy-seed-open", "stalls": summary, "heap": None}])
-    assert "| sink | 2 | 6.00 | 1 | 3.50 | aws/sink.py:1 _call ×1 |" in text
+    assert "| sink | 3 | 8.00 | 1 | 7.50 | 1 | 3.50 | aws/sink.py:1 _call ×1 |" in text
+
+
+def test_stall_documents_without_jit_time_still_read() -> None:
+    stalls = [[5.0, 0.004, 0.0035, 0.0, "sinks.aws.sink.StreamSink._call", "aws/sink.py:1 _call"]]
+    probe = {"stalls": {"threshold_s": 0.001, "steps": 10, "dropped": 0, "stalls": stalls}}
+    sink = report.stall_summary(probe, (0.0, 10.0))["groups"]["sink"]
+    assert (sink["stalls"], sink["without_gc"], sink["with_jit"]) == (1, 1, 0)
+
+
+def test_the_stall_instrument_records_jit_time_inside_a_step() -> None:
+    clock = iter([0.0, 0.003]).__next__
+    instrument = stalls.StallInstrument(lambda: 0.0, jit_seconds=clock)
+    task = types.SimpleNamespace(name="sinks.aws.sink.StreamSink._call", coro=None)
+    instrument._clock = iter([1.0, 1.005]).__next__
+    instrument.before_task_step(task)
+    instrument._on_compiled(types.SimpleNamespace(type="bridge", operations=[]))
+    instrument.after_task_step(task)
+    instrument._on_compiled(types.SimpleNamespace(type="loop", operations=[]))
+    assert [row[1:4] for row in instrument.compiled] == [
+        ["sinks.aws.sink.StreamSink._call", "bridge", "?"], ["", "loop", "?"]]
+    (row,) = instrument.document()["stalls"]
+    assert row[1] == pytest.approx(0.005) and row[4] == pytest.approx(0.003)
+    assert row[5:] == ["sinks.aws.sink.StreamSink._call", "(finished)"]
 
 
 def test_loop_time_is_added_up_per_task_over_the_window() -> None:
@@ -183,3 +219,16 @@ def test_loop_time_is_added_up_per_task_over_the_window() -> None:
     rows = report._busy(probe, (0.0, 10.0))
     assert rows[0] == (task + " @ http/transport.py:119 send_all", 2.0, 20)
     assert report.busy_by_task(rows) == [(task, 2.5, 25), ("sinks.aws.sink.StreamSink._call", 0.25, 2)]
+
+
+@pytest.mark.skipif(sys.implementation.name != "pypy", reason="PyPy finalizes cffi objects")
+def test_census_names_the_cffi_objects_alive() -> None:
+    import cffi
+
+    from bench.load import heap
+
+    ffi = cffi.FFI()
+    held = [ffi.from_buffer(memoryview(bytearray(100 + n))) for n in range(50)]
+    census = heap.census()
+    kinds = dict(census["top_cdata"])
+    assert kinds.get("<cdata 'char[]' buffer len N from 'memoryview' object>", 0) >= len(held)

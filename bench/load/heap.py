@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import gc
 import platform
+import re
 import sys
 import weakref
 from typing import Any, Dict, List, Tuple
@@ -31,6 +32,7 @@ _NATIVE_FINALIZED = ("socket", "SSLSocket", "_SSLSocket", "BufferedReader", "Buf
                      "TextIOWrapper", "mmap", "generator", "coroutine", "async_generator", "Popen",
                      "_CDataBase", "CDataOwnGC", "CDataGCP", "lock", "RLock", "SSLContext", "_SSLContext",
                      "select.epoll", "epoll", "PyCapsule")
+_DIGITS = re.compile(r"(0x[0-9a-f]+|[0-9]+)")
 
 
 def memory() -> Dict[str, Any]:
@@ -88,6 +90,7 @@ def census() -> Dict[str, Any]:
     by_type: collections.Counter = collections.Counter()
     finalized: collections.Counter = collections.Counter()
     weakly: collections.Counter = collections.Counter()
+    cdata: collections.Counter = collections.Counter()
     weakrefs = 0
     for obj in objects:
         kind = type(obj)
@@ -98,6 +101,9 @@ def census() -> Dict[str, Any]:
             continue
         if getattr(kind, "__del__", None) is not None or kind.__name__ in _NATIVE_FINALIZED:
             finalized[name] += 1
+            if kind.__name__ == "_CDataBase":
+                # cffi's repr names the C type and what the object holds.
+                cdata[_DIGITS.sub("N", repr(obj))] += 1
         try:
             if weakref.getweakrefcount(obj):
                 weakly[name] += 1
@@ -106,4 +112,4 @@ def census() -> Dict[str, Any]:
     return {"objects": len(objects), "weakrefs": weakrefs,
             "finalized": sum(finalized.values()), "weakly_referenced": sum(weakly.values()),
             "top_types": _top(by_type), "top_finalized": _top(finalized),
-            "top_weakly_referenced": _top(weakly)}
+            "top_weakly_referenced": _top(weakly), "top_cdata": _top(cdata)}

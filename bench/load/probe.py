@@ -105,6 +105,9 @@ class _Probe:
                 mark["traced_current"], mark["traced_peak"] = tracemalloc.get_traced_memory()
                 tracemalloc.reset_peak()
         mark["memory"] = heap.memory()
+        from .stalls import jit_counters
+
+        mark["jit"] = jit_counters()
         if self.stalls is not None:
             mark["busy"] = {name: list(busy) for name, busy in self.stalls.busy.items()}
         if self.marks:
@@ -183,6 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 from .stalls import StallInstrument
 
                 probe.stalls = StallInstrument(probe.gc_total)
+                probe.stalls.install_compile_hook()
                 trio.lowlevel.add_instrument(probe.stalls)
             await super().serve(*args, **kwargs)
 

@@ -210,26 +210,36 @@ def _group_of(task_name: str) -> str:
 
 def stall_summary(probe: Optional[Dict[str, Any]], window: Tuple[float, float]) -> Optional[Dict[str, Any]]:
     """Loop stalls inside ``window`` by group of task: how many, how many with the
-    collector's time taken out, and the longest of each kind."""
+    collector's and the JIT's time taken out, how many had JIT work inside,
+    and the longest of each kind."""
     if not probe or not probe.get("stalls"):
         return None
     doc = probe["stalls"]
     start, end = window
     threshold = doc["threshold_s"]
     groups: Dict[str, Dict[str, Any]] = {
-        g: {"stalls": 0, "max_s": 0.0, "without_gc": 0, "max_without_gc_s": 0.0, "tasks": {}}
+        g: {"stalls": 0, "max_s": 0.0, "without_gc": 0, "max_without_gc_s": 0.0, "with_jit": 0,
+            "max_jit_s": 0.0, "tasks": {}}
         for g in _GROUPS}
-    # A stall is the task's own when its CPU time less the GC time inside
-    # reaches the threshold; "tasks" counts where those steps ended.
-    for t, duration, cpu_s, gc_s, task, place in doc["stalls"]:
+    # A stall is the task's own when its CPU time less the GC and JIT time
+    # inside reaches the threshold; "tasks" counts where those steps ended.
+    for row in doc["stalls"]:
+        t, duration, cpu_s, gc_s = row[:4]
+        # Documents written before JIT time was recorded have no jit_s.
+        jit_s = row[4] if len(row) == 7 else 0.0
+        task, place = row[-2:]
         if not start <= t < end:
             continue
         g = groups[_group_of(task)]
         g["stalls"] += 1
         g["max_s"] = max(g["max_s"], duration)
+        if jit_s > 0:
+            g["with_jit"] += 1
+            g["max_jit_s"] = max(g["max_jit_s"], jit_s)
         # The task's own work: its thread's CPU time, less the collector's
-        # (time preempted by the machine or waiting for the GIL is not its).
-        own = min(duration, cpu_s) - gc_s
+        # and the JIT's (time preempted by the machine or waiting for the
+        # GIL is not its).
+        own = min(duration, cpu_s) - gc_s - jit_s
         if own >= threshold:
             g["without_gc"] += 1
             g["max_without_gc_s"] = max(g["max_without_gc_s"], own)
@@ -237,7 +247,25 @@ def stall_summary(probe: Optional[Dict[str, Any]], window: Tuple[float, float]) 
     for g in groups.values():
         g["tasks"] = sorted(g["tasks"].items(), key=lambda kv: -kv[1])[:5]
     return {"threshold_s": threshold, "steps": doc["steps"], "dropped": doc["dropped"], "groups": groups,
-            "busy": _busy(probe, window)}
+            "busy": _busy(probe, window), "compiled": _compiled(doc.get("compiled") or [], window)}
+
+
+def _compiled(rows: List[List[Any]], window: Tuple[float, float]) -> Dict[str, Dict[str, Any]]:
+    """What the JIT compiled inside ``window``, by the group of the task whose
+    step it was in ("between steps" when none): loops, bridges, and where
+    the most frequent traces start."""
+    start, end = window
+    found: Dict[str, Dict[str, Any]] = {}
+    for t, task, kind, where, _ in rows:
+        if not start <= t < end:
+            continue
+        g = found.setdefault(_group_of(task) if task else "between steps",
+                             {"loops": 0, "bridges": 0, "starts": {}})
+        g["bridges" if kind == "bridge" else "loops"] += 1
+        g["starts"][where] = g["starts"].get(where, 0) + 1
+    for g in found.values():
+        g["starts"] = sorted(g["starts"].items(), key=lambda kv: -kv[1])[:5]
+    return found
 
 
 def _busy(probe: Dict[str, Any], window: Tuple[float, float]) -> List[Tuple[str, float, int]]:
@@ -271,7 +299,12 @@ def heap_summary(probe: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     marks = (probe or {}).get("marks") or []
     if len(marks) < 2:
         return None
-    return {"memory": marks[-1].get("memory"), "census": marks[-1].get("census")}
+    first, last = marks[0].get("jit"), marks[-1].get("jit")
+    jit = None
+    if first and last:
+        # What the JIT did inside the window: in a steady state, little.
+        jit = {name: last[name] - first.get(name, 0) for name in last}
+    return {"memory": marks[-1].get("memory"), "census": marks[-1].get("census"), "jit": jit}
 
 
 def details(cases: List[Dict[str, Any]]) -> str:
@@ -293,14 +326,18 @@ def details(cases: List[Dict[str, Any]]) -> str:
                 out.append("Busiest steps by where they ended: %s.\n" % ", ".join(
                     "%s %.2f%%" % (name.split(".")[-1], 100 * seconds / span)
                     for name, seconds, _ in busy[:12]))
-            out.append("| tasks | stalls (wall) | longest ms | own (CPU less GC) | longest own ms | "
-                       "where own stalls ended |")
-            out.append("|---|---|---|---|---|---|")
+            out.append("| tasks | stalls (wall) | longest ms | with JIT work | longest JIT ms | "
+                       "own (CPU less GC and JIT) | longest own ms | where own stalls ended |")
+            out.append("|---|---|---|---|---|---|---|---|")
             for name, g in stalls["groups"].items():
-                out.append("| %s | %d | %s | %d | %s | %s |" % (
-                    name, g["stalls"], _ms(g["max_s"]) if g["stalls"] else "–", g["without_gc"],
+                out.append("| %s | %d | %s | %d | %s | %d | %s | %s |" % (
+                    name, g["stalls"], _ms(g["max_s"]) if g["stalls"] else "–", g.get("with_jit", 0),
+                    _ms(g["max_jit_s"]) if g.get("with_jit") else "–", g["without_gc"],
                     _ms(g["max_without_gc_s"]) if g["without_gc"] else "–",
                     ", ".join("%s ×%d" % tuple(kv) for kv in g["tasks"]) or "–"))
+            for name, g in (stalls.get("compiled") or {}).items():
+                out.append("\nJIT compiled in %s steps: %d loops, %d bridges; traces starting in %s." % (
+                    name, g["loops"], g["bridges"], ", ".join("%s ×%d" % tuple(kv) for kv in g["starts"])))
         if heap and heap.get("memory"):
             memory = heap["memory"]
             out.append("\n### %s: memory at the window's end\n" % c["name"])
@@ -310,6 +347,13 @@ def details(cases: List[Dict[str, Any]]) -> str:
                 out.append("\nResident by mapping: " + ", ".join(
                     "%s %s MB" % (k, _mb(v))
                     for k, v in sorted(memory["resident"].items(), key=lambda kv: -kv[1])))
+            jit = heap.get("jit")
+            if jit:
+                out.append("\nPyPy's JIT inside the window: %d loops and %d bridges compiled, %d traces "
+                           "aborted, %.0f ms tracing and %.0f ms compiling." % (
+                               jit.get("TOTAL_COMPILED_LOOPS", 0), jit.get("TOTAL_COMPILED_BRIDGES", 0),
+                               sum(v for k, v in jit.items() if k.startswith("ABORT_")),
+                               1e3 * jit.get("TRACING_s", 0.0), 1e3 * jit.get("BACKEND_s", 0.0)))
             census = heap.get("census")
             if census:
                 out.append("\nHeap: %d objects, %d weak references, %d weakly referenced, %d with "
@@ -319,4 +363,7 @@ def details(cases: List[Dict[str, Any]]) -> str:
                     "%s %d" % tuple(kv) for kv in census["top_finalized"]))
                 out.append("\nWeakly referenced: " + ", ".join(
                     "%s %d" % tuple(kv) for kv in census["top_weakly_referenced"]))
+                if census.get("top_cdata"):
+                    out.append("\ncffi objects: " + ", ".join(
+                        "%s %d" % tuple(kv) for kv in census["top_cdata"]))
     return "\n".join(out) + ("\n" if out else "")
