@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sinks.digests import crc32, sha256_hex
+from sinks.digests import Sha256, crc32, sha256_hex
 
 MIB = 1024 * 1024
 
@@ -42,3 +42,37 @@ def test_a_10_mib_slice_of_an_mmap_is_not_copied_on_pypy():
     grown = _raw_bytes() - before
     # A copy of the view would be 10 MiB per call.
     assert grown < MIB, grown
+
+
+@given(st.lists(st.binary(max_size=2048), max_size=8))
+def test_a_hash_fed_in_pieces_is_the_hash_of_the_whole(pieces):
+    digest = Sha256()
+    for piece in pieces:
+        digest.update(memoryview(bytearray(piece)))
+    assert digest.hexdigest() == hashlib.sha256(b"".join(pieces)).hexdigest()
+
+
+def test_an_ended_hash_takes_no_more_and_the_next_one_starts_afresh():
+    first = Sha256()
+    first.update(b"abc")
+    assert first.hexdigest() == hashlib.sha256(b"abc").hexdigest()
+    if platform.python_implementation() == "PyPy":
+        with pytest.raises(ValueError):
+            first.update(b"more")
+    second = Sha256()  # on PyPy, the first one's context again
+    second.update(b"xyz")
+    assert second.hexdigest() == hashlib.sha256(b"xyz").hexdigest()
+
+
+@pytest.mark.skipif(platform.python_implementation() != "PyPy", reason="OpenSSL contexts are reused on PyPy")
+def test_hashes_reuse_their_contexts_on_pypy():
+    from sinks import digests
+
+    for _ in range(3):
+        Sha256().hexdigest()
+    idle = list(digests._contexts.idle)
+    for _ in range(100):
+        digest = Sha256()
+        digest.update(b"x" * 100)
+        digest.hexdigest()
+    assert digests._contexts.idle == idle
