@@ -168,24 +168,65 @@ async def test_the_payload_hash_is_sha256_of_the_body_taken_in_slices():
     assert await _sha256_hex(memoryview(b"")) == hashlib.sha256(b"").hexdigest()
 
 
+@pytest.mark.parametrize("kept_keys", [False, True])
 @pytest.mark.parametrize("token", [None, "the-token"])
-async def test_signing_in_steps_gives_botocores_own_headers(monkeypatch, token):
+async def test_signing_in_steps_gives_botocores_own_headers(monkeypatch, token, kept_keys):
     import botocore.auth
     from botocore.awsrequest import AWSRequest
 
-    from sinks.aws.trio_http import sign_in_steps
+    from sinks.aws.trio_http import SigningKeys, sign_in_steps
 
     instant = datetime.datetime(2026, 12, 3, 10, 20, 30)
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: instant)
     credentials = Credentials("AKIDEXAMPLE", "s3cret", token).get_frozen_credentials()
+    keys = SigningKeys() if kept_keys else None
 
     def request() -> AWSRequest:
         return AWSRequest(method="POST", url="https://kinesis.us-east-1.amazonaws.com/", headers={
             "X-Amz-Target": TARGET, "Content-Type": "application/x-amz-json-1.1",
             "X-Amz-Content-SHA256": hashlib.sha256(b"{}").hexdigest()})
 
-    theirs, ours = request(), request()
-    botocore.auth.SigV4Auth(credentials, "kinesis", "us-east-1").add_auth(theirs)
-    await sign_in_steps(botocore.auth.SigV4Auth(credentials, "kinesis", "us-east-1"), ours)
-    assert dict(ours.headers.items()) == dict(theirs.headers.items())
-    assert "Signature=" in ours.headers["Authorization"]
+    for _ in range(2):  # the second time with the key kept from the first
+        theirs, ours = request(), request()
+        botocore.auth.SigV4Auth(credentials, "kinesis", "us-east-1").add_auth(theirs)
+        await sign_in_steps(botocore.auth.SigV4Auth(credentials, "kinesis", "us-east-1"), ours, keys)
+        assert dict(ours.headers.items()) == dict(theirs.headers.items())
+        assert "Signature=" in ours.headers["Authorization"]
+
+
+async def test_the_signing_key_is_derived_again_for_a_new_day_secret_or_region(monkeypatch):
+    import botocore.auth
+    from botocore.awsrequest import AWSRequest
+
+    from sinks.aws.trio_http import SigningKeys, sign_in_steps
+
+    derived = []
+
+    class CountingAuth(botocore.auth.SigV4Auth):
+        def _sign(self, key, msg, hex=False):
+            if not hex:
+                derived.append(msg)
+            return super()._sign(key, msg, hex)
+
+    keys = SigningKeys()
+    instant = [datetime.datetime(2026, 12, 3, 23, 59, 59)]
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: instant[0])
+
+    async def sign(secret: str, region: str) -> None:
+        credentials = Credentials("AKIDEXAMPLE", secret).get_frozen_credentials()
+        url = "https://kinesis.%s.amazonaws.com/" % region
+        headers = {"X-Amz-Content-SHA256": hashlib.sha256(b"{}").hexdigest()}
+        ours = AWSRequest(method="POST", url=url, headers=dict(headers))
+        theirs = AWSRequest(method="POST", url=url, headers=dict(headers))
+        await sign_in_steps(CountingAuth(credentials, "kinesis", region), ours, keys)
+        botocore.auth.SigV4Auth(credentials, "kinesis", region).add_auth(theirs)
+        assert ours.headers["Authorization"] == theirs.headers["Authorization"]
+
+    await sign("s3cret", "us-east-1")
+    await sign("s3cret", "us-east-1")
+    assert len(derived) == 4  # derived once for both calls
+    instant[0] += datetime.timedelta(seconds=1)  # the next day
+    await sign("s3cret", "us-east-1")
+    await sign("rotated", "us-east-1")
+    await sign("rotated", "eu-west-1")
+    assert len(derived) == 16
