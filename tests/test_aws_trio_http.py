@@ -230,3 +230,21 @@ async def test_the_signing_key_is_derived_again_for_a_new_day_secret_or_region(m
     await sign("rotated", "us-east-1")
     await sign("rotated", "eu-west-1")
     assert len(derived) == 16
+
+
+async def test_a_call_runs_with_the_jit_paused_when_the_gateway_asked(fault_server):
+    from sinks import jit
+
+    calls = []
+    pause = jit.install(lambda **values: calls.append(values))
+    assert pause is not None
+    try:
+        endpoint = _endpoint(fault_server.url)
+        reply = await endpoint.call(TARGET, body())
+        await endpoint.aclose()
+    finally:
+        trio.lowlevel.remove_instrument(pause)
+    assert reply.status == 200
+    # Paused on entry and for each later step of the call; resumed after each.
+    assert pause.paused_steps >= 3
+    assert calls[0] == {name: -1 for name in jit.PYPY_DEFAULTS} and calls[-1] == jit.PYPY_DEFAULTS

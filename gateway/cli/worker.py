@@ -46,6 +46,7 @@ from gateway.config import settings as _config
 from gateway.observe import logs, metrics
 from gateway.observe.memory import freeze_startup_heap
 from gateway.server import Gateway, open_listener
+from sinks import jit as sink_jit
 
 __all__ = ["WorkerSpec", "READY_LINE", "ERROR_PREFIX", "MAX_STATUS_BYTES", "WORKER_DIR_PREFIX",
            "worker_dir", "worker_dirs", "main"]
@@ -177,6 +178,8 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin], spe
         await nursery.start(watch_signals, gateway, False, {"worker": spec.index})
         nursery.start_soon(_watch_supervisor, gateway, spec, lifeline)
         freeze_startup_heap()
+        if config.sink_jit == "pause":
+            sink_jit.install()
         # "started" before "ready": the supervisor's events follow its workers'.
         logs.emit("started", worker=spec.index, generation=spec.generation,
                   **started_fields(config, origins, gateway, host, port))

@@ -311,6 +311,11 @@ SETTINGS: List[Setting] = [
             "kinesis/firehose: how calls are sent: trio (signed by botocore, sent on the event "
             "loop's own connections) or threads (botocore's HTTP session in worker threads; "
             "also used whenever HTTPS_PROXY applies)"),
+    Setting("sink_jit", _choice("pause", "compile"), "pause",
+            "kinesis/firehose with --aws-http trio, on PyPy: pause keeps the JIT compiler from "
+            "tracing the calls' own code (signing, h11, streams), which at a few calls a second "
+            "held the event loop for up to 20 ms at a time; compile lets PyPy compile it like the "
+            "rest (and keeps --jit thresholds given to pypy)"),
     Setting("max_in_flight", _int, "4",
             "kinesis/firehose: requests in progress at once (each holds a preallocated body)",
             minimum=1, maximum=64),
@@ -414,6 +419,7 @@ class Config:
     batch_bytes: int = 5 * MiB
     linger: Optional[float] = None  # auto
     aws_http: str = "trio"
+    sink_jit: str = "pause"
     max_in_flight: int = 4
     retry_deadline: float = 30.0
     call_timeout: float = 6.0

@@ -1,0 +1,101 @@
+"""Keeping PyPy's JIT compiler out of the sink's calls to AWS.
+
+At the design load the sink makes a few calls a second, and each call runs a
+long path through botocore's signing, h11 and Trio's streams once.  PyPy's
+JIT kept tracing and compiling pieces of that path for as long as the
+gateway ran (about 70 loops and bridges in two minutes of steady state),
+each time inside one of the call's steps, where it held the event loop for
+up to 20 ms while requests waited.  Code that runs a few times a second gains
+little from being compiled; the per-record loops around it (filling batches,
+settling answers) run hundreds of times a second and gain a lot, so only the
+call itself is kept out.
+
+`JitPause` is a Trio instrument: a task inside `paused` runs its steps with
+the JIT's thresholds set to "never", and they are set back to PyPy's
+defaults when the step ends.  Machine code compiled earlier still runs, and
+the rest of the process compiles as before.  `install` puts it in the running
+loop on PyPy (the gateway does, unless ``--sink-jit compile``); without it,
+`paused` does nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import platform
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Set
+
+import trio
+
+__all__ = ["JitPause", "install", "paused", "PYPY_DEFAULTS"]
+
+#: PyPy's own values of the thresholds that start tracing and compiling: a
+#: loop, a function, a bridge from a failing guard.  They are put back after
+#: a paused step, so values given with ``pypy --jit`` for these three do not
+#: hold once the sink has called.
+PYPY_DEFAULTS: Dict[str, int] = {"threshold": 1039, "function_threshold": 1619, "trace_eagerness": 200}
+_NEVER: Dict[str, int] = {name: -1 for name in PYPY_DEFAULTS}
+_CURRENT: trio.lowlevel.RunVar = trio.lowlevel.RunVar("sluice_jit_pause", default=None)
+
+
+class JitPause(trio.abc.Instrument):
+    """Runs the steps of tasks inside `region` with the JIT's tracing paused."""
+
+    def __init__(self, set_param: Callable[..., None]) -> None:
+        self._set_param = set_param
+        self._tasks: Set[Any] = set()
+        self._paused = False
+        #: Steps begun with the JIT paused.
+        self.paused_steps = 0
+
+    def before_task_step(self, task: Any) -> None:
+        if task in self._tasks:
+            self._pause()
+            self.paused_steps += 1
+
+    def after_task_step(self, task: Any) -> None:
+        if self._paused:
+            self._resume()
+
+    @contextlib.contextmanager
+    def region(self) -> Iterator[None]:
+        """The current task's steps run paused until the block ends."""
+        task = trio.lowlevel.current_task()
+        self._tasks.add(task)
+        self._pause()
+        try:
+            yield
+        finally:
+            self._tasks.discard(task)
+            self._resume()
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._set_param(**_NEVER)
+            self._paused = True
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._set_param(**PYPY_DEFAULTS)
+
+
+def install(set_param: Optional[Callable[..., None]] = None) -> Optional[JitPause]:
+    """Put a `JitPause` in the running Trio loop, on PyPy (or with ``set_param``
+    in place of ``pypyjit.set_param``); it, or None where there is no JIT."""
+    if set_param is None:
+        if platform.python_implementation() != "PyPy":
+            return None
+        import pypyjit  # type: ignore[import-not-found]
+
+        set_param = pypyjit.set_param
+    pause = JitPause(set_param)
+    trio.lowlevel.add_instrument(pause)
+    _CURRENT.set(pause)
+    return pause
+
+
+def paused() -> ContextManager[None]:
+    """A block whose steps run with the JIT paused, when `install` ran in this loop."""
+    pause: Optional[JitPause] = _CURRENT.get()
+    if pause is None:
+        return contextlib.nullcontext()
+    return pause.region()

@@ -1,0 +1,102 @@
+"""sinks/jit.py: a task inside ``paused()`` runs its steps with PyPy's JIT tracing off.
+
+The instrument is driven here with a stand-in for ``pypyjit.set_param`` so
+that both interpreters check what each task's steps run under; the last test
+uses PyPy's own.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Dict, List, Tuple
+
+import pytest
+import trio
+
+from sinks import jit
+
+
+class Params:
+    """Records the JIT's thresholds as ``set_param`` leaves them."""
+
+    def __init__(self) -> None:
+        self.now: Dict[str, int] = dict(jit.PYPY_DEFAULTS)
+        self.calls = 0
+
+    def set_param(self, **values: int) -> None:
+        self.calls += 1
+        self.now.update(values)
+
+    @property
+    def tracing(self) -> bool:
+        return all(value > 0 for value in self.now.values())
+
+
+async def test_only_the_steps_inside_the_block_run_with_tracing_paused():
+    params = Params()
+    pause = jit.install(params.set_param)
+    assert pause is not None
+    seen: List[Tuple[str, bool]] = []
+
+    async def caller() -> None:
+        seen.append(("caller before", params.tracing))
+        with jit.paused():
+            for _ in range(3):
+                seen.append(("caller inside", params.tracing))
+                await trio.lowlevel.checkpoint()
+            seen.append(("caller inside", params.tracing))
+        seen.append(("caller after", params.tracing))
+        await trio.lowlevel.checkpoint()
+        seen.append(("caller after", params.tracing))
+
+    async def other() -> None:
+        for _ in range(6):
+            seen.append(("other", params.tracing))
+            await trio.lowlevel.checkpoint()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller)
+            nursery.start_soon(other)
+    finally:
+        trio.lowlevel.remove_instrument(pause)
+    assert {(who, tracing) for who, tracing in seen} == {
+        ("caller before", True), ("caller inside", False), ("caller after", True), ("other", True)}
+    assert pause.paused_steps == 3
+    assert params.now == jit.PYPY_DEFAULTS
+
+
+async def test_an_exception_inside_the_block_still_resumes_tracing():
+    params = Params()
+    pause = jit.install(params.set_param)
+    try:
+        with pytest.raises(ValueError):
+            with jit.paused():
+                await trio.lowlevel.checkpoint()
+                raise ValueError("the call failed")
+        assert params.tracing
+        await trio.lowlevel.checkpoint()
+        assert params.tracing
+    finally:
+        trio.lowlevel.remove_instrument(pause)
+
+
+async def test_without_install_the_block_changes_nothing():
+    with jit.paused():
+        await trio.lowlevel.checkpoint()
+    if platform.python_implementation() != "PyPy":
+        assert jit.install() is None
+
+
+@pytest.mark.skipif(platform.python_implementation() != "PyPy", reason="pypyjit is PyPy's")
+async def test_pypys_own_jit_takes_the_settings():
+    pause = jit.install()
+    assert pause is not None
+    try:
+        with jit.paused():
+            await trio.lowlevel.checkpoint()
+            total = sum(range(10000))  # a loop that is not traced here
+        assert total == 49995000
+        assert pause.paused_steps == 1
+    finally:
+        trio.lowlevel.remove_instrument(pause)
