@@ -36,6 +36,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import trio
 
+from sinks import worker
 from sinks.base import HealthReport, Record, Release, Sink, SinkStatistics, log_health
 from sinks.digests import crc32
 from sinks.errors import SinkUnavailable
@@ -242,7 +243,7 @@ class FileSink(Sink):
         self._pending_bytes = 0
         while True:
             try:
-                await trio.to_thread.run_sync(self._write_batch, batch)
+                await worker.run_sync(self._write_batch, batch)
             except OSError as exc:
                 self.write_errors += 1
                 if self._error is None:

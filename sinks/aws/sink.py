@@ -56,6 +56,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import trio
 
+from sinks import worker
 from sinks.aws.aggregation import KPL, KPL_MAX_AGGREGATE_BYTES, OFF, AggregatingBuilder, payload_units
 from sinks.aws.delivery import STORED, Delivery, Entry, QueueFull, Settled
 from sinks.aws.errors import (
@@ -535,7 +536,7 @@ class StreamSink(RecordLimitFollower, Sink):
         try:
             try:
                 if builder.bytes >= ENCODE_IN_THREAD_BYTES:
-                    await trio.to_thread.run_sync(builder.encode_all, entries)
+                    await worker.run_sync(builder.encode_all, entries)
                 else:
                     builder.encode_all(entries)
             finally:

@@ -2,8 +2,8 @@
 
 :class:`SpoolFiles` owns the directory lock, the open segment's descriptor and
 the descriptors segments are read back from.  Every method blocks; the Trio
-driver calls them through ``trio.to_thread.run_sync``, one writing call at a
-time (the writer task) beside at most one reading call (the shipper) and one
+driver calls them in worker threads (``sinks.worker.run_sync``), one writing
+call at a time (the writer task) beside at most one reading call (the shipper) and one
 confirming call (housekeeping), which touch different files.  What to write
 and where is decided by ``sinks.spool.layout``; these methods only carry it out.
 """

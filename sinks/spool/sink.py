@@ -49,6 +49,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import trio
 
 from buffers import Overloaded, RingFull, Slot, WaitingRing
+from sinks import worker
 from sinks.base import (
     HeaderLookup,
     HealthReport,
@@ -384,8 +385,8 @@ class SpooledSink(Sink):
                 await trio.to_thread.run_sync(self._files.create_segment, state.next_sequence)
                 state.open_segment(len(SPOOL_MAGIC))
             assert state.current is not None
-            await trio.to_thread.run_sync(self._files.write_group, group.records, group.keys,
-                                          group.key_lengths, state.current.size)
+            await worker.run_sync(self._files.write_group, group.records, group.keys,
+                                     group.key_lengths, state.current.size)
         except OSError as exc:
             state.unreserve(group.bytes)
             self.write_errors += 1
@@ -477,7 +478,7 @@ class SpooledSink(Sink):
     async def _ship(self, jobs: List[Tuple[Position, Slot]]) -> None:
         ring = self._ring
         try:
-            keys = await trio.to_thread.run_sync(self._files.read_back, jobs)
+            keys = await worker.run_sync(self._files.read_back, jobs)
         except OSError as exc:
             for position, slot in jobs:
                 self._ship_bytes -= slot.size
@@ -570,7 +571,7 @@ class SpooledSink(Sink):
         gone = [segment.sequence for segment in finished]
         writes = [(segment, offsets) for segment, offsets in acks if segment.sequence not in gone]
         try:
-            await trio.to_thread.run_sync(self._files.confirm_and_delete, writes, gone)
+            await worker.run_sync(self._files.confirm_and_delete, writes, gone)
         except OSError as exc:
             for segment, offsets in writes:
                 segment.acks[:0] = offsets  # written next time
