@@ -50,6 +50,29 @@ def test_seed_targets_are_marked_met_or_missed() -> None:
     assert table.count("missed") == 5  # CPU, p99, max, GC, RSS; RSS is flat
 
 
+def test_seed_targets_mark_the_sinks_stalls_when_they_were_timed() -> None:
+    def summary(rows):
+        return report.stall_summary({"stalls": {"threshold_s": 0.001, "steps": 100, "dropped": 0,
+                                                "stalls": rows}}, (0.0, 100.0))
+
+    def case(stalls):
+        return {"server": "sluice-pypy", "cpu_percent": 8.0, "window": [0.0, 100.0],
+                "load": {"latency_s": {"p99": 0.001, "max": 0.002}},
+                "rss": {"steady_bytes": 100e6}, "rss_samples": [(t, 100e6) for t in range(100)],
+                "gc": {"count": 10, "max_s": 0.001}, "stalls": stalls}
+
+    sink = "sinks.aws.sink.StreamSink._call"
+    # Only the collector and the machine held these steps: not the sink's.
+    clean = summary([[5.0, 0.004, 0.004, 0.0035, 0.0, sink, "a"], [6.0, 0.009, 0.0002, 0.0, 0.0, sink, "b"]])
+    table = report.seed_targets([case(clean)], "PyPy", ["--ack=received"])
+    assert "| no loop stall over 1 ms from the sink (its code, or the JIT compiling it) | 0; " \
+           "0 with JIT work | met |" in table
+    # The JIT compiling inside the sink's step is the sink's stall.
+    jit = summary([[5.0, 0.008, 0.008, 0.0, 0.0075, sink, "a"]])
+    table = report.seed_targets([case(jit)], "PyPy", ["--ack=received"])
+    assert "| 1 (longest 8.00 ms); 1 with JIT work | missed |" in table
+
+
 def test_mix_is_fixed_and_bounded() -> None:
     mix = bodies.sizes_for("mix")
     assert len(mix) == 100 and max(mix) == 1_000_000 and mix.count(1024) == 80

@@ -181,6 +181,14 @@ def seed_targets(cases: List[Dict[str, Any]], implementation: str, gateway_args:
                 gc["max_s"] <= SEED_MAX_GC_PAUSE_S)
         else:
             row("no GC pause over 2 ms", "no pause recorded", True if gc.get("count") == 0 else None)
+        stalls = c.get("stalls")
+        if stalls:
+            sink = stalls["groups"]["sink"]
+            row("no loop stall over %.0f ms from the sink (its code, or the JIT compiling it)" % (
+                stalls["threshold_s"] * 1e3),
+                "%s; %d with JIT work" % (
+                    "%d (longest %s ms)" % (sink["code_or_jit"], _ms(sink["max_code_or_jit_s"]))
+                    if sink["code_or_jit"] else "0", sink["with_jit"]), sink["code_or_jit"] == 0)
         steady = c["rss"]["steady_bytes"]
         rss_limit = SEED_RSS_BYTES.get(implementation, SEED_RSS_BYTES["CPython"])
         row("steady RSS ≤ %s MB" % _mb(rss_limit), "%s MB" % _mb(steady),
@@ -219,7 +227,7 @@ def stall_summary(probe: Optional[Dict[str, Any]], window: Tuple[float, float]) 
     threshold = doc["threshold_s"]
     groups: Dict[str, Dict[str, Any]] = {
         g: {"stalls": 0, "max_s": 0.0, "without_gc": 0, "max_without_gc_s": 0.0, "with_jit": 0,
-            "max_jit_s": 0.0, "tasks": {}}
+            "max_jit_s": 0.0, "code_or_jit": 0, "max_code_or_jit_s": 0.0, "tasks": {}}
         for g in _GROUPS}
     # A stall is the task's own when its CPU time less the GC and JIT time
     # inside reaches the threshold; "tasks" counts where those steps ended.
@@ -239,7 +247,12 @@ def stall_summary(probe: Optional[Dict[str, Any]], window: Tuple[float, float]) 
         # The task's own work: its thread's CPU time, less the collector's
         # and the JIT's (time preempted by the machine or waiting for the
         # GIL is not its).
-        own = min(duration, cpu_s) - gc_s - jit_s
+        held = min(duration, cpu_s) - gc_s
+        if held >= threshold:
+            # The task's code or the JIT compiling it: what the task caused.
+            g["code_or_jit"] += 1
+            g["max_code_or_jit_s"] = max(g["max_code_or_jit_s"], held)
+        own = held - jit_s
         if own >= threshold:
             g["without_gc"] += 1
             g["max_without_gc_s"] = max(g["max_without_gc_s"], own)
