@@ -100,3 +100,18 @@ async def test_pypys_own_jit_takes_the_settings():
         assert pause.paused_steps == 1
     finally:
         trio.lowlevel.remove_instrument(pause)
+
+
+@pytest.mark.parametrize("mode", ["pause", "compile"])
+async def test_a_serving_process_pauses_the_jit_in_the_sink_only_on_pypy_and_when_asked(mode):
+    from gateway.cli.serve import pause_sink_jit
+    from gateway.config import settings
+
+    installed = pause_sink_jit(settings.load({"sink_jit": mode}, {}))
+    pause = jit._CURRENT.get()
+    try:
+        assert installed == (mode == "pause" and platform.python_implementation() == "PyPy")
+        assert (pause is not None) == installed
+    finally:
+        if pause is not None:
+            trio.lowlevel.remove_instrument(pause)

@@ -26,6 +26,7 @@ from gateway.cli.serve import (
     SECRET_FLAG_MARK,
     config_error,
     interpreter,
+    pause_sink_jit,
     serve_until_drained,
     start_warnings,
     started_fields,
@@ -36,7 +37,6 @@ from gateway.config import view as config_view
 from gateway.observe import logs, metrics
 from gateway.observe.memory import freeze_startup_heap
 from gateway.server import Gateway, open_listener
-from sinks import jit as sink_jit
 
 __all__ = ["main", "version_line"]
 
@@ -91,8 +91,7 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin]) -> 
         # Signals are handled from here on: whoever reads "started" may stop it.
         await nursery.start(watch_signals, gateway, True)
         freeze_startup_heap()
-        if config.sink_jit == "pause":
-            sink_jit.install()
+        pause_sink_jit(config)
         logs.emit("started", **started_fields(config, origins, gateway, host, port))
         # After "started": a start that fails says only why.
         start_warnings(config, origins, os.environ)  # type: ignore[arg-type]

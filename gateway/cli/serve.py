@@ -22,10 +22,11 @@ from gateway.config.errors import ConfigError
 from gateway.config.secrets import SECRET_FLAG_MARK
 from gateway.observe import logs
 from gateway.server import Gateway
+from sinks import jit as sink_jit
 from sinks.errors import SinkConfigError
 
 __all__ = ["serve_until_drained", "watch_signals", "started_fields", "config_error",
-           "interpreter", "start_warnings", "SECRET_FLAG_MARK"]
+           "interpreter", "start_warnings", "pause_sink_jit", "SECRET_FLAG_MARK"]
 
 
 def started_fields(config: _config.Config, origins: Dict[str, _config.Origin], gateway: Gateway,
@@ -43,6 +44,12 @@ def started_fields(config: _config.Config, origins: Dict[str, _config.Origin], g
                 config=config_view.settings_dict(origins))
 
 
+
+
+def pause_sink_jit(config: _config.Config) -> bool:
+    """With ``--sink-jit pause`` on PyPy, run the sink's calls with the JIT's
+    tracing paused (`sinks.jit`); True when that was set up."""
+    return config.sink_jit == "pause" and sink_jit.install() is not None
 
 
 def start_warnings(config: _config.Config, origins: Dict[str, _config.Origin],

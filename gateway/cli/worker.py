@@ -41,12 +41,17 @@ from typing import Dict, List
 
 import trio
 
-from gateway.cli.serve import config_error, serve_until_drained, started_fields, watch_signals
+from gateway.cli.serve import (
+    config_error,
+    pause_sink_jit,
+    serve_until_drained,
+    started_fields,
+    watch_signals,
+)
 from gateway.config import settings as _config
 from gateway.observe import logs, metrics
 from gateway.observe.memory import freeze_startup_heap
 from gateway.server import Gateway, open_listener
-from sinks import jit as sink_jit
 
 __all__ = ["WorkerSpec", "READY_LINE", "ERROR_PREFIX", "MAX_STATUS_BYTES", "WORKER_DIR_PREFIX",
            "worker_dir", "worker_dirs", "main"]
@@ -178,8 +183,7 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin], spe
         await nursery.start(watch_signals, gateway, False, {"worker": spec.index})
         nursery.start_soon(_watch_supervisor, gateway, spec, lifeline)
         freeze_startup_heap()
-        if config.sink_jit == "pause":
-            sink_jit.install()
+        pause_sink_jit(config)
         # "started" before "ready": the supervisor's events follow its workers'.
         logs.emit("started", worker=spec.index, generation=spec.generation,
                   **started_fields(config, origins, gateway, host, port))
