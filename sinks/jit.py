@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
-from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Set
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional
 
 import trio
 
@@ -41,7 +41,8 @@ class JitPause(trio.abc.Instrument):
 
     def __init__(self, set_param: Callable[..., None]) -> None:
         self._set_param = set_param
-        self._tasks: Set[Any] = set()
+        #: Tasks inside `region`, with how deep (regions may nest).
+        self._tasks: Dict[Any, int] = {}
         self._paused = False
         #: Steps begun with the JIT paused.
         self.paused_steps = 0
@@ -59,13 +60,17 @@ class JitPause(trio.abc.Instrument):
     def region(self) -> Iterator[None]:
         """The current task's steps run paused until the block ends."""
         task = trio.lowlevel.current_task()
-        self._tasks.add(task)
+        tasks = self._tasks
+        tasks[task] = tasks.get(task, 0) + 1
         self._pause()
         try:
             yield
         finally:
-            self._tasks.discard(task)
-            self._resume()
+            depth = tasks.pop(task) - 1
+            if depth:
+                tasks[task] = depth
+            else:
+                self._resume()
 
     def _pause(self) -> None:
         if not self._paused:

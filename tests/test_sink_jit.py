@@ -115,3 +115,19 @@ async def test_a_serving_process_pauses_the_jit_in_the_sink_only_on_pypy_and_whe
     finally:
         if pause is not None:
             trio.lowlevel.remove_instrument(pause)
+
+
+async def test_nested_blocks_keep_tracing_paused_until_the_outer_one_ends():
+    params = Params()
+    pause = jit.install(params.set_param)
+    try:
+        with jit.paused():
+            with jit.paused():
+                await trio.lowlevel.checkpoint()
+            assert not params.tracing
+            await trio.lowlevel.checkpoint()
+            assert not params.tracing
+        assert params.tracing
+    finally:
+        trio.lowlevel.remove_instrument(pause)
+    assert pause.paused_steps == 2
