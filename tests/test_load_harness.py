@@ -255,3 +255,22 @@ def test_census_names_the_cffi_objects_alive() -> None:
     census = heap.census()
     kinds = dict(census["top_cdata"])
     assert kinds.get("<cdata 'char[]' buffer len N from 'memoryview' object>", 0) >= len(held)
+
+
+def test_census_counts_a_proxy_whose_referent_died() -> None:
+    import gc
+    import weakref
+
+    from bench.load import heap
+
+    class Referent:
+        pass
+
+    thing = Referent()
+    proxy = weakref.proxy(thing)
+    del thing
+    gc.collect()
+    with pytest.raises(ReferenceError):
+        proxy.__class__  # noqa: B018 - what the census must not do
+    census = heap.census()
+    assert census["weakrefs"] >= 1

@@ -32,6 +32,7 @@ _NATIVE_FINALIZED = ("socket", "SSLSocket", "_SSLSocket", "BufferedReader", "Buf
                      "TextIOWrapper", "mmap", "generator", "coroutine", "async_generator", "Popen",
                      "_CDataBase", "CDataOwnGC", "CDataGCP", "lock", "RLock", "SSLContext", "_SSLContext",
                      "select.epoll", "epoll", "PyCapsule")
+_WEAK_TYPES = (weakref.ref, weakref.ProxyType, weakref.CallableProxyType)
 _DIGITS = re.compile(r"(0x[0-9a-f]+|[0-9]+)")
 
 
@@ -96,7 +97,9 @@ def census() -> Dict[str, Any]:
         kind = type(obj)
         name = "%s.%s" % (getattr(kind, "__module__", "?"), kind.__qualname__)
         by_type[name] += 1
-        if isinstance(obj, weakref.ref):
+        # By type, not isinstance: a proxy whose referent died raises on
+        # any look at its class.
+        if issubclass(kind, _WEAK_TYPES):
             weakrefs += 1
             continue
         if getattr(kind, "__del__", None) is not None or kind.__name__ in _NATIVE_FINALIZED:
