@@ -12,9 +12,21 @@ call.  Without cffi it falls back to slice assignment.
 from __future__ import annotations
 
 import platform
-from typing import Callable
+from typing import Any, Callable
 
-__all__ = ["copy_into"]
+__all__ = ["copy_into", "pypy_ffi"]
+
+
+def pypy_ffi() -> Any:
+    """A new ``cffi.FFI`` on PyPy, where C called on a buffer's own memory
+    saves the interpreter's copies; None elsewhere or without cffi."""
+    if platform.python_implementation() != "PyPy":
+        return None
+    try:
+        import cffi
+    except ImportError:  # pragma: no cover - cffi is part of PyPy
+        return None
+    return cffi.FFI()
 
 
 def _slice_copy(dest: memoryview, src: memoryview) -> None:
@@ -22,13 +34,9 @@ def _slice_copy(dest: memoryview, src: memoryview) -> None:
 
 
 def _make_copy() -> Callable[[memoryview, memoryview], None]:
-    if platform.python_implementation() != "PyPy":
+    ffi = pypy_ffi()
+    if ffi is None:
         return _slice_copy
-    try:
-        import cffi
-    except ImportError:  # pragma: no cover - cffi is part of PyPy
-        return _slice_copy
-    ffi = cffi.FFI()
     from_buffer = ffi.from_buffer
     memmove = ffi.memmove
 

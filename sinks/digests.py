@@ -17,9 +17,10 @@ contexts instead.
 from __future__ import annotations
 
 import hashlib
-import platform
 import zlib
 from typing import Any, Callable, List, Optional, Tuple
+
+from buffers.copy import pypy_ffi
 
 __all__ = ["crc32", "sha256_hex", "Sha256"]
 
@@ -53,13 +54,9 @@ def _dlopen(ffi: Any, names: Tuple[str, ...]) -> Any:
 def _in_place() -> Tuple[Optional[Callable[..., int]], Optional[Callable[[Any], str]], Any]:
     """cffi versions of crc32 and sha256_hex and a maker of reusable SHA-256
     contexts, or None where the stdlib is used."""
-    if platform.python_implementation() != "PyPy":
+    ffi = pypy_ffi()
+    if ffi is None:
         return None, None, None
-    try:
-        import cffi
-    except ImportError:
-        return None, None, None
-    ffi = cffi.FFI()
     ffi.cdef(_CDEF)
     libz, libcrypto = _dlopen(ffi, _LIBZ), _dlopen(ffi, _LIBCRYPTO)
     crc_fn = sha_fn = contexts = None

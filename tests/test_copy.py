@@ -34,3 +34,17 @@ def test_copy_into_an_mmap_view():
 def test_copy_into_a_smaller_destination_fails():
     with pytest.raises(ValueError):
         copy_into(memoryview(bytearray(2)), memoryview(bytearray(3)))
+
+
+def test_pypy_ffi_is_given_on_pypy_only_and_fresh_each_time():
+    import platform
+
+    from buffers.copy import pypy_ffi
+
+    first, second = pypy_ffi(), pypy_ffi()
+    if platform.python_implementation() != "PyPy":
+        assert first is None and second is None
+        return
+    assert first is not second
+    first.cdef("int abs(int);")
+    assert first.dlopen(None).abs(-3) == 3

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import errno
 import os
-import platform
 import socket
 import ssl
 from typing import Any, List, Optional, Tuple
@@ -48,6 +47,7 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from buffers.copy import pypy_ffi
 from sinks import jit
 from sinks.aws.errors import CredentialsError, TransientError
 from sinks.aws.http import Endpoint, Reply, resolve_endpoint
@@ -357,13 +357,9 @@ def _make_send_in_place() -> Any:
     pointer to the buffer copies nothing.  None elsewhere: CPython's
     ``send`` reads a memoryview in place, and TLS streams encrypt anyway.
     """
-    if platform.python_implementation() != "PyPy":
+    ffi = pypy_ffi()
+    if ffi is None:
         return None
-    try:
-        import cffi
-    except ImportError:  # pragma: no cover - cffi is part of PyPy
-        return None
-    ffi = cffi.FFI()
     ffi.cdef("long send(int sockfd, const void *buf, unsigned long len, int flags);")
     try:
         libc = ffi.dlopen(None)
