@@ -6,6 +6,7 @@ import datetime
 import socket
 import threading
 
+import botocore.session
 import pytest
 import trio
 
@@ -28,6 +29,17 @@ def body(stream="logs", datas=(b"hello",)):
     for data in datas:
         add(batch, data, "key")
     return batch, batch.body()
+
+
+def test_the_session_kept_for_calls_holds_no_models_and_gives_credentials(aws_env):
+    # The session that built the client caches endpoint rules and the service
+    # model (megabytes of heap a long-running gateway would keep walking).
+    aws_env(region="eu-west-1")
+    endpoint = open_botocore_endpoint("kinesis")
+    assert endpoint.session.get_component("data_loader")._cache == {}
+    assert endpoint.session.get_credentials().access_key
+    given = botocore.session.Session()
+    assert open_botocore_endpoint("kinesis", session=given).session is given
 
 
 def test_region_and_endpoint_come_from_botocores_chain(aws_env, monkeypatch):

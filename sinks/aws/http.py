@@ -116,11 +116,13 @@ def resolve_endpoint(service: str, *, region: str = "", endpoint_url: str = "",
     """Endpoint URL, region and signing name of ``service`` from botocore's chain.
 
     Blocking (reads config files): call it from a worker thread.  Raises
-    `NoRegion` when no region is configured anywhere.
+    `NoRegion` when no region is configured anywhere.  Without ``session``,
+    the returned one is fresh: calls need only its credentials.
     """
     import botocore.exceptions
     import botocore.session
 
+    own_session = session is None
     if session is None:
         session = botocore.session.Session()
     try:
@@ -135,6 +137,12 @@ def resolve_endpoint(service: str, *, region: str = "", endpoint_url: str = "",
     finally:
         client.close()
     verify: Any = session.get_config_variable("ca_bundle") or True
+    if own_session:
+        # Building the client left the endpoint rules, partitions and service
+        # model cached in the session: about 7 MB of PyPy's heap that every
+        # major collection would walk again, for a session kept only for its
+        # credentials.
+        session = botocore.session.Session()
     return ResolvedEndpoint(session, url, resolved_region, signing_name, verify)
 
 
