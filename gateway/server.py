@@ -38,7 +38,7 @@ import math
 import socket as _stdlib_socket
 import time
 import traceback
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import trio
 
@@ -316,9 +316,19 @@ class Gateway:
             if isinstance(transport, TLSTransport) and not await self._handshake(conn, transport):
                 return
             limit = Deadline()
+            close = closer(limit.scope, transport)
             with limit.scope:
-                while await self._one_request(conn, transport, limit, tracked):
-                    pass
+                while True:
+                    ready = self._before_wait(conn, limit, tracked, close)
+                    if ready is None:
+                        # Waiting here rather than in a helper: what an idle
+                        # connection waits in lives until its next request
+                        # (on PyPy, past a minor collection), so it should be
+                        # as few objects as possible.
+                        await transport.wait_readable()
+                        ready = self._after_wait(conn, transport, limit, tracked)
+                    if not ready or not await self._one_request(conn, transport, limit, tracked):
+                        break
             if limit.scope.cancelled_caught:
                 await self._out_of_time(conn, transport, limit, tracked)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -366,8 +376,6 @@ class Gateway:
         """Serve one request within ``limit``; whether the connection stays open for another."""
         limit.head = None  # for the access log, if the head is refused
         try:
-            if not await self._wait_for_request(conn, transport, limit, tracked):
-                return False
             head = await self._read_head(conn, transport, limit)
             if head is None:
                 return False
@@ -388,6 +396,7 @@ class Gateway:
         self.telemetry.answered(status, parsed, routed, time.perf_counter(), head.path)
         if self.access_log is not None:
             self.access_log.request(head.method, head.path, status, head.content_length, parsed)
+        limit.head = None  # not kept (and promoted) while the connection idles
         if close or not conn.next_cycle():
             return False
         self.registry.answered(tracked)
@@ -398,9 +407,11 @@ class Gateway:
             self.pool.give_back(buffer)
         return True
 
-    async def _wait_for_request(self, conn: HTTPConnection, transport: Transport,
-                                limit: Deadline, tracked: Tracked) -> bool:
-        """Wait, holding no buffer, for a request's first byte; whether one came.
+    def _before_wait(self, conn: HTTPConnection, limit: Deadline, tracked: Tracked,
+                     close: Callable[[], None]) -> Optional[bool]:
+        """Get ready to wait, holding no buffer, for a request's first byte: None
+        if the caller must wait (then call :meth:`_after_wait`), else whether a
+        request is here already.
 
         A new connection waits at most ``--head-timeout`` (a client that
         connects and says nothing is closed: first-byte timeout), one that
@@ -417,9 +428,13 @@ class Gateway:
             limit.start(Deadline.IDLE, self.config.idle_timeout)
         else:
             limit.start(Deadline.FIRST_BYTE, self.config.head_timeout)
-        if not self.registry.wait(tracked, closer(limit.scope, transport)):
+        if not self.registry.wait(tracked, close):
             return False  # evicted before it could wait: closed already
-        await transport.wait_readable()
+        return None
+
+    def _after_wait(self, conn: HTTPConnection, transport: Transport, limit: Deadline,
+                    tracked: Tracked) -> bool:
+        """The wait of :meth:`_before_wait` ended: whether a request came."""
         if limit.scope.cancel_called:
             # A drain (or an eviction) closed this connection as its next
             # request arrived: the request was not read, so it ends without
