@@ -30,6 +30,7 @@ from gateway.cli.serve import (
     serve_until_drained,
     start_warnings,
     started_fields,
+    trim_malloc,
     watch_signals,
 )
 from gateway.config import settings as _config
@@ -92,6 +93,7 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin]) -> 
         await nursery.start(watch_signals, gateway, True)
         freeze_startup_heap()
         pause_sink_jit(config)
+        trim_malloc(config, gateway, nursery)
         logs.emit("started", **started_fields(config, origins, gateway, host, port))
         # After "started": a start that fails says only why.
         start_warnings(config, origins, os.environ)  # type: ignore[arg-type]

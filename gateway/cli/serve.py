@@ -21,12 +21,13 @@ from gateway.config import view as config_view
 from gateway.config.errors import ConfigError
 from gateway.config.secrets import SECRET_FLAG_MARK
 from gateway.observe import logs
+from gateway.observe.memory import malloc_trimmer, trim_after_collections
 from gateway.server import Gateway
 from sinks import jit as sink_jit
 from sinks.errors import SinkConfigError
 
 __all__ = ["serve_until_drained", "watch_signals", "started_fields", "config_error",
-           "interpreter", "start_warnings", "pause_sink_jit", "SECRET_FLAG_MARK"]
+           "interpreter", "start_warnings", "pause_sink_jit", "trim_malloc", "SECRET_FLAG_MARK"]
 
 
 def started_fields(config: _config.Config, origins: Dict[str, _config.Origin], gateway: Gateway,
@@ -50,6 +51,16 @@ def pause_sink_jit(config: _config.Config) -> bool:
     """With ``--sink-jit pause`` on PyPy, run the sink's calls with the JIT's
     tracing paused (`sinks.jit`); True when that was set up."""
     return config.sink_jit == "pause" and sink_jit.install() is not None
+
+
+def trim_malloc(config: _config.Config, gateway: Gateway, nursery: trio.Nursery) -> bool:
+    """With ``--malloc-trim on``, hand malloc's free pages back after each major
+    collection, in a task of ``nursery``; True when that was started."""
+    trim = malloc_trimmer() if config.malloc_trim == "on" else None
+    if trim is None:
+        return False
+    nursery.start_soon(trim_after_collections, lambda: gateway.telemetry.gc.major.count, trim)
+    return True
 
 
 def start_warnings(config: _config.Config, origins: Dict[str, _config.Origin],

@@ -46,6 +46,7 @@ from gateway.cli.serve import (
     pause_sink_jit,
     serve_until_drained,
     started_fields,
+    trim_malloc,
     watch_signals,
 )
 from gateway.config import settings as _config
@@ -184,6 +185,7 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin], spe
         nursery.start_soon(_watch_supervisor, gateway, spec, lifeline)
         freeze_startup_heap()
         pause_sink_jit(config)
+        trim_malloc(config, gateway, nursery)
         # "started" before "ready": the supervisor's events follow its workers'.
         logs.emit("started", worker=spec.index, generation=spec.generation,
                   **started_fields(config, origins, gateway, host, port))

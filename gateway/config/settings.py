@@ -249,6 +249,10 @@ SETTINGS: List[Setting] = [
             "gateway processes sharing --listen (SO_REUSEPORT) under a supervising parent that "
             "restarts them and reloads on SIGHUP; auto: one per CPU; 1: a single process, no parent",
             minimum=1, maximum=MAX_WORKERS),
+    Setting("malloc_trim", _choice("on", "off"), "on",
+            "on: after each major garbage collection, hand malloc's free pages back to the "
+            "kernel (glibc's malloc_trim), which keeps tens of MB of PyPy's freed heap from "
+            "staying resident; off: leave them to malloc"),
     Setting("shutdown_timeout", parse_duration, "30s",
             "on SIGTERM/SIGINT, how long in-flight requests may take before they are cut",
             minimum=0),
@@ -442,6 +446,7 @@ class Config:
     log_format: str = "json"
     access_log_sample: float = 0.0
     metrics_dir: str = ""
+    malloc_trim: str = "on"
     # As the setting's default, auto: one per CPU.
     workers: int = dataclasses.field(default_factory=lambda: parse_workers("auto"))
 

@@ -7,8 +7,13 @@ another program (the tests) leaves the process's settings alone.
 from __future__ import annotations
 
 import sys
+import threading
+from typing import Any, Callable, Optional
 
-__all__ = ["MALLOC_ARENAS", "limit_malloc_arenas", "freeze_startup_heap"]
+import trio
+
+__all__ = ["MALLOC_ARENAS", "limit_malloc_arenas", "freeze_startup_heap", "malloc_trimmer",
+           "TRIM_CHECK", "trim_after_collections"]
 
 #: glibc gives each thread that allocates its own malloc arena (64 MiB of
 #: address space, tens of MB resident once used) up to 8 per core.  The
@@ -59,3 +64,59 @@ def freeze_startup_heap() -> bool:
     gc.collect()
     freeze()
     return True
+
+
+#: Seconds between looks at the count of major collections.
+TRIM_CHECK = 1.0
+
+
+def malloc_trimmer() -> Optional[Callable[[], Any]]:
+    """glibc's ``malloc_trim(0)`` through cffi, or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        from cffi import FFI
+
+        ffi = FFI()
+        ffi.cdef("int malloc_trim(size_t pad);")
+        libc = ffi.dlopen(None)
+        trim = libc.malloc_trim
+    except (ImportError, OSError, AttributeError):
+        return None
+    return lambda: trim(0)
+
+
+async def trim_after_collections(collections: Callable[[], int], trim: Callable[[], Any], *,
+                                 every: float = TRIM_CHECK,
+                                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Call ``trim`` in a thread after each major collection, until cancelled.
+
+    ``collections()`` counts the major collections so far.  A major
+    collection frees whole runs of memory that malloc keeps for reuse; PyPy's
+    heap, made of many small arenas with live ones among them, then holds
+    tens of MB of free pages that stay resident.  ``malloc_trim`` hands them
+    back to the kernel, walking the whole heap: about 4 ms at the design load,
+    so it runs in a thread of its own (cffi lets go of the interpreter lock),
+    which the loop never waits for.  One trim at a time.
+    """
+    running = threading.Event()
+
+    def run() -> None:
+        try:
+            trim()
+        finally:
+            running.clear()
+
+    task_status.started()
+    seen = collections()
+    while True:
+        await trio.sleep(every)
+        count = collections()
+        if count != seen and not running.is_set():
+            seen = count
+            running.set()
+            trio.lowlevel.start_thread_soon(run, _ignore)
+
+
+def _ignore(outcome: Any) -> None:
+    """A trim's outcome: nothing to do (glibc's malloc_trim does not fail)."""
