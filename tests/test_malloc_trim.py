@@ -83,3 +83,13 @@ def test_serving_starts_the_trimming_task_when_on():
     if sys.platform.startswith("linux"):
         assert trim_malloc(from_args([], {}), None, nursery)
         assert nursery.started == [trim_after_collections]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_arena_cap_takes_unless_the_operator_chose_one(monkeypatch):
+    from gateway.observe.memory import limit_malloc_arenas
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert limit_malloc_arenas()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert not limit_malloc_arenas()

@@ -25,6 +25,21 @@ MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8
 
 
+def _glibc(name: str, declaration: str) -> Optional[Callable[..., Any]]:
+    """The C library's function ``name`` (declared by ``declaration``) through
+    cffi, or None off Linux or where it is missing."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        from cffi import FFI
+
+        ffi = FFI()
+        ffi.cdef(declaration)
+        return getattr(ffi.dlopen(None), name)
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     """Cap glibc's malloc arenas for threads started from now on; whether it took.
 
@@ -33,17 +48,10 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     """
     import os
 
-    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+    if "MALLOC_ARENA_MAX" in os.environ:
         return False
-    try:
-        from cffi import FFI
-
-        ffi = FFI()
-        ffi.cdef("int mallopt(int param, int value);")
-        libc = ffi.dlopen(None)
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
-    except (ImportError, OSError, AttributeError):
-        return False
+    mallopt = _glibc("mallopt", "int mallopt(int param, int value);")
+    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, arenas))
 
 
 def freeze_startup_heap() -> bool:
@@ -72,18 +80,8 @@ TRIM_CHECK = 1.0
 
 def malloc_trimmer() -> Optional[Callable[[], Any]]:
     """glibc's ``malloc_trim(0)`` through cffi, or None where there is none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        from cffi import FFI
-
-        ffi = FFI()
-        ffi.cdef("int malloc_trim(size_t pad);")
-        libc = ffi.dlopen(None)
-        trim = libc.malloc_trim
-    except (ImportError, OSError, AttributeError):
-        return None
-    return lambda: trim(0)
+    trim = _glibc("malloc_trim", "int malloc_trim(size_t pad);")
+    return None if trim is None else lambda: trim(0)
 
 
 async def trim_after_collections(collections: Callable[[], int], trim: Callable[[], Any], *,
@@ -100,13 +98,6 @@ async def trim_after_collections(collections: Callable[[], int], trim: Callable[
     which the loop never waits for.  One trim at a time.
     """
     running = threading.Event()
-
-    def run() -> None:
-        try:
-            trim()
-        finally:
-            running.clear()
-
     task_status.started()
     seen = collections()
     while True:
@@ -115,8 +106,5 @@ async def trim_after_collections(collections: Callable[[], int], trim: Callable[
         if count != seen and not running.is_set():
             seen = count
             running.set()
-            trio.lowlevel.start_thread_soon(run, _ignore)
-
-
-def _ignore(outcome: Any) -> None:
-    """A trim's outcome: nothing to do (glibc's malloc_trim does not fail)."""
+            # Its outcome is dropped: glibc's malloc_trim does not fail.
+            trio.lowlevel.start_thread_soon(trim, lambda outcome: running.clear())

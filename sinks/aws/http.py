@@ -139,7 +139,7 @@ def resolve_endpoint(service: str, *, region: str = "", endpoint_url: str = "",
     verify: Any = session.get_config_variable("ca_bundle") or True
     if own_session:
         # Building the client left the endpoint rules, partitions and service
-        # model cached in the session: about 7 MB of PyPy's heap that every
+        # model cached in the session: about 11 MB of PyPy's heap that every
         # major collection would walk again, for a session kept only for its
         # credentials.
         session = botocore.session.Session()
