@@ -7,9 +7,9 @@ anonymous ``mmap`` rather than a ``bytearray``, because a bytearray is zeroed
 (every page resident at once, and PyPy briefly holds a second copy while
 building it), while the kernel gives an mmap's pages only as they are first
 written.  The ring starts again at offset 0 whenever it empties, and also whenever
-the first :data:`WRAP_AT` bytes are free, so a gateway whose ring never
-quite empties still touches only about that many pages plus what is in
-flight, not the whole buffer.
+the first :data:`WRAP_AT` bytes are free (and at least twice the bytes then
+in flight), so a gateway whose ring never quite empties still touches only
+about that many pages plus what is in flight, not the whole buffer.
 
 A writer calls :meth:`RingBuffer.reserve` for ``n`` bytes and gets a
 :class:`Slot` whose ``view`` is a writable ``memoryview`` of exactly those
@@ -60,9 +60,10 @@ __all__ = [
 ]
 
 #: A ring that never empties goes back to offset 0 once the first this many
-#: bytes are free (or a quarter of a smaller ring), so the pages it writes
-#: stay about this plus what is in flight: a 32 MiB ring at a few hundred
-#: requests a second keeps well under 8 MiB resident.
+#: bytes (or a quarter of a smaller ring), and twice what is in flight, are
+#: free, so the pages it writes stay about this plus what is in flight: a
+#: 32 MiB ring at a few hundred requests a second keeps well under 8 MiB
+#: resident.
 WRAP_AT = 4 * 1024 * 1024
 
 RESERVED = "reserved"
@@ -241,11 +242,15 @@ class RingBuffer:
         head, tail = self._head, self._tail()
         if head > tail or (head == tail and self._used == 0):
             # Live data in [tail, head): free at the end, then at the start.
-            if tail >= self._wrap_at and tail >= size:
+            if tail >= self._wrap_at and tail >= size + 2 * (head - tail):
                 # Start again from offset 0 as soon as everything before
                 # _wrap_at is free, rather than at the end of the buffer: a
                 # ring that never empties then keeps writing the same pages,
-                # and the rest of the buffer is never made resident.
+                # and the rest of the buffer is never made resident.  Until
+                # the slots now live are released, the ring has only the
+                # start to give, so wrap early only when the start holds at
+                # least twice what they hold: slow uploads holding megabytes
+                # then cannot make the ring refuse while most of it is free.
                 return 0
             if self.capacity - head >= size:
                 return head

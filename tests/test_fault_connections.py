@@ -271,6 +271,9 @@ def test_idle_and_slow_clients_do_not_starve_a_well_behaved_one(start_gateway):
         "connection_limit": metrics.get("sluice_connection_limit"),
         "first_byte_timeouts": metrics.get('sluice_connection_timeouts_total{kind="first_byte"}'),
         "slow_body_timeouts": metrics.get('sluice_connection_timeouts_total{kind="slow_body"}'),
+        "ring_used": metrics.get("sluice_ring_used_bytes"),
+        "ring_waits": metrics.get("sluice_ring_waits_total"),
+        "ring_overloads": metrics.get("sluice_ring_overloads_total"),
     }
     _report(doc)
     assert len(fast) >= POSTS * 0.99, doc

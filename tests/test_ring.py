@@ -606,3 +606,34 @@ def test_after_an_early_wrap_a_burst_still_gets_the_whole_buffer() -> None:
     ring.release(second)
     # The end of the buffer comes back once the slot before the wrap is gone.
     assert ring.can_reserve(4 * WRAP_AT - 1024)
+
+
+def test_uploads_held_for_seconds_do_not_make_a_mostly_free_ring_refuse() -> None:
+    # Fifty slow uploads of 100 KB each hold their slots until the next fifty
+    # arrive (clients that trickle, replaced as each one times out).  Small
+    # records before them free the start of the ring; the ring must not wrap
+    # back into that smaller start and refuse the next fifty while 20 MiB of
+    # its end are untouched.
+    ring = RingBuffer(32 * 1024 * 1024)
+    small = [ring.reserve(100_000) for _ in range(45)]
+    cohort = [ring.reserve(100_000) for _ in range(50)]
+    for slot in small:
+        ring.release(slot)
+    for _ in range(3):
+        following = [ring.reserve(100_000) for _ in range(50)]
+        for slot in cohort:
+            ring.release(slot)
+        cohort = following
+    assert ring.live == 50
+
+
+def test_an_early_wrap_leaves_twice_what_is_in_flight_free_at_the_start() -> None:
+    from buffers.ring import WRAP_AT
+
+    ring = RingBuffer(8 * WRAP_AT)
+    first = ring.reserve(WRAP_AT)
+    held = ring.reserve(WRAP_AT // 2 + 1)
+    ring.release(first)
+    # The start (WRAP_AT free) is less than twice what is held: go on at the end.
+    assert ring.reserve(1024).offset == WRAP_AT + WRAP_AT // 2 + 1
+    ring.release(held)
