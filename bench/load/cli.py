@@ -135,6 +135,8 @@ def _run_case(args: argparse.Namespace, server: servers.Child, mode: str, mix: s
                 raise RuntimeError("load generator failed: %s" % err.decode()[-2000:])
             load = json.loads(out)
         time.sleep(0.3)  # one more RSS sample after the load
+        if gateway:
+            server.signal(signal.SIGUSR1)  # the heap census, now that no request waits on it
     finally:
         sampler.stop()
     return {"load": load, "window": [t0, t1], "cpu_percent": 100.0 * (c1 - c0) / (t1 - t0),

@@ -3,13 +3,14 @@
 The probe records every garbage-collector pause of the gateway process with
 its wall-clock time, and on exit writes one JSON document to the path in
 ``SLUICE_BENCH_PROBE``: the pauses, ``Gateway.statistics()``, and the marks
-taken on SIGUSR1 (the harness sends one when its measured window starts and
-one when it ends).  With ``SLUICE_BENCH_TRACEMALLOC=1`` on CPython,
-``tracemalloc`` runs too and each mark carries the traced memory.  Each mark
-carries the interpreter's memory accounting, and the last one a heap census
-(:mod:`bench.load.heap`).  With ``SLUICE_BENCH_STALLS=1`` a Trio instrument
-times every task step and the document lists the loop stalls
-(:mod:`bench.load.stalls`).
+taken on SIGUSR1 (the harness sends one when its measured window starts,
+one when it ends, and a third once the client has finished, for the
+census).  With ``SLUICE_BENCH_TRACEMALLOC=1`` on CPython, ``tracemalloc``
+runs too and each mark carries the traced memory.  Each mark carries the
+interpreter's memory accounting, and the last one a heap census
+(:mod:`bench.load.heap`) of the steady state.  With
+``SLUICE_BENCH_STALLS=1`` a Trio instrument times every task step and the
+document lists the loop stalls (:mod:`bench.load.stalls`).
 
 Pause sources: CPython's ``gc.callbacks`` (a start/stop pair per
 collection); PyPy's ``gc.hooks``, where one ``on_gc_minor`` or
@@ -94,6 +95,12 @@ class _Probe:
         self.add(time.time(), stats.duration, kind, stats.count, stats.duration_max)
 
     def mark(self, *_: Any) -> None:
+        if len(self.marks) >= 2:
+            # The third signal comes once the client has finished: walking the
+            # heap holds the loop for up to a second, which at the window's
+            # end delayed its last requests.
+            self.marks[-1]["census"] = heap.census()
+            return
         mark: Dict[str, Any] = {"time": time.time(), "pauses": len(self.log) // 5}
         if self.gateway is not None:
             mark["requests"] = self.gateway.requests
@@ -110,9 +117,6 @@ class _Probe:
         mark["jit"] = jit_counters()
         if self.stalls is not None:
             mark["busy"] = {name: list(busy) for name, busy in self.stalls.busy.items()}
-        if self.marks:
-            # The end of the measured window: the steady state's heap.
-            mark["census"] = heap.census()
         self.marks.append(mark)
 
     def document(self) -> Dict[str, Any]:
