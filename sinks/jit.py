@@ -11,11 +11,20 @@ settling answers) run hundreds of times a second and gain a lot, so only the
 call itself is kept out.
 
 `JitPause` is a Trio instrument: a task inside `paused` runs its steps with
-the JIT's thresholds set to "never", and they are set back to PyPy's
-defaults when the step ends.  Machine code compiled earlier still runs, and
+the JIT's thresholds set to "never", and they are set back to the process's
+normal values when the step ends.  Machine code compiled earlier still runs, and
 the rest of the process compiles as before.  `install` puts it in the running
 loop on PyPy (the gateway does, unless ``--sink-jit compile``); without it,
 `paused` does nothing.
+
+The rest of the process keeps compiling too, long after it is warm: in a
+10-minute run at the design load, 42 loops and 137 bridges were traced after
+the first 30 seconds (about 0.9 s of tracing and compiling), each inside some
+task's step, holding the event loop for up to 40 ms.  Most were bridges:
+guards in hot code (Trio's, the Redis reply parser, the body reader) failing
+seldom enough to reach PyPy's threshold only after minutes.  `settle` raises
+the normal thresholds for good once the gateway is warm, so only code that
+turns very hot is still compiled.
 """
 from __future__ import annotations
 
@@ -25,14 +34,17 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, Optional
 
 import trio
 
-__all__ = ["JitPause", "install", "paused", "PYPY_DEFAULTS"]
+__all__ = ["JitPause", "install", "paused", "settle", "PYPY_DEFAULTS", "SETTLED_SCALE"]
 
 #: PyPy's own values of the thresholds that start tracing and compiling: a
-#: loop, a function, a bridge from a failing guard.  They are put back after
-#: a paused step, so values given with ``pypy --jit`` for these three do not
-#: hold once the sink has called.
+#: loop, a function, a bridge from a failing guard.  They (or the settled
+#: ones) are put back after a paused step, so values given with ``pypy --jit``
+#: for these three do not hold once the sink has called.
 PYPY_DEFAULTS: Dict[str, int] = {"threshold": 1039, "function_threshold": 1619, "trace_eagerness": 200}
 _NEVER: Dict[str, int] = {name: -1 for name in PYPY_DEFAULTS}
+#: After `settle`, a loop, function or failing guard must run this many
+#: times more often than PyPy's defaults ask before it is traced.
+SETTLED_SCALE = 100
 _CURRENT: trio.lowlevel.RunVar = trio.lowlevel.RunVar("sluice_jit_pause", default=None)
 
 
@@ -46,6 +58,8 @@ class JitPause(trio.abc.Instrument):
         self._paused = False
         #: Steps begun with the JIT paused.
         self.paused_steps = 0
+        #: The thresholds outside paused steps.
+        self.normal: Dict[str, int] = dict(PYPY_DEFAULTS)
 
     def before_task_step(self, task: Any) -> None:
         if task in self._tasks:
@@ -72,6 +86,12 @@ class JitPause(trio.abc.Instrument):
             else:
                 self._resume()
 
+    def settle(self, normal: Dict[str, int]) -> None:
+        """Use ``normal`` as the thresholds outside paused steps from now on."""
+        self.normal = dict(normal)
+        if not self._paused:
+            self._set_param(**self.normal)
+
     def _pause(self) -> None:
         if not self._paused:
             self._set_param(**_NEVER)
@@ -80,7 +100,7 @@ class JitPause(trio.abc.Instrument):
     def _resume(self) -> None:
         if self._paused:
             self._paused = False
-            self._set_param(**PYPY_DEFAULTS)
+            self._set_param(**self.normal)
 
 
 def install(set_param: Optional[Callable[..., None]] = None) -> Optional[JitPause]:
@@ -96,6 +116,28 @@ def install(set_param: Optional[Callable[..., None]] = None) -> Optional[JitPaus
     trio.lowlevel.add_instrument(pause)
     _CURRENT.set(pause)
     return pause
+
+
+def settle(scale: int = SETTLED_SCALE, set_param: Optional[Callable[..., None]] = None) -> bool:
+    """From now on, trace only what runs ``scale`` times as often as PyPy's
+    defaults ask (0: trace nothing new); False where there is no JIT.
+
+    Call it inside the Trio run, so an installed `JitPause` keeps the new
+    thresholds after its paused steps.
+    """
+    normal = {name: value * scale for name, value in PYPY_DEFAULTS.items()} if scale else dict(_NEVER)
+    pause: Optional[JitPause] = _CURRENT.get()
+    if pause is not None:
+        pause.settle(normal)
+        return True
+    if set_param is None:
+        if platform.python_implementation() != "PyPy":
+            return False
+        import pypyjit  # type: ignore[import-not-found]
+
+        set_param = pypyjit.set_param
+    set_param(**normal)
+    return True
 
 
 def paused() -> ContextManager[None]:

@@ -131,3 +131,57 @@ async def test_nested_blocks_keep_tracing_paused_until_the_outer_one_ends():
     finally:
         trio.lowlevel.remove_instrument(pause)
     assert pause.paused_steps == 2
+
+
+async def test_settling_raises_the_thresholds_and_paused_steps_come_back_to_them():
+    params = Params()
+    pause = jit.install(params.set_param)
+    settled = {name: value * jit.SETTLED_SCALE for name, value in jit.PYPY_DEFAULTS.items()}
+    try:
+        with jit.paused():
+            await trio.lowlevel.checkpoint()
+            # Settled while a paused step runs: still paused until it ends.
+            assert jit.settle()
+            assert not params.tracing
+        assert params.now == settled
+        with jit.paused():
+            await trio.lowlevel.checkpoint()
+            assert not params.tracing
+        await trio.lowlevel.checkpoint()
+        assert params.now == settled
+    finally:
+        trio.lowlevel.remove_instrument(pause)
+
+
+async def test_settling_without_the_sinks_pause_sets_the_thresholds_itself():
+    params = Params()
+    assert jit.settle(set_param=params.set_param)
+    assert params.now == {name: value * jit.SETTLED_SCALE for name, value in jit.PYPY_DEFAULTS.items()}
+    assert jit.settle(0, set_param=params.set_param)
+    assert not params.tracing  # 0: nothing new is traced
+
+
+async def test_a_serving_process_settles_once_enough_requests_were_accepted(autojump_clock):
+    from gateway.cli import serve
+    from gateway.config import settings
+
+    class Counting:
+        accepted = 0
+
+    params = Params()
+    gateway = Counting()
+    pause = jit.install(params.set_param)
+    try:
+        async with trio.open_nursery() as nursery:
+            started = serve.settle_jit(settings.load({"jit_settle": "100"}, {}), gateway, nursery)
+            assert started == (platform.python_implementation() == "PyPy")
+            if not started:
+                nursery.start_soon(serve._settle_jit_after, gateway, 100)
+            await trio.sleep(10)
+            assert params.now == jit.PYPY_DEFAULTS  # not yet: 0 of 100
+            gateway.accepted = 100
+            await trio.sleep(serve.JIT_SETTLE_POLL)
+            assert params.now["trace_eagerness"] == jit.PYPY_DEFAULTS["trace_eagerness"] * jit.SETTLED_SCALE
+    finally:
+        trio.lowlevel.remove_instrument(pause)
+    assert not serve.settle_jit(settings.load({"jit_settle": "0"}, {}), gateway, nursery)

@@ -28,6 +28,7 @@ from gateway.cli.serve import (
     interpreter,
     pause_sink_jit,
     serve_until_drained,
+    settle_jit,
     start_warnings,
     started_fields,
     trim_malloc,
@@ -93,6 +94,7 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin]) -> 
         await nursery.start(watch_signals, gateway, True)
         freeze_startup_heap()
         pause_sink_jit(config)
+        settle_jit(config, gateway, nursery)
         trim_malloc(config, gateway, nursery)
         logs.emit("started", **started_fields(config, origins, gateway, host, port))
         # After "started": a start that fails says only why.

@@ -27,7 +27,11 @@ from sinks import jit as sink_jit
 from sinks.errors import SinkConfigError
 
 __all__ = ["serve_until_drained", "watch_signals", "started_fields", "config_error",
-           "interpreter", "start_warnings", "pause_sink_jit", "trim_malloc", "SECRET_FLAG_MARK"]
+           "interpreter", "start_warnings", "pause_sink_jit", "settle_jit", "trim_malloc",
+           "SECRET_FLAG_MARK"]
+
+#: Seconds between two looks at the accepted count before the JIT settles.
+JIT_SETTLE_POLL = 1.0
 
 
 def started_fields(config: _config.Config, origins: Dict[str, _config.Origin], gateway: Gateway,
@@ -51,6 +55,22 @@ def pause_sink_jit(config: _config.Config) -> bool:
     """With ``--sink-jit pause`` on PyPy, run the sink's calls with the JIT's
     tracing paused (`sinks.jit`); True when that was set up."""
     return config.sink_jit == "pause" and sink_jit.install() is not None
+
+
+def settle_jit(config: _config.Config, gateway: Gateway, nursery: trio.Nursery) -> bool:
+    """On PyPy with ``--jit-settle N``, settle the JIT (:func:`sinks.jit.settle`) once
+    ``N`` requests were accepted, from a task of ``nursery``; True when that was started."""
+    if not config.jit_settle or platform.python_implementation() != "PyPy":
+        return False
+    nursery.start_soon(_settle_jit_after, gateway, config.jit_settle)
+    return True
+
+
+async def _settle_jit_after(gateway: Gateway, requests: int) -> None:
+    while gateway.accepted < requests:
+        await trio.sleep(JIT_SETTLE_POLL)
+    sink_jit.settle()
+    logs.emit("jit_settled", requests=gateway.accepted, scale=sink_jit.SETTLED_SCALE)
 
 
 def trim_malloc(config: _config.Config, gateway: Gateway, nursery: trio.Nursery) -> bool:

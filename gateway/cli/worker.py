@@ -45,6 +45,7 @@ from gateway.cli.serve import (
     config_error,
     pause_sink_jit,
     serve_until_drained,
+    settle_jit,
     started_fields,
     trim_malloc,
     watch_signals,
@@ -185,6 +186,7 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin], spe
         nursery.start_soon(_watch_supervisor, gateway, spec, lifeline)
         freeze_startup_heap()
         pause_sink_jit(config)
+        settle_jit(config, gateway, nursery)
         trim_malloc(config, gateway, nursery)
         # "started" before "ready": the supervisor's events follow its workers'.
         logs.emit("started", worker=spec.index, generation=spec.generation,

@@ -320,6 +320,11 @@ SETTINGS: List[Setting] = [
             "tracing the calls' own code (signing, h11, streams), which at a few calls a second "
             "held the event loop for up to 20 ms at a time; compile lets PyPy compile it like the "
             "rest (and keeps --jit thresholds given to pypy)"),
+    Setting("jit_settle", _int, "20000",
+            "on PyPy: once this many requests are accepted, the JIT compiles only code that "
+            "runs 100 times as often as it asked before, so paths few requests take are no "
+            "longer traced minutes later, inside a request (0: never settle, and keep "
+            "pypy --jit thresholds of your own)", minimum=0),
     Setting("max_in_flight", _int, "4",
             "kinesis/firehose: requests in progress at once (each holds a preallocated body)",
             minimum=1, maximum=64),
@@ -447,6 +452,7 @@ class Config:
     access_log_sample: float = 0.0
     metrics_dir: str = ""
     malloc_trim: str = "on"
+    jit_settle: int = 20000
     # As the setting's default, auto: one per CPU.
     workers: int = dataclasses.field(default_factory=lambda: parse_workers("auto"))
 
