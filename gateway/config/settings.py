@@ -319,7 +319,7 @@ SETTINGS: List[Setting] = [
             "kinesis/firehose with --aws-http trio, on PyPy: pause keeps the JIT compiler from "
             "tracing the calls' own code (signing, h11, streams), which at a few calls a second "
             "held the event loop for up to 20 ms at a time; compile lets PyPy compile it like the "
-            "rest (and keeps --jit thresholds given to pypy)"),
+            "rest (and, with --jit-settle 0, keeps --jit thresholds given to pypy)"),
     Setting("jit_settle", _int, "20000",
             "on PyPy: once this many requests are accepted, the JIT compiles only code that "
             "runs 100 times as often as it asked before, so paths few requests take are no "
