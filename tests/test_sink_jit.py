@@ -102,15 +102,24 @@ async def test_pypys_own_jit_takes_the_settings():
         trio.lowlevel.remove_instrument(pause)
 
 
-@pytest.mark.parametrize("mode", ["pause", "compile"])
-async def test_a_serving_process_pauses_the_jit_in_the_sink_only_on_pypy_and_when_asked(mode):
+@pytest.mark.parametrize("mode, ack, linger, pauses", [
+    ("pause", "kinesis", "auto", True),
+    ("compile", "received", "auto", False),
+    # auto: paused when batches linger 100 ms or more (a few calls a second).
+    ("auto", "received", "auto", True),
+    ("auto", "kinesis", "auto", False),
+    ("auto", "received", "20ms", False),
+    ("auto", "kinesis", "100ms", True),
+])
+async def test_a_serving_process_pauses_the_jit_in_the_sink_only_on_pypy_and_when_asked(
+        mode, ack, linger, pauses):
     from gateway.cli.serve import pause_sink_jit
     from gateway.config import settings
 
-    installed = pause_sink_jit(settings.load({"sink_jit": mode}, {}))
+    installed = pause_sink_jit(settings.load({"sink_jit": mode, "ack": ack, "linger": linger}, {}))
     pause = jit._CURRENT.get()
     try:
-        assert installed == (mode == "pause" and platform.python_implementation() == "PyPy")
+        assert installed == (pauses and platform.python_implementation() == "PyPy")
         assert (pause is not None) == installed
     finally:
         if pause is not None:
@@ -177,10 +186,10 @@ async def test_a_serving_process_settles_once_enough_requests_were_accepted(auto
             assert started == (platform.python_implementation() == "PyPy")
             if not started:
                 nursery.start_soon(serve._settle_jit_after, gateway, 100)
-            await trio.sleep(10)
+            await trio.sleep(10.5)
             assert params.now == jit.PYPY_DEFAULTS  # not yet: 0 of 100
             gateway.accepted = 100
-            await trio.sleep(serve.JIT_SETTLE_POLL)
+            await trio.sleep(serve.JIT_SETTLE_POLL * 1.5)  # the task looks once in between
             assert params.now["trace_eagerness"] == jit.PYPY_DEFAULTS["trace_eagerness"] * jit.SETTLED_SCALE
     finally:
         trio.lowlevel.remove_instrument(pause)

@@ -315,11 +315,13 @@ SETTINGS: List[Setting] = [
             "kinesis/firehose: how calls are sent: trio (signed by botocore, sent on the event "
             "loop's own connections) or threads (botocore's HTTP session in worker threads; "
             "also used whenever HTTPS_PROXY applies)"),
-    Setting("sink_jit", _choice("pause", "compile"), "pause",
+    Setting("sink_jit", _choice("auto", "pause", "compile"), "auto",
             "kinesis/firehose with --aws-http trio, on PyPy: pause keeps the JIT compiler from "
             "tracing the calls' own code (signing, h11, streams), which at a few calls a second "
             "held the event loop for up to 20 ms at a time; compile lets PyPy compile it like the "
-            "rest (and, with --jit-settle 0, keeps --jit thresholds given to pypy)"),
+            "rest (and, with --jit-settle 0, keeps --jit thresholds given to pypy), which at tens "
+            "of calls a second costs less CPU; auto: pause when --linger is 100ms or more "
+            "(--ack received or spool), else compile"),
     Setting("jit_settle", _int, "20000",
             "on PyPy: once this many requests are accepted, the JIT compiles only code that "
             "runs 100 times as often as it asked before, so paths few requests take are no "
@@ -428,7 +430,7 @@ class Config:
     batch_bytes: int = 5 * MiB
     linger: Optional[float] = None  # auto
     aws_http: str = "trio"
-    sink_jit: str = "pause"
+    sink_jit: str = "auto"
     max_in_flight: int = 4
     retry_deadline: float = 30.0
     call_timeout: float = 6.0
