@@ -24,7 +24,7 @@ from gateway.observe import logs
 from gateway.observe.memory import malloc_trimmer, trim_after_collections
 from gateway.server import Gateway
 from sinks import jit as sink_jit
-from sinks.aws.sink import default_linger
+from sinks.aws.sink import linger_of
 from sinks.errors import SinkConfigError
 
 __all__ = ["serve_until_drained", "watch_signals", "started_fields", "config_error",
@@ -63,8 +63,7 @@ def pause_sink_jit(config: _config.Config) -> bool:
     tracing paused (`sinks.jit`); True when that was set up."""
     mode = config.sink_jit
     if mode == "auto":
-        linger = default_linger(config.ack == "kinesis") if config.linger is None else config.linger
-        mode = "pause" if linger >= PAUSE_LINGER else "compile"
+        mode = "pause" if linger_of(config) >= PAUSE_LINGER else "compile"
     return mode == "pause" and sink_jit.install() is not None
 
 

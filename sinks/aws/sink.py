@@ -93,7 +93,7 @@ from sinks.base import (
 from sinks.errors import SinkConfigError, SinkUnavailable
 
 __all__ = ["StreamOptions", "StreamSink", "StreamSinkStatistics", "FAILURE_HOLD", "LINGER",
-           "LINGER_UNACKNOWLEDGED", "default_linger"]
+           "LINGER_UNACKNOWLEDGED", "linger_of"]
 
 #: Default wait for more records before a batch that is not full goes out,
 #: with ``--ack kinesis``: the client waits for its batch, so the wait stays
@@ -107,9 +107,12 @@ LINGER = 0.010
 LINGER_UNACKNOWLEDGED = 0.200
 
 
-def default_linger(ack: bool) -> float:
-    """The linger of ``--linger auto``: short when clients wait for the call (``ack``)."""
-    return LINGER if ack else LINGER_UNACKNOWLEDGED
+def linger_of(config: Any) -> float:
+    """``config``'s --linger (a gateway.config.settings.Config), ``auto`` resolved:
+    short when clients wait for the call (``--ack kinesis``)."""
+    if config.linger is not None:
+        return config.linger
+    return LINGER if config.ack == "kinesis" else LINGER_UNACKNOWLEDGED
 #: How long a permanent error keeps the sink refusing records before the
 #: next records try again.  Long enough not to flood the service with calls
 #: that cannot succeed, short enough to notice a fix (a created stream, a
@@ -180,7 +183,7 @@ class StreamOptions:
             max_record_bytes=config.max_record_size,
             batch_records=config.batch_records,
             batch_bytes=config.batch_bytes,
-            linger=default_linger(config.ack == "kinesis") if config.linger is None else config.linger,
+            linger=linger_of(config),
             http=config.aws_http,
             max_in_flight=config.max_in_flight,
             retry_deadline=config.retry_deadline,
