@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stalls", action="store_true",
                    help="time every event-loop task step and report the stalls (steps of 1 ms or more) "
                         "by task, with the GC time inside them (costs two clock reads per step)")
+    p.add_argument("--vmprof", action="store_true",
+                   help="sample the gateway's measured window with vmprof (must be importable by the "
+                        "gateway's interpreter) into NAME.vmprof in the results directory")
     p.add_argument("--workers", default="1",
                    help="comma-separated sluice serve --workers counts, one Sluice case each (default 1); "
                         "above 1 nothing is pinned")
@@ -144,12 +147,13 @@ def _run_case(args: argparse.Namespace, server: servers.Child, mode: str, mix: s
 
 
 def _start(name: str, workers: int, python: str, args: argparse.Namespace, case_dir: str,
-           probe_file: str, kinesis_url: str, redis_url: str) -> servers.Child:
+           probe_file: str, kinesis_url: str, redis_url: str, vmprof: str = "") -> servers.Child:
     if workers:
         return servers.start_gateway(python, args.sink, case_dir, probe_file=probe_file,
                                      tracemalloc=args.tracemalloc, kinesis_url=kinesis_url,
                                      redis_url=redis_url, extra=args.gateway_arg, workers=workers,
-                                     pin=not args.no_pin, stalls=args.stalls)
+                                     pin=not args.no_pin, stalls=args.stalls,
+                                     vmprof=vmprof)
     return servers.start_peer(name, case_dir, args.cache)
 
 
@@ -201,6 +205,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     implementation = subprocess.run([python, "-c", "import platform;print(platform.python_implementation())"],
                                     capture_output=True, text=True, timeout=60, check=True).stdout.strip()
     warmup = args.warmup if args.warmup is not None else (5.0 if implementation == "PyPy" else 2.0)
+    if args.vmprof and subprocess.run([python, "-c", "import vmprof"], capture_output=True,
+                                      timeout=60).returncode != 0:
+        raise SystemExit("bench.load: --vmprof: %s cannot import vmprof (install it with %s -m pip install "
+                         "vmprof)" % (python, python))
     out = args.out or os.path.join(servers.ROOT, "bench", "results", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     workdir = servers.scratch()
@@ -236,8 +244,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     os.makedirs(case_dir)
                     probe_file = os.path.join(case_dir, "probe.json")
                     try:
+                        vmprof = (os.path.join(out, os.path.basename(case_dir) + ".vmprof")
+                                  if args.vmprof else "")
                         server = _start(name, workers, python, args, case_dir, probe_file, kinesis_url,
-                                        redis_url)
+                                        redis_url, vmprof)
                     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                         notes.append("%s %s %s not run: %s" % (name, mix, mode, str(exc).splitlines()[0]))
                         print("bench.load: %s" % notes[-1], file=sys.stderr, flush=True)

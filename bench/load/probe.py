@@ -10,7 +10,9 @@ runs too and each mark carries the traced memory.  Each mark carries the
 interpreter's memory accounting, and the last one a heap census
 (:mod:`bench.load.heap`) of the steady state.  With
 ``SLUICE_BENCH_STALLS=1`` a Trio instrument times every task step and the
-document lists the loop stalls (:mod:`bench.load.stalls`).
+document lists the loop stalls (:mod:`bench.load.stalls`).  With
+``SLUICE_BENCH_VMPROF=PATH``, vmprof samples the measured window (from the
+first signal to the second) into ``PATH``.
 
 Pause sources: CPython's ``gc.callbacks`` (a start/stop pair per
 collection); PyPy's ``gc.hooks``, where one ``on_gc_minor`` or
@@ -35,11 +37,12 @@ from typing import Any, Dict, List, Optional
 
 from . import heap
 
-__all__ = ["main", "PROBE_ENV", "TRACEMALLOC_ENV", "STALLS_ENV", "MAX_PAUSES"]
+__all__ = ["main", "PROBE_ENV", "TRACEMALLOC_ENV", "STALLS_ENV", "VMPROF_ENV", "MAX_PAUSES"]
 
 PROBE_ENV = "SLUICE_BENCH_PROBE"
 TRACEMALLOC_ENV = "SLUICE_BENCH_TRACEMALLOC"
 STALLS_ENV = "SLUICE_BENCH_STALLS"
+VMPROF_ENV = "SLUICE_BENCH_VMPROF"
 #: Pauses kept (four doubles each); later ones are only counted.  Two million
 #: is minutes of minor collections at the highest rates seen here.
 MAX_PAUSES = 2_000_000
@@ -101,6 +104,7 @@ class _Probe:
             # end delayed its last requests.
             self.marks[-1]["census"] = heap.census()
             return
+        _profile(len(self.marks))
         mark: Dict[str, Any] = {"time": time.time(), "pauses": len(self.log) // 5}
         if self.gateway is not None:
             mark["requests"] = self.gateway.requests
@@ -155,6 +159,26 @@ def _install(probe: _Probe) -> None:
 
             tracemalloc.start(1)
     signal.signal(signal.SIGUSR1, probe.mark)
+
+
+_profile_file: Any = None
+
+
+def _profile(marks: int) -> None:
+    """With ``SLUICE_BENCH_VMPROF`` set, sample the window with vmprof into that path."""
+    global _profile_file
+    path = os.environ.get(VMPROF_ENV)
+    if not path:
+        return
+    import vmprof
+
+    if marks == 0:
+        _profile_file = open(path, "w+b")
+        vmprof.enable(_profile_file.fileno(), period=0.0005, real_time=False)
+    elif _profile_file is not None:
+        vmprof.disable()
+        _profile_file.close()
+        _profile_file = None
 
 
 def _uninstall(probe: _Probe) -> None:

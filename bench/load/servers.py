@@ -271,7 +271,7 @@ def gateway_has_redis(python: str) -> bool:
 
 def start_gateway(python: str, sink: str, workdir: str, *, probe_file: str, tracemalloc: bool = False,
                   kinesis_url: str = "", redis_url: str = "", extra: Sequence[str] = (),
-                  workers: int = 1, pin: bool = True, stalls: bool = False) -> Child:
+                  workers: int = 1, pin: bool = True, stalls: bool = False, vmprof: str = "") -> Child:
     """The gateway under the GC probe, pinned to core 0 unless ``pin`` is false;
     with ``workers`` above 1 a supervisor and its workers, never pinned (they use
     every core)."""
@@ -283,6 +283,8 @@ def start_gateway(python: str, sink: str, workdir: str, *, probe_file: str, trac
         env["SLUICE_BENCH_TRACEMALLOC"] = "1"
     if stalls:
         env["SLUICE_BENCH_STALLS"] = "1"
+    if vmprof:
+        env["SLUICE_BENCH_VMPROF"] = vmprof
     if sink == "kinesis":
         command += ["--stream", "bench", "--endpoint-url", kinesis_url, "--region", "us-east-1"]
         env.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
