@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import List, Tuple
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,6 +13,8 @@ from gateway.access.lease import (
     LEASE_SECONDS,
     MIN_CALL_INTERVAL,
     SLICE_BURST_FRACTION,
+    SLICE_SECONDS,
+    UNLIMITED_SLICE_SECONDS,
     Grant,
     Lease,
     lease_take,
@@ -100,21 +103,50 @@ def test_slices_are_at_least_the_request_and_at_most_a_quarter_of_the_burst(
         now += max(gap, MIN_CALL_INTERVAL)
 
 
-def test_slices_grow_with_the_local_rate_to_about_a_tenth_of_a_second():
-    limits = TenantLimits(0, 0, 0, 0)  # unlimited: only the local rate sizes slices
+def _slices_at(limits: TenantLimits, rate: float, calls: int = 20) -> List[int]:
+    """Requests wanted by successive calls while ``rate`` requests/s arrive."""
     lease = Lease("T")
     now = NOW
     wanted = []
-    for _ in range(20):
+    for _ in range(calls):
         want, _ = lease.wants(0, now)
         wanted.append(want)
         _grant(lease, limits, want, 0, now)
         spent = 0
-        while spent < 500 and lease.try_spend("KEY", 0, now + spent / 5000.0) is not None:
-            spent += 1  # 5000 requests/s arrive
-        now += max(spent / 5000.0, MIN_CALL_INTERVAL)
+        while lease.try_spend("KEY", 0, now + spent / rate) is not None:
+            spent += 1
+        now += max(spent / rate, MIN_CALL_INTERVAL)
+    return wanted
+
+
+def test_slices_grow_with_the_local_rate_to_about_a_tenth_of_a_second():
+    # A limit far above the rate: only the local rate sizes slices.
+    wanted = _slices_at(TenantLimits(10 ** 6, 10 ** 7, 0, 0), 5000.0)
     assert wanted[0] == 1
     assert 400 <= wanted[-1] <= 600  # about 0.1 s of 5000/s
+
+
+@pytest.mark.parametrize("limits", [TenantLimits(0, 0, 0, 0), TenantLimits(0, 0, 10 ** 9, 10 ** 10)])
+def test_a_dimension_without_limits_takes_slices_of_a_whole_lease(limits):
+    # Nothing to share: the calls only confirm keys, once per lease.
+    wanted = _slices_at(limits, 5000.0)
+    assert wanted[0] == 1
+    assert 4000 <= wanted[-1] <= 6000  # about 1 s of 5000/s
+
+
+@pytest.mark.parametrize("limits", [TenantLimits(0, 0, 0, 0, monthly_records=10 ** 9),
+                                    TenantLimits(0, 0, 0, 0, monthly_bytes=10 ** 12)])
+def test_a_monthly_quota_keeps_slices_short(limits):
+    lease = Lease("T")
+    _grant(lease, limits, 1, 1, NOW)
+    lease.spent_requests, lease.spent_bytes = 1000, 10 ** 6
+    want_requests, want_bytes = lease.wants(0, NOW + 0.1)  # 10,000/s and 10 MB/s
+    if limits.monthly_records:
+        assert want_requests <= 1 + 10_000 * SLICE_SECONDS * 2
+        assert want_bytes >= 10 ** 7 * UNLIMITED_SLICE_SECONDS / 2
+    else:
+        assert want_requests >= 10_000 * UNLIMITED_SLICE_SECONDS / 2
+        assert want_bytes <= 10 ** 7 * SLICE_SECONDS * 2
 
 
 def test_a_key_not_confirmed_within_a_lease_and_an_expired_slice_admit_nothing():

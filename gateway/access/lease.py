@@ -25,7 +25,9 @@ the present, so it never creates allowance that was not charged.
 Slice size (:meth:`Lease.wants`): :data:`SLICE_SECONDS` of the tenant's
 recent local rate (measured from a slice's grant to when it ran out), plus
 the request at hand and those waiting for the call, at most
-:data:`SLICE_BURST_FRACTION` of the burst.  Calls per tenant per process are
+:data:`SLICE_BURST_FRACTION` of the burst; :data:`UNLIMITED_SLICE_SECONDS`
+of it for a dimension (requests, bytes) the tenant has neither a rate limit
+nor a monthly quota on.  Calls per tenant per process are
 spaced at least :data:`MIN_CALL_INTERVAL` apart, so at most 20 per second at
 any request rate.
 
@@ -69,6 +71,7 @@ from gateway.access.limiter import (
 __all__ = [
     "LEASE_SECONDS",
     "SLICE_SECONDS",
+    "UNLIMITED_SLICE_SECONDS",
     "SLICE_BURST_FRACTION",
     "MIN_CALL_INTERVAL",
     "MIN_RATE_WINDOW",
@@ -94,6 +97,11 @@ LEASE_SECONDS = 1.0
 #: enough that a busy tenant costs Redis about ten calls a second, short
 #: enough that what one process holds unspent stays small.
 SLICE_SECONDS = 0.1
+#: A slice of a dimension the tenant has no limit on (no rate and no monthly
+#: quota for requests, or for bytes) is this much of its recent rate: no other
+#: process needs a share of it, so the calls only confirm keys and settle
+#: usage, about once a lease instead of ten times.
+UNLIMITED_SLICE_SECONDS = LEASE_SECONDS
 #: A slice is at most this share of the burst, so the slack of N processes
 #: is at most N/4 of a burst and one process cannot hold what others need.
 SLICE_BURST_FRACTION = 0.25
@@ -500,9 +508,15 @@ class Lease:
         # The asking request and those waiting for the call, on top of what
         # the recent rate would spend: a burst of traffic on a fresh slice
         # is served by the next call, not by slices doubling call by call.
-        want_requests = 1 + self.waiting_requests + int(math.ceil(self.request_rate * SLICE_SECONDS))
-        want_bytes = need_bytes + self.waiting_bytes + int(math.ceil(self.byte_rate * SLICE_SECONDS))
         limits = self.limits
+        request_seconds = byte_seconds = SLICE_SECONDS
+        if limits is not None:
+            if limits.requests_per_second <= 0 and limits.monthly_records <= 0:
+                request_seconds = UNLIMITED_SLICE_SECONDS
+            if limits.bytes_per_second <= 0 and limits.monthly_bytes <= 0:
+                byte_seconds = UNLIMITED_SLICE_SECONDS
+        want_requests = 1 + self.waiting_requests + int(math.ceil(self.request_rate * request_seconds))
+        want_bytes = need_bytes + self.waiting_bytes + int(math.ceil(self.byte_rate * byte_seconds))
         if limits is not None:
             if limits.requests_per_second > 0:
                 want_requests = min(want_requests,
