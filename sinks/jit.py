@@ -15,7 +15,7 @@ the JIT's thresholds set to "never", and they are set back to the process's
 normal values when the step ends.  Machine code compiled earlier still runs, and
 the rest of the process compiles as before.  `install` puts it in the running
 loop on PyPy (the gateway does, unless ``--sink-jit compile``); without it,
-`paused` does nothing.
+`paused` does nothing.  It leaves the loop when the process settles (below).
 
 The rest of the process keeps compiling too, long after it is warm: in a
 10-minute run at the design load, 42 loops and 137 bridges were traced after
@@ -60,6 +60,9 @@ class JitPause(trio.abc.Instrument):
         self.paused_steps = 0
         #: The thresholds outside paused steps.
         self.normal: Dict[str, int] = dict(PYPY_DEFAULTS)
+        #: Whether `install` put it in the loop and it is still there.
+        self._installed = False
+        self._retiring = False
 
     def before_task_step(self, task: Any) -> None:
         if task in self._tasks:
@@ -85,12 +88,29 @@ class JitPause(trio.abc.Instrument):
                 tasks[task] = depth
             else:
                 self._resume()
+                if self._retiring and not tasks:
+                    self._retire()
 
     def settle(self, normal: Dict[str, int]) -> None:
-        """Use ``normal`` as the thresholds outside paused steps from now on."""
+        """Use ``normal`` as the thresholds from now on, and leave the loop.
+
+        Settled thresholds keep a few calls a second from ever being traced,
+        so pausing has nothing left to do, and an instrument costs every
+        task's every step: it is removed once no task is inside `region`.
+        """
         self.normal = dict(normal)
         if not self._paused:
             self._set_param(**self.normal)
+        self._retiring = True
+        if _CURRENT.get() is self:
+            _CURRENT.set(None)
+        if not self._tasks:
+            self._retire()
+
+    def _retire(self) -> None:
+        if self._installed:
+            self._installed = False
+            trio.lowlevel.remove_instrument(self)
 
     def _pause(self) -> None:
         if not self._paused:
@@ -114,6 +134,7 @@ def install(set_param: Optional[Callable[..., None]] = None) -> Optional[JitPaus
         set_param = pypyjit.set_param
     pause = JitPause(set_param)
     trio.lowlevel.add_instrument(pause)
+    pause._installed = True
     _CURRENT.set(pause)
     return pause
 

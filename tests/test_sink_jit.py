@@ -142,24 +142,42 @@ async def test_nested_blocks_keep_tracing_paused_until_the_outer_one_ends():
     assert pause.paused_steps == 2
 
 
-async def test_settling_raises_the_thresholds_and_paused_steps_come_back_to_them():
+async def test_settling_raises_the_thresholds_and_takes_the_pause_out_of_the_loop():
     params = Params()
     pause = jit.install(params.set_param)
     settled = {name: value * jit.SETTLED_SCALE for name, value in jit.PYPY_DEFAULTS.items()}
     try:
         with jit.paused():
             await trio.lowlevel.checkpoint()
-            # Settled while a paused step runs: still paused until it ends.
+            # Settled while a paused block runs: its steps stay paused until it ends.
             assert jit.settle()
             assert not params.tracing
-        assert params.now == settled
-        with jit.paused():
             await trio.lowlevel.checkpoint()
             assert not params.tracing
-        await trio.lowlevel.checkpoint()
         assert params.now == settled
+        # Settled thresholds keep the calls from being traced: no more pausing,
+        # and no instrument left in every task's steps.
+        steps = pause.paused_steps
+        with jit.paused():
+            await trio.lowlevel.checkpoint()
+            assert params.now == settled
+        assert pause.paused_steps == steps
+        assert not pause._installed
     finally:
-        trio.lowlevel.remove_instrument(pause)
+        if pause._installed:
+            trio.lowlevel.remove_instrument(pause)
+
+
+async def test_settling_with_no_paused_block_takes_the_pause_out_at_once():
+    params = Params()
+    pause = jit.install(params.set_param)
+    assert jit.settle()
+    assert not pause._installed
+    steps = pause.paused_steps
+    with jit.paused():
+        await trio.lowlevel.checkpoint()
+    assert pause.paused_steps == steps
+    assert params.now["threshold"] == jit.PYPY_DEFAULTS["threshold"] * jit.SETTLED_SCALE
 
 
 async def test_settling_without_the_sinks_pause_sets_the_thresholds_itself():
@@ -191,6 +209,8 @@ async def test_a_serving_process_settles_once_enough_requests_were_accepted(auto
             gateway.accepted = 100
             await trio.sleep(serve.JIT_SETTLE_POLL * 1.5)  # the task looks once in between
             assert params.now["trace_eagerness"] == jit.PYPY_DEFAULTS["trace_eagerness"] * jit.SETTLED_SCALE
+        assert not pause._installed  # settling took it out of the loop
     finally:
-        trio.lowlevel.remove_instrument(pause)
+        if pause._installed:
+            trio.lowlevel.remove_instrument(pause)
     assert not serve.settle_jit(settings.load({"jit_settle": "0"}, {}), gateway, nursery)

@@ -318,10 +318,11 @@ SETTINGS: List[Setting] = [
     Setting("sink_jit", _choice("auto", "pause", "compile"), "auto",
             "kinesis/firehose with --aws-http trio, on PyPy: pause keeps the JIT compiler from "
             "tracing the calls' own code (signing, h11, streams), which at a few calls a second "
-            "held the event loop for up to 20 ms at a time; compile lets PyPy compile it like the "
-            "rest (and, with --jit-settle 0, keeps --jit thresholds given to pypy), which at tens "
-            "of calls a second costs less CPU; auto: pause when --linger is 100ms or more "
-            "(--ack received or spool), else compile"),
+            "held the event loop for up to 20 ms at a time, until the JIT settles "
+            "(--jit-settle), whose thresholds keep it out from then on; compile lets PyPy "
+            "compile it like the rest (and, with --jit-settle 0, keeps --jit thresholds given "
+            "to pypy), which at tens of calls a second costs less CPU; auto: pause when "
+            "--linger is 100ms or more (--ack received or spool), else compile"),
     Setting("jit_settle", _int, "20000",
             "on PyPy: once this many requests are accepted, the JIT compiles only code that "
             "runs 100 times as often as it asked before, so paths few requests take are no "
