@@ -103,14 +103,27 @@ async def test_calls_run_in_worker_threads(fault_server, aws_env, monkeypatch):
     threads = []
     real = BotocoreEndpoint.call_blocking
 
-    def recording(self, target, data):
+    def recording(self, target, data, digest=None):
         threads.append(threading.current_thread())
-        return real(self, target, data)
+        return real(self, target, data, digest)
 
     monkeypatch.setattr(BotocoreEndpoint, "call_blocking", recording)
     batch, view = body()
     assert (await endpoint.call(batch.target, view)).status == 200
     assert threads and threads[0] is not threading.current_thread()
+    await endpoint.aclose()
+
+
+async def test_a_given_digest_is_the_payload_hash_signed(fault_server, aws_env):
+    import hashlib
+
+    aws_env()
+    endpoint = await trio.to_thread.run_sync(
+        lambda: open_botocore_endpoint("kinesis", endpoint_url=fault_server.url))
+    batch, view = body()
+    given = hashlib.sha256(view).hexdigest()
+    assert (await endpoint.call(batch.target, view, given)).status == 200
+    assert fault_server.requests[0]["X-Amz-Content-SHA256"] == given
     await endpoint.aclose()
 
 

@@ -78,6 +78,35 @@ async def test_signature_is_accepted_by_moto_and_a_wrong_secret_is_not(moto, aws
     await wrong.aclose()
 
 
+async def test_a_digest_given_with_the_body_is_the_one_signed(moto, aws_env):
+    aws_env(moto.key, moto.secret, moto.region)
+    client = moto.client("kinesis")
+    client.create_stream(StreamName="given", ShardCount=1)
+    endpoint = await trio.to_thread.run_sync(lambda: open_trio_endpoint("kinesis", endpoint_url=moto.url))
+    payload = body("given", [b"hashed by the caller"])
+    reply = await endpoint.call(TARGET, payload, hashlib.sha256(payload).hexdigest())
+    assert reply.status == 200, reply.body
+    await endpoint.aclose()
+    assert [r["Data"] for r in read_stream(client, "given")] == [b"hashed by the caller"]
+
+
+async def test_a_given_digest_is_sent_as_is_and_the_body_is_not_hashed(fault_server, monkeypatch):
+    import sinks.aws.trio_http as trio_http
+
+    async def no_hashing(body):
+        raise AssertionError("the body was hashed again")
+
+    monkeypatch.setattr(trio_http, "_sha256_hex", no_hashing)
+    endpoint = _endpoint(fault_server.url)
+    payload = body(datas=[b"x"])
+    given = hashlib.sha256(payload).hexdigest()
+    reply = await endpoint.call(TARGET, payload, given)
+    await endpoint.aclose()
+    assert reply.status == 200
+    (headers,) = fault_server.requests
+    assert headers["X-Amz-Content-SHA256"] == given
+
+
 async def test_a_proxy_in_the_environment_means_the_threaded_endpoint(fault_server, aws_env, monkeypatch):
     aws_env()
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")

@@ -264,6 +264,30 @@ async def test_zero_copy_ring_exported_once_per_builder_and_bodies_reused(autoju
     assert len(fake.stored) == 20
 
 
+async def test_a_large_batch_is_hashed_in_the_thread_that_encoded_it(autojump_clock):
+    import hashlib
+
+    from sinks.aws.sink import ENCODE_IN_THREAD_BYTES
+
+    fake = FakeStreams()
+    seen = []
+
+    class Recording(MemoryEndpoint):
+        async def call(self, target, body, digest=None):
+            if target.endswith(".PutRecords"):
+                seen.append((bytes(body), digest))
+            return await super().call(target, body, digest)
+
+    h = SinkHarness(Recording(memory_endpoint(fake)._handler), batch_records=2)
+    async with running_sink(h):
+        await put_all(h, [b"s", b"m"])  # small: encoded and hashed on the loop
+        await put_all(h, [b"L" * ENCODE_IN_THREAD_BYTES, b"l"])
+    (small, small_digest), (large, large_digest) = seen
+    assert small_digest is None  # the endpoint hashes it
+    assert large_digest == hashlib.sha256(large).hexdigest()
+    assert fake.stored_datas() == [b"s", b"m", b"L" * ENCODE_IN_THREAD_BYTES, b"l"]
+
+
 async def test_record_keys_follow_the_partition_key_setting():
     fake, h = harness(partition_key="header:X-Route", explicit_hash_key_header="X-Hash")
     lookup = {b"x-route": b"eu", b"x-hash": b"42"}.get

@@ -76,8 +76,13 @@ class Endpoint:
     url = ""
     region = ""
 
-    async def call(self, target: str, body: Any) -> Reply:
-        """POST ``body`` (bytes or a memoryview) as operation ``target``."""
+    async def call(self, target: str, body: Any, digest: Optional[str] = None) -> Reply:
+        """POST ``body`` (bytes or a memoryview) as operation ``target``.
+
+        ``digest`` is the body's SHA-256 in hex when the caller has it already
+        (the sink hashes large batches in the worker thread that encoded
+        them), so the call does not hash the body again.
+        """
         raise NotImplementedError
 
     async def aclose(self) -> None:
@@ -94,7 +99,7 @@ class MemoryEndpoint(Endpoint):
         self._handler = handler
         self.calls = 0
 
-    async def call(self, target: str, body: Any) -> Reply:
+    async def call(self, target: str, body: Any, digest: Optional[str] = None) -> Reply:
         self.calls += 1
         return await self._handler(target, body)
 
@@ -179,8 +184,8 @@ class BotocoreEndpoint(Endpoint):
         # Its own limiter, so calls never wait behind other sinks' threads.
         self._limiter = trio.CapacityLimiter(max(1, threads))
 
-    async def call(self, target: str, body: Any) -> Reply:
-        return await trio.to_thread.run_sync(self.call_blocking, target, body,
+    async def call(self, target: str, body: Any, digest: Optional[str] = None) -> Reply:
+        return await trio.to_thread.run_sync(self.call_blocking, target, body, digest,
                                              limiter=self._limiter)
 
     async def aclose(self) -> None:
@@ -214,7 +219,7 @@ class BotocoreEndpoint(Endpoint):
             raise CredentialsError("NoCredentials", "the credentials have no access key")
         return frozen
 
-    def call_blocking(self, target: str, body: Any) -> Reply:
+    def call_blocking(self, target: str, body: Any, digest: Optional[str] = None) -> Reply:
         """Sign and send one call; runs in a worker thread."""
         import botocore.exceptions
         import urllib3.exceptions
@@ -228,7 +233,7 @@ class BotocoreEndpoint(Endpoint):
         request = AWSRequest(method="POST", url=self.url, headers={
             "X-Amz-Target": target,
             "Content-Type": JSON_CONTENT_TYPE,
-            "X-Amz-Content-SHA256": sha256_hex(body),
+            "X-Amz-Content-SHA256": digest or sha256_hex(body),
         })
         SigV4Auth(credentials, self.signing_name, self.region).add_auth(request)
         prepared = request.prepare()

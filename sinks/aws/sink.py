@@ -22,7 +22,8 @@ task, and the builder goes back to the pool when the call's outcome is
 applied.  Each builder exported the ring's buffer once, and encodes records
 straight from their ring slices (base64 is the only copy before TLS): on the
 event loop for small batches, in a worker thread from
-`ENCODE_IN_THREAD_BYTES` on, like the signing and sending.
+`ENCODE_IN_THREAD_BYTES` on, which also takes the body's SHA-256 for SigV4
+while it is in the cache, so the event loop does not.
 With ``--aggregation kpl`` the builder is ``sinks.aws.aggregation``'s
 `AggregatingBuilder`: it packs records into KPL aggregates and maps each
 call's per-Kinesis-record answers back to the records.
@@ -90,6 +91,7 @@ from sinks.base import (
     log_health,
     no_log,
 )
+from sinks.digests import sha256_hex
 from sinks.errors import SinkConfigError, SinkUnavailable
 
 __all__ = ["StreamOptions", "StreamSink", "StreamSinkStatistics", "FAILURE_HOLD", "LINGER",
@@ -288,6 +290,12 @@ class _Builder:
     def close(self) -> None:
         self.source.close()
         self.batch.close()
+
+
+def _encode_and_hash(builder: Any, entries: List[Entry]) -> str:
+    """Encode ``entries`` into ``builder``'s batch; the body's SHA-256 (hex) for SigV4."""
+    builder.encode_all(entries)
+    return sha256_hex(builder.batch.body())
 
 
 class StreamSink(RecordLimitFollower, Sink):
@@ -537,9 +545,10 @@ class StreamSink(RecordLimitFollower, Sink):
         assert self._endpoint is not None
         batch = builder.batch
         try:
+            digest: Optional[str] = None
             try:
                 if builder.bytes >= ENCODE_IN_THREAD_BYTES:
-                    await worker.run_sync(builder.encode_all, entries)
+                    digest = await worker.run_sync(_encode_and_hash, builder, entries)
                 else:
                     builder.encode_all(entries)
             finally:
@@ -555,7 +564,7 @@ class StreamSink(RecordLimitFollower, Sink):
             error: Optional[ServiceError] = None
             sent = trio.current_time()
             try:
-                reply = await self._endpoint.call(batch.target, batch.body())
+                reply = await self._endpoint.call(batch.target, batch.body(), digest)
             except ServiceError as exc:
                 error = exc
             else:

@@ -131,13 +131,14 @@ class TrioEndpoint(Endpoint):
         self._keys = SigningKeys()
         self.connections_opened = 0
 
-    async def call(self, target: str, body: Any) -> Reply:
+    async def call(self, target: str, body: Any, digest: Optional[str] = None) -> Reply:
         with jit.paused():
-            return await self._call(target, body)
+            return await self._call(target, body, digest)
 
-    async def _call(self, target: str, body: Any) -> Reply:
+    async def _call(self, target: str, body: Any, digest: Optional[str]) -> Reply:
         credentials = await self._frozen_credentials()
-        digest = await _sha256_hex(body)
+        if digest is None:
+            digest = await _sha256_hex(body)
         headers = await self._sign(credentials, target, digest, len(body))
         async with self._open:
             connection = self._idle.pop() if self._idle else None
@@ -232,7 +233,10 @@ class TrioEndpoint(Endpoint):
     async def _exchange(self, connection: _Connection, headers: List[Tuple[bytes, bytes]],
                         body: Any) -> Reply:
         http, stream = connection.http, connection.stream
-        await stream.send_all(http.send(h11.Request(method="POST", target=self._path, headers=headers)))
+        head = http.send(h11.Request(method="POST", target=self._path, headers=headers))
+        # h11 checking every header is a step of its own, as is sending.
+        await trio.lowlevel.checkpoint()
+        await stream.send_all(head)
         for piece in http.send_with_data_passthrough(h11.Data(data=body)):
             await _send_body(stream, memoryview(piece))
         await stream.send_all(http.send(h11.EndOfMessage()))
