@@ -30,6 +30,7 @@ def test_seed_profile_sets_the_design_load_and_flags_given_win() -> None:
     assert (args.sink, args.sizes, args.modes, args.rate, args.duration) == (
         "kinesis", "seed", "open", 500.0, 60)
     assert args.gateway_arg == ["--ack=received"] and args.peers == "nginx,uvicorn"
+    assert args.warmup == 60.0  # past --jit-settle's 20,000 requests at 500/s
 
 
 def test_seed_targets_are_marked_met_or_missed() -> None:
@@ -206,6 +207,33 @@ def test_stalls_are_charged_to_their_tasks_less_gc_jit_and_preemption() -> None:
     assert access["without_gc"] == 1
     text = report.details([{"name": "sluice-pypy-seed-open", "stalls": summary, "heap": None}])
     assert "| sink | 3 | 8.00 | 1 | 7.50 | 1 | 3.50 | aws/sink.py:1 _call ×1 |" in text
+
+
+def test_each_slow_request_is_charged_to_what_held_the_loop_meanwhile() -> None:
+    stalls = [
+        # time (end), wall, thread CPU, GC inside, JIT inside, task, where the step ended
+        [10.010, 0.008, 0.008, 0.0, 0.007, "sinks.aws.sink.StreamSink._call", "a:1 b"],  # JIT
+        [20.010, 0.009, 0.001, 0.0, 0.0, "gateway.server.Gateway.handle_connection", "c:1 d"],  # preempted
+        [30.010, 0.006, 0.006, 0.001, 0.0, "sinks.aws.sink.StreamSink._call", "e:1 f"],  # its code
+        [40.010, 0.006, 0.006, 0.005, 0.0, "gateway.server.Gateway.handle_connection", "g:1 h"],
+    ]
+    pauses = [
+        [40.009, 0.005, 5.0, 1.0, 0.005],  # inside the last step: counted once
+        [50.006, 0.005, 0.0, 1.0, 0.005],  # between steps
+        [60.006, 0.0005, 0.0, 1.0, 0.0005],  # too short to count
+    ]
+    slow = [[10.0, 0.012, 1024], [20.0, 0.011, 1024], [30.0, 0.011, 1024], [40.0, 0.011, 1024],
+            [50.0, 0.011, 1024], [60.0, 0.011, 1024], [70.0, 0.030, 900000]]
+    case = {"load": {"slow_requests": slow}, "stall_log": stalls, "gc_pauses": pauses}
+    summary = report.slow_summary(case)
+    assert summary is not None
+    assert summary["count"] == 7 and summary["longest_s"] == pytest.approx(0.030)
+    assert dict(summary["causes"]) == {"jit": 1, "preempted": 1, "code:sink": 1, "gc": 2, "none": 2}
+    assert report.slow_summary({"load": {}}) is None  # a generator that lists none
+    text = report.details([{"name": "sluice-pypy-seed-open", "stalls": {"groups": {}, "steps": 0,
+                                                                        "threshold_s": 0.001},
+                            "heap": None, "slow": summary}])
+    assert "7 requests (longest 30.00 ms)" in text
 
 
 def test_stall_documents_without_jit_time_still_read() -> None:

@@ -40,6 +40,10 @@ MAX_BACKLOG = 200_000
 #: Latencies kept for the JSON (every k-th past this); percentiles use all.
 MAX_SAMPLES = 100_000
 RECV_SIZE = 65536
+#: Requests slower than this are listed with their wall-clock time, so the
+#: report can say what the server was doing meanwhile; at most MAX_SLOW.
+SLOW_S = 0.010
+MAX_SLOW = 20_000
 
 
 class _Conn:
@@ -67,6 +71,9 @@ class _Run:
         self.in_flight = 0  # requests sent and not answered (or failed) yet
         self.open_count = 0
         self.latencies = array("d")
+        #: [wall-clock start, latency, body size] of each request over SLOW_S.
+        self.slow: List[List[float]] = []
+        self._wall_offset = time.time() - time.perf_counter()
         self.measured_bytes = 0
         self.completed = 0
         self.errors: Dict[str, int] = {}
@@ -179,7 +186,11 @@ class _Run:
             if status.startswith("2"):
                 self.completed += 1
                 self.measured_bytes += conn.size
-                self.latencies.append(now - (conn.due if self.args.mode == "open" else conn.sent))
+                began = conn.due if self.args.mode == "open" else conn.sent
+                latency = now - began
+                self.latencies.append(latency)
+                if latency > SLOW_S and len(self.slow) < MAX_SLOW:
+                    self.slow.append([round(began + self._wall_offset, 6), round(latency, 6), conn.size])
             else:
                 self.error("status %s" % status)
         if close:
@@ -296,6 +307,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "mb_per_s": r.measured_bytes / args.duration / 1e6,
         "latency_s": _percentiles(lat),
         "latency_samples_s": [round(x, 7) for x in lat[::step]],
+        "slow_requests": r.slow,
         "errors": r.errors,
         "statuses": r.statuses,
         "overloaded": r.overloaded,

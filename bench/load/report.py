@@ -1,11 +1,12 @@
 """Figures of one case from its raw measurements, and the Markdown table of a run."""
 from __future__ import annotations
 
+import bisect
 import statistics
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["gc_summary", "rss_summary", "allocation_per_request", "markdown", "seed_targets",
-           "stall_summary", "heap_summary", "details"]
+           "stall_summary", "slow_summary", "heap_summary", "details"]
 
 _UNITS = {"kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "b": 1}
 
@@ -172,7 +173,10 @@ def seed_targets(cases: List[Dict[str, Any]], implementation: str, gateway_args:
                     lat["p99"] <= limit)
             else:
                 row("p99 ≤ nginx p99 + 0.5 ms", _ms(lat["p99"]) + " ms (no nginx in this run)", None)
-            row("no request over 10 ms", "max %s ms" % _ms(lat["max"]), lat["max"] <= SEED_MAX_LATENCY_S)
+            slow = c.get("slow")
+            row("no request over 10 ms", "max %s ms%s" % (
+                _ms(lat["max"]), "; %d over 10 ms" % slow["count"] if slow else ""),
+                lat["max"] <= SEED_MAX_LATENCY_S)
         else:
             row("p99 ≤ 6 ms", _ms(lat["p99"]) + " ms", lat["p99"] <= SEED_CPYTHON_P99_S)
         gc = c.get("gc") or {}
@@ -320,11 +324,68 @@ def heap_summary(probe: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     return {"memory": marks[-1].get("memory"), "census": marks[-1].get("census"), "jit": jit}
 
 
+def slow_summary(case: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """What the gateway was doing while each request over the client's
+    ``SLOW_S`` waited: the largest cause among the loop stalls (task steps of
+    1 ms or more, from ``--stalls``) and GC pauses that overlap it.
+
+    Causes: ``jit`` and ``gc`` (inside steps, or a pause of 1 ms or more
+    between them), ``preempted`` (a step's wall time beyond its thread's CPU
+    time: the machine ran something else, or the step waited for the GIL),
+    the step's own code by task group (``code:sink``...), or ``none`` when no
+    recorded stall or pause overlaps the request.
+    """
+    slow = case["load"].get("slow_requests")
+    if slow is None:
+        return None
+    # (start, end, {cause: seconds}) of every recorded stall and pause.
+    spans: List[Tuple[float, float, Dict[str, float]]] = []
+    for row in case.get("stall_log") or []:
+        t, duration, cpu_s, gc_s = row[:4]
+        jit_s = row[4] if len(row) == 7 else 0.0
+        spans.append((t - duration, t, {
+            "jit": jit_s, "gc": gc_s, "preempted": max(0.0, duration - cpu_s),
+            "code:" + _group_of(row[-2]): max(0.0, min(duration, cpu_s) - gc_s - jit_s)}))
+    in_steps = sorted((a, b) for a, b, _ in spans)
+    for t, duration, *_ in case.get("gc_pauses") or []:
+        if duration >= 0.001 and not _inside(in_steps, t - duration, t):
+            spans.append((t - duration, t, {"gc": duration}))
+    spans.sort(key=lambda span: span[0])
+    starts = [a for a, _, _ in spans]
+    longest_span = max((b - a for a, b, _ in spans), default=0.0)
+    causes: Dict[str, int] = {}
+    for began, latency, _size in slow:
+        end = began + latency
+        totals: Dict[str, float] = {}
+        for a, b, parts in spans[bisect.bisect_left(starts, began - longest_span):
+                                 bisect.bisect_left(starts, end)]:
+            overlap = min(b, end) - max(a, began)
+            if overlap <= 0:
+                continue
+            for cause, seconds in parts.items():
+                totals[cause] = totals.get(cause, 0.0) + seconds * overlap / (b - a)
+        cause = max(totals, key=lambda k: totals[k]) if totals else "none"
+        causes[cause] = causes.get(cause, 0) + 1
+    return {"count": len(slow), "longest_s": max((lat for _, lat, _ in slow), default=0.0),
+            "causes": sorted(causes.items(), key=lambda kv: -kv[1])}
+
+
+def _inside(spans: List[Tuple[float, float]], a: float, b: float) -> bool:
+    """Whether ``[a, b]`` lies within one of the sorted ``spans`` (a step holds its GC pauses)."""
+    i = bisect.bisect_right(spans, (a, float("inf")))
+    return i > 0 and spans[i - 1][1] >= b - 1e-6
+
+
 def details(cases: List[Dict[str, Any]]) -> str:
     """Stalls by task group and the memory breakdown of each Sluice case, when measured."""
     out: List[str] = []
     for c in cases:
-        stalls, heap = c.get("stalls"), c.get("heap")
+        stalls, heap, slow = c.get("stalls"), c.get("heap"), c.get("slow")
+        if slow and slow["count"] and stalls:
+            out.append("\n### %s: requests over 10 ms\n" % c["name"])
+            out.append("%d requests (longest %s ms); the largest overlapping cause of each: %s.\n" % (
+                slow["count"], _ms(slow["longest_s"]),
+                ", ".join("%s %d" % tuple(kv) for kv in slow["causes"])))
         if stalls:
             out.append("\n### %s: event-loop stalls (task steps of %.0f ms or more)\n" % (
                 c["name"], stalls["threshold_s"] * 1e3))
