@@ -163,6 +163,17 @@ def test_key_memo_overflow_stays_correct(monkeypatch):
     assert bytes(batch.body()) == botocore_request("kinesis", kinesis_params(records))["body"]
 
 
+@pytest.mark.parametrize("distinct, kept", [(2, True), (10 ** 6, False)])
+def test_the_key_memo_is_kept_for_keys_that_repeat_and_dropped_for_unique_ones(monkeypatch, distinct, kept):
+    monkeypatch.setattr(putrecords, "_KEY_MEMO_MAX", 8)
+    batch = PutRecordsBatch("logs")
+    records = [(b"d%d" % i, "key-%d" % (i % distinct), None) for i in range(40)]
+    for r in records:
+        assert add(batch, *r)
+    assert (batch._keys is not None) == kept
+    assert bytes(batch.body()) == botocore_request("kinesis", kinesis_params(records))["body"]
+
+
 # -- limits ------------------------------------------------------------------
 
 

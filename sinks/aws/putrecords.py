@@ -80,7 +80,9 @@ __all__ = [
 
 # Escaped partition keys are remembered per batch; the number of distinct
 # keys is usually the number of tenants or hosts.  Past this many the memo is
-# cleared rather than grown.
+# cleared rather than grown, or dropped for good if fewer lookups than that
+# found a key there: keys that never repeat (random keys, one per record)
+# would only make garbage that outlives the collector's young generation.
 _KEY_MEMO_MAX = 4096
 
 # json.dumps(ensure_ascii=True) writes at most 6 bytes ("\\u00e9") per UTF-16
@@ -309,7 +311,8 @@ class PutRecordsBatch(_Batch):
             tail += b', "StreamARN": ' + _json_str(stream_arn)
         self.stream_name = stream_name
         self.stream_arn = stream_arn
-        self._keys: Dict[str, Tuple[int, bytes]] = {}
+        self._keys: Optional[Dict[str, Tuple[int, bytes]]] = {}
+        self._key_hits = 0
         max_record_tail = (len(_HASH_KEY_OPEN) + EXPLICIT_HASH_KEY_MAX_DIGITS
                            + len(_KEY_OPEN) + _MAX_ESCAPED_KEY + 1)
         super().__init__(
@@ -322,13 +325,19 @@ class PutRecordsBatch(_Batch):
         )
 
     def _closing(self, partition_key: str, explicit_hash_key: Optional[str]) -> Tuple[int, bytes]:
-        memo = self._keys.get(partition_key)
+        keys = self._keys
+        memo = keys.get(partition_key) if keys is not None else None
         if memo is None:
             key_size, literal = _partition_key(partition_key)
             memo = (key_size, _KEY_OPEN + literal + b"}")
-            if len(self._keys) >= _KEY_MEMO_MAX:
-                self._keys.clear()
-            self._keys[partition_key] = memo
+            if keys is not None:
+                if len(keys) >= _KEY_MEMO_MAX:
+                    keys = self._keys = {} if self._key_hits >= _KEY_MEMO_MAX else None
+                    self._key_hits = 0
+                if keys is not None:
+                    keys[partition_key] = memo
+        else:
+            self._key_hits += 1
         if explicit_hash_key is None:
             return memo
         # The memo's closing starts with _KEY_OPEN; the hash key goes before it.
