@@ -302,3 +302,35 @@ def test_census_counts_a_proxy_whose_referent_died() -> None:
         proxy.__class__  # noqa: B018 - what the census must not do
     census = heap.census()
     assert census["weakrefs"] >= 1
+
+
+class _Waiting:
+    def __await__(self):
+        yield
+
+
+async def _parked_wait() -> None:
+    await _Waiting()
+
+
+class _Survivor:
+    pass
+
+
+def test_young_census_lists_what_was_born_since_the_snapshot_and_lives() -> None:
+    from bench.load import heap
+
+    before = heap.snapshot()
+    kept = [_Survivor() for _ in range(300)]
+    parked = [_parked_wait() for _ in range(40)]
+    for coroutine in parked:
+        coroutine.send(None)  # suspended in its await, like a waiting task
+    young = heap.young(before)
+    types = dict(young["top_types"])
+    assert types[__name__ + "._Survivor"] == len(kept)
+    assert dict(young["top_code"])["coroutine tests/test_load_harness.py:_parked_wait"] == len(parked)
+    assert young["new"] >= len(kept) + len(parked)
+    for coroutine in parked:
+        coroutine.close()
+    text = report.details([{"name": "case", "stalls": None, "heap": None, "young": dict(young, span_s=0.5)}])
+    assert "objects born in 0.5 s and still alive" in text and "_Survivor 300" in text

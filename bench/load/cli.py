@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stalls", action="store_true",
                    help="time every event-loop task step and report the stalls (steps of 1 ms or more) "
                         "by task, with the GC time inside them (costs two clock reads per step)")
+    p.add_argument("--young-census", action="store_true",
+                   help="halfway through the window, list the gateway's objects born in half a second "
+                        "and still alive: what its young collections keep (holds the loop twice for "
+                        "a moment, so that run's latency is not representative)")
     p.add_argument("--vmprof", action="store_true",
                    help="sample the gateway's measured window with vmprof (must be importable by the "
                         "gateway's interpreter) into NAME.vmprof in the results directory")
@@ -125,6 +129,11 @@ def _run_case(args: argparse.Namespace, server: servers.Child, mode: str, mix: s
                 t0, c0 = time.time(), cpu_seconds(pids)
                 if gateway:
                     server.signal(signal.SIGUSR1)
+                if gateway and args.young_census:
+                    _sleep_until(start + warmup + args.duration / 2)
+                    server.signal(signal.SIGUSR2)
+                    time.sleep(YOUNG_CENSUS_SPAN)
+                    server.signal(signal.SIGUSR2)
                 _sleep_until(start + warmup + args.duration)
                 t1, c1 = time.time(), cpu_seconds(pids)
                 if gateway:
@@ -157,6 +166,9 @@ def _start(name: str, workers: int, python: str, args: argparse.Namespace, case_
     return servers.start_peer(name, case_dir, args.cache)
 
 
+#: Seconds between the two signals of ``--young-census``: a few of PyPy's
+#: young collections at the design load (one about every 70 ms).
+YOUNG_CENSUS_SPAN = 0.5
 #: What ``--profile seed`` sets, unless the flag is given too.  The warm-up
 #: outlasts ``--jit-settle``'s 20,000 requests (40 s at 500/s): the window
 #: measures the settled gateway, not PyPy compiling its hot paths.
@@ -278,6 +290,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                             "stall_log": [s for s in ((probe or {}).get("stalls") or {}).get("stalls", [])
                                           if window[0] <= s[0] < window[1]][:50_000],
                             "heap": report.heap_summary(probe),
+                            "young": (probe or {}).get("young"),
                             "gc_pauses": [p for p in (probe or {}).get("pauses", [])
                                           if window[0] <= p[0] < window[1]][:200_000]}
                     case["slow"] = report.slow_summary(case)

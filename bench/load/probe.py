@@ -5,7 +5,9 @@ its wall-clock time, and on exit writes one JSON document to the path in
 ``SLUICE_BENCH_PROBE``: the pauses, ``Gateway.statistics()``, and the marks
 taken on SIGUSR1 (the harness sends one when its measured window starts,
 one when it ends, and a third once the client has finished, for the
-census).  With ``SLUICE_BENCH_TRACEMALLOC=1`` on CPython, ``tracemalloc``
+census).  Two SIGUSR2 a moment apart take a census of the objects born
+between them and still alive (:func:`bench.load.heap.young`).  With
+``SLUICE_BENCH_TRACEMALLOC=1`` on CPython, ``tracemalloc``
 runs too and each mark carries the traced memory.  Each mark carries the
 interpreter's memory accounting, and the last one a heap census
 (:mod:`bench.load.heap`) of the steady state.  With
@@ -69,6 +71,10 @@ class _Probe:
         #: Seconds in the collector so far (for the stall instrument).
         self.gc_seconds = 0.0
         self.stalls: Any = None
+        self._before: Any = None
+        self._before_at = 0.0
+        #: What a young collection would have kept, from two SIGUSR2 (heap.young).
+        self.young: Any = None
 
     def gc_total(self) -> float:
         return self.gc_seconds
@@ -96,6 +102,14 @@ class _Probe:
         kind = _STEP_END_MARK if (getattr(stats, "oldstate", None) == _MARKING
                                   and getattr(stats, "newstate", None) == _SWEEPING) else _STEP
         self.add(time.time(), stats.duration, kind, stats.count, stats.duration_max)
+
+    def young_census(self, *_: Any) -> None:
+        if self._before is None:
+            self._before = heap.snapshot()
+            self._before_at = time.time()
+        else:
+            self.young, self._before = heap.young(self._before), None
+            self.young["span_s"] = time.time() - self._before_at
 
     def mark(self, *_: Any) -> None:
         if len(self.marks) >= 2:
@@ -138,6 +152,7 @@ class _Probe:
             "marks": self.marks,
             "statistics": None,
             "stalls": None if self.stalls is None else self.stalls.document(),
+            "young": self.young,
         }
         if self.gateway is not None:
             try:
@@ -159,6 +174,7 @@ def _install(probe: _Probe) -> None:
 
             tracemalloc.start(1)
     signal.signal(signal.SIGUSR1, probe.mark)
+    signal.signal(signal.SIGUSR2, probe.young_census)
 
 
 _profile_file: Any = None

@@ -412,6 +412,14 @@ def details(cases: List[Dict[str, Any]]) -> str:
             for name, g in (stalls.get("compiled") or {}).items():
                 out.append("\nJIT compiled in %s steps: %d loops, %d bridges; traces starting in %s." % (
                     name, g["loops"], g["bridges"], ", ".join("%s ×%d" % tuple(kv) for kv in g["starts"])))
+        young = c.get("young")
+        if young:
+            out.append("\n### %s: objects born in %.1f s and still alive (what young collections keep)\n" % (
+                c["name"], young.get("span_s", 0.5)))
+            out.append("%d of %d objects. By type: %s.\n" % (young["new"], young["objects"], ", ".join(
+                "%s %d" % tuple(kv) for kv in young["top_types"])))
+            out.append("Coroutines, generators and frames by code: %s.\n" % (", ".join(
+                "%s %d" % tuple(kv) for kv in young["top_code"]) or "none"))
         if heap and heap.get("memory"):
             memory = heap["memory"]
             out.append("\n### %s: memory at the window's end\n" % c["name"])
