@@ -327,22 +327,28 @@ class PutRecordsBatch(_Batch):
     def _closing(self, partition_key: str, explicit_hash_key: Optional[str]) -> Tuple[int, bytes]:
         keys = self._keys
         memo = keys.get(partition_key) if keys is not None else None
-        if memo is None:
+        if memo is not None:
+            self._key_hits += 1
+        else:
             key_size, literal = _partition_key(partition_key)
             memo = (key_size, _KEY_OPEN + literal + b"}")
             if keys is not None:
-                if len(keys) >= _KEY_MEMO_MAX:
-                    keys = self._keys = {} if self._key_hits >= _KEY_MEMO_MAX else None
-                    self._key_hits = 0
-                if keys is not None:
-                    keys[partition_key] = memo
-        else:
-            self._key_hits += 1
+                self._remember(keys, partition_key, memo)
         if explicit_hash_key is None:
             return memo
         # The memo's closing starts with _KEY_OPEN; the hash key goes before it.
         closing = _HASH_KEY_OPEN + _hash_key(explicit_hash_key) + memo[1]
         return memo[0], closing
+
+    def _remember(self, keys: Dict[str, Tuple[int, bytes]], partition_key: str,
+                  memo: Tuple[int, bytes]) -> None:
+        if len(keys) >= _KEY_MEMO_MAX:
+            if self._key_hits < _KEY_MEMO_MAX:
+                self._keys = None  # the keys seldom repeat: memoize no more
+                return
+            keys.clear()
+            self._key_hits = 0
+        keys[partition_key] = memo
 
     def add_from(self, source: Source, start: int, stop: int, partition_key: str,
                  explicit_hash_key: Optional[str] = None) -> bool:
