@@ -64,6 +64,11 @@ class JitPause(trio.abc.Instrument):
         self._installed = False
         self._retiring = False
 
+    @property
+    def installed(self) -> bool:
+        """Whether it is in the Trio loop (from `install` until the process settles)."""
+        return self._installed
+
     def before_task_step(self, task: Any) -> None:
         if task in self._tasks:
             self._pause()

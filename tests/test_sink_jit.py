@@ -162,9 +162,9 @@ async def test_settling_raises_the_thresholds_and_takes_the_pause_out_of_the_loo
             await trio.lowlevel.checkpoint()
             assert params.now == settled
         assert pause.paused_steps == steps
-        assert not pause._installed
+        assert not pause.installed
     finally:
-        if pause._installed:
+        if pause.installed:
             trio.lowlevel.remove_instrument(pause)
 
 
@@ -172,7 +172,7 @@ async def test_settling_with_no_paused_block_takes_the_pause_out_at_once():
     params = Params()
     pause = jit.install(params.set_param)
     assert jit.settle()
-    assert not pause._installed
+    assert not pause.installed
     steps = pause.paused_steps
     with jit.paused():
         await trio.lowlevel.checkpoint()
@@ -209,8 +209,8 @@ async def test_a_serving_process_settles_once_enough_requests_were_accepted(auto
             gateway.accepted = 100
             await trio.sleep(serve.JIT_SETTLE_POLL * 1.5)  # the task looks once in between
             assert params.now["trace_eagerness"] == jit.PYPY_DEFAULTS["trace_eagerness"] * jit.SETTLED_SCALE
-        assert not pause._installed  # settling took it out of the loop
+        assert not pause.installed  # settling took it out of the loop
     finally:
-        if pause._installed:
+        if pause.installed:
             trio.lowlevel.remove_instrument(pause)
     assert not serve.settle_jit(settings.load({"jit_settle": "0"}, {}), gateway, nursery)
