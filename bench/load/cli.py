@@ -286,7 +286,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                             "allocation": report.allocation_per_request(probe, window),
                             "gateway_statistics": probe.get("statistics") if probe else None,
                             "stalls": report.stall_summary(probe, window),
-                            "slow": None,
                             "stall_log": [s for s in ((probe or {}).get("stalls") or {}).get("stalls", [])
                                           if window[0] <= s[0] < window[1]][:50_000],
                             "heap": report.heap_summary(probe),

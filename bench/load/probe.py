@@ -7,12 +7,11 @@ taken on SIGUSR1 (the harness sends one when its measured window starts,
 one when it ends, and a third once the client has finished, for the
 census).  Two SIGUSR2 a moment apart take a census of the objects born
 between them and still alive (:func:`bench.load.heap.young`).  With
-``SLUICE_BENCH_TRACEMALLOC=1`` on CPython, ``tracemalloc``
-runs too and each mark carries the traced memory.  Each mark carries the
-interpreter's memory accounting, and the last one a heap census
-(:mod:`bench.load.heap`) of the steady state.  With
-``SLUICE_BENCH_STALLS=1`` a Trio instrument times every task step and the
-document lists the loop stalls (:mod:`bench.load.stalls`).  With
+``SLUICE_BENCH_TRACEMALLOC=1`` on CPython, ``tracemalloc`` runs too and each
+mark carries the traced memory.  Each mark carries the interpreter's memory
+accounting, and the last one a heap census (:mod:`bench.load.heap`) of the
+steady state.  With ``SLUICE_BENCH_STALLS=1`` a Trio instrument times every
+task step and the document lists the loop stalls (:mod:`bench.load.stalls`).  With
 ``SLUICE_BENCH_VMPROF=PATH``, vmprof samples the measured window (from the
 first signal to the second) into ``PATH``.
 
@@ -75,6 +74,7 @@ class _Probe:
         self._before_at = 0.0
         #: What a young collection would have kept, from two SIGUSR2 (heap.young).
         self.young: Any = None
+        self._profile_file: Any = None
 
     def gc_total(self) -> float:
         return self.gc_seconds
@@ -103,6 +103,22 @@ class _Probe:
                                   and getattr(stats, "newstate", None) == _SWEEPING) else _STEP
         self.add(time.time(), stats.duration, kind, stats.count, stats.duration_max)
 
+    def _profile(self, marks: int) -> None:
+        """With ``SLUICE_BENCH_VMPROF`` set, vmprof samples from the first mark to the second."""
+        path = os.environ.get(VMPROF_ENV)
+        if not path:
+            return
+        import vmprof
+
+        if marks == 0:
+            self._profile_file = open(path, "w+b")
+            # The kernel's timer may sample less often than asked (every 4 ms here).
+            vmprof.enable(self._profile_file.fileno(), period=0.001, real_time=False)
+        elif self._profile_file is not None:
+            vmprof.disable()
+            self._profile_file.close()
+            self._profile_file = None
+
     def young_census(self, *_: Any) -> None:
         if self._before is None:
             self._before = heap.snapshot()
@@ -118,7 +134,7 @@ class _Probe:
             # end delayed its last requests.
             self.marks[-1]["census"] = heap.census()
             return
-        _profile(len(self.marks))
+        self._profile(len(self.marks))
         mark: Dict[str, Any] = {"time": time.time(), "pauses": len(self.log) // 5}
         if self.gateway is not None:
             mark["requests"] = self.gateway.requests
@@ -175,26 +191,6 @@ def _install(probe: _Probe) -> None:
             tracemalloc.start(1)
     signal.signal(signal.SIGUSR1, probe.mark)
     signal.signal(signal.SIGUSR2, probe.young_census)
-
-
-_profile_file: Any = None
-
-
-def _profile(marks: int) -> None:
-    """With ``SLUICE_BENCH_VMPROF`` set, sample the window with vmprof into that path."""
-    global _profile_file
-    path = os.environ.get(VMPROF_ENV)
-    if not path:
-        return
-    import vmprof
-
-    if marks == 0:
-        _profile_file = open(path, "w+b")
-        vmprof.enable(_profile_file.fileno(), period=0.0005, real_time=False)
-    elif _profile_file is not None:
-        vmprof.disable()
-        _profile_file.close()
-        _profile_file = None
 
 
 def _uninstall(probe: _Probe) -> None:
