@@ -71,6 +71,8 @@ class _Run:
         self.in_flight = 0  # requests sent and not answered (or failed) yet
         self.open_count = 0
         self.latencies = array("d")
+        #: The same latencies by body size, so a tail can be told from large bodies' cost.
+        self.by_size: Dict[int, Any] = {s: array("d") for s in set(self.sizes)}
         #: [wall-clock start, latency, body size] of each request over SLOW_S.
         self.slow: List[List[float]] = []
         self._wall_offset = time.time() - time.perf_counter()
@@ -189,6 +191,7 @@ class _Run:
                 began = conn.due if self.args.mode == "open" else conn.sent
                 latency = now - began
                 self.latencies.append(latency)
+                self.by_size[conn.size].append(latency)
                 if latency > SLOW_S and len(self.slow) < MAX_SLOW:
                     self.slow.append([round(began + self._wall_offset, 6), round(latency, 6), conn.size])
             else:
@@ -307,6 +310,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "mb_per_s": r.measured_bytes / args.duration / 1e6,
         "latency_s": _percentiles(lat),
         "latency_samples_s": [round(x, 7) for x in lat[::step]],
+        "latency_by_size_s": {str(size): dict(_percentiles(sorted(values)), count=len(values))
+                              for size, values in sorted(r.by_size.items()) if values},
         "slow_requests": r.slow,
         "errors": r.errors,
         "statuses": r.statuses,

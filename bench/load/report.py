@@ -86,6 +86,10 @@ def _ms(x: Optional[float]) -> str:
     return "–" if x is None else ("%.2f" % (x * 1e3) if x < 0.1 else "%.0f" % (x * 1e3))
 
 
+def _size_name(size: int) -> str:
+    return "%d KiB" % (size // 1024) if size % 1024 == 0 else "%d KB" % (size // 1000)
+
+
 def _mb(x: Optional[float]) -> str:
     return "–" if x is None else "%.0f" % (x / 1e6)
 
@@ -379,6 +383,20 @@ def _inside(spans: List[Tuple[float, float]], a: float, b: float) -> bool:
 def details(cases: List[Dict[str, Any]]) -> str:
     """Stalls by task group and the memory breakdown of each Sluice case, when measured."""
     out: List[str] = []
+    sized = [c for c in cases if (c.get("load") or {}).get("latency_by_size_s")]
+    if sized:
+        sizes = sorted({int(s) for c in sized for s in c["load"]["latency_by_size_s"]})
+        out.append("\n### Latency by body size (p50 / p99 / max ms)\n")
+        out.append("| server | " + " | ".join("%s (%d)" % (
+            _size_name(s), sized[0]["load"]["latency_by_size_s"].get(str(s), {}).get("count", 0))
+            for s in sizes) + " |")
+        out.append("|---|" + "---|" * len(sizes))
+        for c in sized:
+            by_size = c["load"]["latency_by_size_s"]
+            out.append("| %s | " % c["name"] + " | ".join(
+                "%s / %s / %s" % (_ms(by_size[str(s)]["p50"]), _ms(by_size[str(s)]["p99"]),
+                                  _ms(by_size[str(s)]["max"])) if str(s) in by_size else "–"
+                for s in sizes) + " |")
     for c in cases:
         stalls, heap, slow = c.get("stalls"), c.get("heap"), c.get("slow")
         if slow and slow["count"] and stalls:
@@ -448,4 +466,7 @@ def details(cases: List[Dict[str, Any]]) -> str:
                 if census.get("top_cdata"):
                     out.append("\ncffi objects: " + ", ".join(
                         "%s %d" % tuple(kv) for kv in census["top_cdata"]))
+                if census.get("top_packages"):
+                    out.append("\nModules imported, by package: " + ", ".join(
+                        "%s %d" % tuple(kv) for kv in census["top_packages"]))
     return "\n".join(out) + ("\n" if out else "")
