@@ -115,7 +115,16 @@ def census() -> Dict[str, Any]:
     return {"objects": len(objects), "weakrefs": weakrefs,
             "finalized": sum(finalized.values()), "weakly_referenced": sum(weakly.values()),
             "top_types": _top(by_type), "top_finalized": _top(finalized),
-            "top_weakly_referenced": _top(weakly), "top_cdata": _top(cdata)}
+            "top_weakly_referenced": _top(weakly), "top_cdata": _top(cdata),
+            "top_packages": _top(_modules_by_package())}
+
+
+def _modules_by_package() -> collections.Counter:
+    """Imported modules by top-level package: what their code and names keep alive."""
+    packages: collections.Counter = collections.Counter()
+    for name in list(sys.modules):
+        packages[name.partition(".")[0]] += 1
+    return packages
 
 
 def snapshot() -> Set[int]:
