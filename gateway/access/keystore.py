@@ -37,10 +37,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from gateway.access.lease import LEASE_SCRIPT
 from gateway.access.limiter import (
     API_KEY_PREFIX,
@@ -120,6 +116,10 @@ def connect(url: str = DEFAULT_REDIS_URL, *, cluster: bool = False,
     gateway keeps it 0 and does its own backoff.  A cluster client contacts
     the cluster here to learn the slot map, so this blocks and may raise.
     """
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     url, cluster = split_redis_url(url, cluster)
     options: Dict[str, Any] = {
         "socket_timeout": socket_timeout,
@@ -334,9 +334,22 @@ class EdgeUnavailable(Exception):
     """Redis could not be reached or did not answer (translated once, here)."""
 
 
-_EDGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                redis.exceptions.ClusterError, redis.exceptions.RedisClusterException,
-                redis.exceptions.BusyLoadingError, OSError)
+def _exceptions() -> Any:
+    """redis-py's exceptions, imported only where a redis-py client is used.
+
+    The serving process reaches Redis through its own client
+    (`gateway.access.redis_trio`) and never imports redis-py.
+    """
+    import redis.exceptions
+
+    return redis.exceptions
+
+
+def _edge_errors() -> Tuple[type, ...]:
+    """The redis-py exceptions that mean Redis could not be reached or answer."""
+    e = _exceptions()
+    return (e.ConnectionError, e.TimeoutError, e.ClusterError, e.RedisClusterException,
+            e.BusyLoadingError, OSError)
 
 
 def edge_failure(exc: BaseException) -> str:
@@ -398,9 +411,9 @@ class RedisEdge:
             client.ping()
             client.script_load(CHECK_SCRIPT)
             client.script_load(LEASE_SCRIPT)
-        except _EDGE_ERRORS as exc:
+        except _edge_errors() as exc:
             raise EdgeUnavailable(edge_failure(exc)) from exc
-        except redis.exceptions.ResponseError as exc:
+        except _exceptions().ResponseError as exc:
             # Redis answered but refused (an ACL without EVALSHA, a missing
             # database): the reply says why and holds no secret.
             raise EdgeUnavailable("%s: %s" % (type(exc).__name__, exc)) from exc
@@ -416,12 +429,13 @@ class RedisEdge:
                          for command in usage_commands(delta, ttl)]
         skip = len(commands)
         commands += [(call.keys[0], check_command(call)) for call in calls]
+        exceptions, edge_errors = _exceptions(), _edge_errors()
         try:
             client = self._get_client()
             results, pipelines = self._send(client, commands)
             loads = 0
             missing = [i for i in range(skip, len(commands))
-                       if isinstance(results[i], redis.exceptions.NoScriptError)]
+                       if isinstance(results[i], exceptions.NoScriptError)]
             if missing:
                 client.script_load(CHECK_SCRIPT)
                 client.script_load(LEASE_SCRIPT)
@@ -430,13 +444,13 @@ class RedisEdge:
                     results[i] = reply
                 pipelines += more
                 loads = 1
-            if self._cluster and any(isinstance(r, redis.exceptions.AskError) for r in results):
+            if self._cluster and any(isinstance(r, exceptions.AskError) for r in results):
                 client.nodes_manager.initialize()
-        except _EDGE_ERRORS as exc:
+        except edge_errors as exc:
             raise EdgeUnavailable(edge_failure(exc)) from exc
         for reply in results:
             # A node still loading its data or a cluster without quorum.
-            if isinstance(reply, _EDGE_ERRORS):
+            if isinstance(reply, edge_errors):
                 raise EdgeUnavailable(type(reply).__name__) from reply
         return results[skip:], pipelines, loads
 
@@ -454,6 +468,7 @@ class RedisEdge:
             groups[""] = (client, list(range(len(commands))))
         results: List[object] = [None] * len(commands)
         taken: List[Tuple[Any, Any]] = []
+        response_error = _exceptions().ResponseError
         try:
             for node_client, indexes in groups.values():
                 pool = node_client.connection_pool
@@ -464,7 +479,7 @@ class RedisEdge:
                 for i in indexes:
                     try:
                         results[i] = conn.read_response()
-                    except redis.exceptions.ResponseError as exc:
+                    except response_error as exc:
                         results[i] = exc
         except BaseException:
             # Replies may be left unread: such a connection cannot be reused.

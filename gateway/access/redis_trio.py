@@ -26,13 +26,13 @@ import ssl
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import trio
-from redis.connection import parse_url
 
 from gateway.access.keystore import EdgeUnavailable, edge_failure
 from gateway.access.lease import LEASE_SCRIPT
 from gateway.access.limiter import CHECK_SCRIPT, ScriptCall, UsageDelta, check_command, usage_commands
 from gateway.access.resp import NEED_DATA, ProtocolError, ReplyError, ReplyReader, pack_command
 from gateway.config.secrets import URL_PARSE_ERROR
+from gateway.config.urls import redis_url_options
 
 __all__ = ["AsyncRedisEdge", "MAX_IDLE_CONNECTIONS", "RECEIVE_BYTES"]
 
@@ -82,7 +82,7 @@ class AsyncRedisEdge:
 
     def __init__(self, url: str, *, socket_timeout: float = 1.0) -> None:
         try:
-            self._options: Dict[str, Any] = parse_url(url)
+            self._options: Dict[str, Any] = redis_url_options(url)
         except ValueError:
             raise ValueError(URL_PARSE_ERROR) from None
         self._timeout = socket_timeout
@@ -189,8 +189,7 @@ class AsyncRedisEdge:
             tcp = await trio.open_tcp_stream(host, int(options.get("port", 6379)))
             socket = tcp.socket
             stream = tcp
-            if options.get("connection_class") is not None and \
-                    options["connection_class"].__name__ == "SSLConnection":
+            if options.get("tls"):
                 tls = trio.SSLStream(tcp, self._ssl_context(), server_hostname=host)
                 try:
                     await tls.do_handshake()

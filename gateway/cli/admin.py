@@ -27,8 +27,6 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import redis
-
 from gateway.access import keystore
 from gateway.access.limiter import TenantLimits, valid_tenant
 from gateway.config.secrets import has_password
@@ -276,6 +274,10 @@ def build_parser(prog: str = "sluice") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed admin command, turning Redis failures into a message."""
+    # Here, not at the top: `sluice serve` shares this module's parser and
+    # never uses redis-py.
+    import redis
+
     if has_password(args.redis) and args.redis != os.environ.get(REDIS_URL_ENV):
         print("warning: the Redis password given with --redis is visible to other local users "
               "(ps, shell history): give the URL in $%s instead" % REDIS_URL_ENV, file=sys.stderr)
