@@ -95,22 +95,31 @@ class SlotStateError(RingError):
 class Slot:
     """A reserved region of the ring.
 
-    ``view`` is the writable memoryview of the whole reservation; after
-    :meth:`RingBuffer.commit` it is narrowed to the bytes that landed.
-    ``offset`` is the region's start in the ring's buffer.
+    ``view`` is a writable memoryview of the whole reservation; after
+    :meth:`RingBuffer.commit`, of the bytes that landed; once released,
+    empty.  ``offset`` is the region's start in the ring's buffer.
     """
 
-    __slots__ = ("offset", "size", "view", "state", "_ring", "_span")
+    __slots__ = ("offset", "size", "state", "_ring", "_span")
 
-    def __init__(self, ring: RingBuffer, offset: int, size: int, view: memoryview) -> None:
+    def __init__(self, ring: RingBuffer, offset: int, size: int) -> None:
         self._ring = ring
         self.offset = offset
         self.size = size
         # Bytes of the buffer this slot keeps from reuse; can exceed ``size``
         # after a commit that could not give the tail back.
         self._span = size
-        self.view = view
         self.state = RESERVED
+
+    @property
+    def view(self) -> memoryview:
+        # Made on each use rather than kept: a slot lives as long as its
+        # record waits for the sink, and on PyPy a kept view was two more
+        # objects per record that young collections moved to the old
+        # generation.  Its users take it once or twice.
+        if self.state is RELEASED:
+            return self._ring._empty
+        return self._ring._view[self.offset:self.offset + self.size]
 
     def __repr__(self) -> str:
         return "<Slot %s offset=%d size=%d>" % (self.state, self.offset, self.size)
@@ -180,7 +189,7 @@ class RingBuffer:
             skipped = self.capacity - self._head
             newest._span += skipped
             self._used += skipped
-        slot = Slot(self, offset, size, self._view[offset:offset + size])
+        slot = Slot(self, offset, size)
         self._slots.append(slot)
         self._head = offset + size
         self._used += size
@@ -203,7 +212,6 @@ class RingBuffer:
             self._used -= unused
             slot._span = nbytes
         slot.size = nbytes
-        slot.view = slot.view[:nbytes]
         return slot.view
 
     def hand_off(self, slot: Slot) -> None:
@@ -214,7 +222,6 @@ class RingBuffer:
         """Give the slot's space back; reused once all older slots are released."""
         self._move(slot, "release")
         self._live -= 1
-        slot.view = self._empty
         slots = self._slots
         while slots and slots[0].state is RELEASED:
             self._used -= slots.popleft()._span

@@ -132,7 +132,8 @@ def test_views_are_the_rings_memory():
     slot.view[:] = b"0123456789"
     assert ring.buffer[slot.offset:slot.offset + 10] == b"0123456789"
     narrowed = ring.commit(slot, 4)
-    assert narrowed.obj is ring.buffer and narrowed is slot.view
+    assert narrowed.obj is ring.buffer and slot.view.obj is ring.buffer
+    assert len(narrowed) == len(slot.view) == 4
     assert bytes(narrowed) == b"0123"
     narrowed[0:1] = b"X"
     assert ring.buffer[slot.offset:slot.offset + 1] == b"X"
