@@ -118,17 +118,21 @@ class Entry:
     when stored, ``error`` when given up (or the last failure while retrying).
     """
 
-    __slots__ = ("record", "partition_key", "hash_key", "size", "seq", "policy",
+    __slots__ = ("record", "partition_key", "hash_key", "size", "seq", "policy", "started",
                  "due", "state", "result", "error", "waiter", "call")
 
     def __init__(self, record: Any, partition_key: Optional[str], hash_key: Optional[str],
-                 size: int, seq: int, policy: RetryPolicy, due: float, waiter: Any) -> None:
+                 size: int, seq: int, policy: RetryPolicy, due: float, waiter: Any,
+                 started: float) -> None:
         self.record = record
         self.partition_key = partition_key
         self.hash_key = hash_key
         self.size = size
         self.seq = seq
+        #: The sink's policy until the first retry starts the entry's own.
         self.policy = policy
+        #: When the entry was queued: its retry deadline runs from here.
+        self.started = started
         self.due = due
         self.state = QUEUED
         self.result: Optional[RecordResult] = None
@@ -136,6 +140,12 @@ class Entry:
         self.waiter = waiter
         #: The driver's handle of the call the entry is in, while it is being encoded.
         self.call: Any = None
+
+    @property
+    def deadline_at(self) -> Optional[float]:
+        """When the entry is given up if not stored by then (None: never)."""
+        deadline = self.policy.deadline
+        return None if deadline is None else self.started + deadline
 
     @property
     def live(self) -> bool:
@@ -211,9 +221,12 @@ class Delivery:
         if self.held >= self.max_entries:
             raise QueueFull("the sink holds %d records, its limit" % self.held)
         self._seq += 1
+        # The sink's policy is shared until a retry: a policy of its own per
+        # record was one more object per record for PyPy's young
+        # collections to move while the record waited for its batch.
         entry = Entry(record, partition_key, hash_key, size, self._seq,
-                      self.policy.start(now), now + self.linger, waiter)
-        deadline = entry.policy.deadline_at
+                      self.policy, now + self.linger, waiter, now)
+        deadline = entry.deadline_at
         if deadline is not None and deadline < self._expiry_hint:
             self._expiry_hint = deadline
         was_empty = self._queued == 0
@@ -430,7 +443,10 @@ class Delivery:
             if settled.permanent is None:
                 settled.permanent = error
             return
-        decision = entry.policy.decide(now, rand, throttled=throttled)
+        policy = entry.policy
+        if policy is self.policy:
+            policy = policy.start(entry.started)
+        decision = policy.decide(now, rand, throttled=throttled)
         if isinstance(decision, GiveUp):
             entry.error = _deadline_error(error, decision.attempts)
             self._give_up(entry)
@@ -440,7 +456,7 @@ class Delivery:
         entry.policy = decision.policy
         self._move(entry, "retry")
         heapq.heappush(self._backoff, (decision.at, entry.seq, entry))
-        deadline = entry.policy.deadline_at
+        deadline = entry.deadline_at
         if deadline is not None and deadline < self._expiry_hint:
             self._expiry_hint = deadline
         self.retries += 1
@@ -485,7 +501,7 @@ def _by_seq(entry: Entry) -> int:
 
 def _sort_expired(entry: Entry, now: float, expired: List[Entry], earliest: float) -> float:
     """Collect ``entry`` if its deadline passed; else the earlier of its deadline and ``earliest``."""
-    deadline = entry.policy.deadline_at
+    deadline = entry.deadline_at
     if deadline is None:
         return earliest
     if now >= deadline:
