@@ -129,6 +129,26 @@ def test_deadline_gives_up_instead_of_retrying_past_it():
     assert "ThrottlingException" in str(entry.error) and d.held == 0
 
 
+def test_each_entry_keeps_its_own_deadline_and_backoff_across_retries():
+    d = delivery(deadline=1.0)
+    d.add("early", "k", None, 10, now=0.0)
+    d.add("late", "k", None, 10, now=0.5)
+    sent, _ = take_all(d)
+    first = d.fail(sent, TransientError("InternalFailure", status=500), now=0.6, rand=1.0)
+    assert [e.record for e in first.retried] == ["early", "late"]
+    assert first.resume_at == pytest.approx(0.7)  # the first backoff: base 0.1
+    d.wake(0.7)
+    again, _ = take_all(d)
+    assert [e.record for e in again] == ["early", "late"]
+    # The second backoff doubles to 0.2: "early" would be retried at 1.1,
+    # past its deadline (queued at 0.0); "late" was queued at 0.5.
+    second = d.fail(again, TransientError("InternalFailure", status=500), now=0.9, rand=1.0)
+    assert [e.record for e in second.given_up] == ["early"]
+    assert [e.record for e in second.retried] == ["late"]
+    assert second.resume_at == pytest.approx(1.1)
+    assert d.expire(1.4) == [] and [e.record for e in d.expire(1.5)] == ["late"]
+
+
 def test_expire_gives_up_queued_and_waiting_entries_past_their_deadline():
     d = delivery(deadline=1.0)
     d.add("waits", "k", None, 10, now=0.0)
