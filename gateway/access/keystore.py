@@ -35,7 +35,7 @@ import secrets
 import ssl
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 from gateway.access.lease import LEASE_SCRIPT
 from gateway.access.limiter import (
@@ -345,7 +345,7 @@ def _exceptions() -> Any:
     return redis.exceptions
 
 
-def _edge_errors() -> Tuple[type, ...]:
+def _edge_errors() -> Tuple[Type[BaseException], ...]:
     """The redis-py exceptions that mean Redis could not be reached or answer."""
     e = _exceptions()
     return (e.ConnectionError, e.TimeoutError, e.ClusterError, e.RedisClusterException,
