@@ -6,12 +6,24 @@ from phase to phase (first byte, idle, head, body, answer) and, while a body
 arrives, with each received byte (``--min-body-rate``).  :func:`closer` is
 how the registry closes a waiting connection it evicts: cancel its wait and
 close its socket at once, so the descriptor is free for the newcomer.
+
+While the gateway serves, the deadlines are kept on a :class:`TimerWheel`
+(buckets of :data:`TICK` seconds) that one task, :meth:`Timeouts.run`,
+checks, rather than on the cancel scope: Trio's deadline heap takes a new
+entry (a tuple and two boxed numbers) each time a deadline moves, and a
+connection's moves three times a request; the entries lived until the heap
+was pruned, so on PyPy young collections moved thousands a second to the
+old generation.  Moving a deadline on the wheel appends the connection's
+`Deadline` to a bucket's list, and allocates nothing.  A deadline passes at
+most one tick late and never early.  A `Deadline` made without a running
+`Timeouts` sets its scope's deadline, as before.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 import trio
 
@@ -19,7 +31,123 @@ from gateway.http.capacity import body_deadline
 from gateway.http.connection import RequestHead
 from gateway.http.transport import Transport
 
-__all__ = ["Deadline", "closer"]
+__all__ = ["Deadline", "TimerWheel", "Timeouts", "TICK", "closer"]
+
+#: Width of a timer wheel bucket, in seconds: how late a deadline may pass.
+TICK = 0.1
+#: Stale entries the wheel keeps before sweeping them out, beyond twice the
+#: live deadlines (as Trio's deadline heap does).
+PRUNE_SLACK = 1000
+
+
+class TimerWheel:
+    """Deadlines in buckets of ``tick`` seconds (sans I/O: the caller tells the time).
+
+    An entry is any object with ``at`` (its deadline, inf for none) and
+    ``bucket`` (where the wheel filed it, None if nowhere) attributes, which
+    the wheel owns.  Moving an entry files it in its new bucket and leaves a
+    stale reference in the old one, skipped when that bucket comes due.
+    """
+
+    def __init__(self, tick: float = TICK) -> None:
+        self.tick = tick
+        self._buckets: Dict[int, List[object]] = {}
+        #: Bucket numbers, earliest first.
+        self._order: List[int] = []
+        self._entries = 0
+        #: Entries filed in some bucket (each counted once).
+        self.live = 0
+
+    def file(self, entry, at: float) -> bool:
+        """Set ``entry``'s deadline; whether it is now the earliest bucket's."""
+        entry.at = at
+        if at == math.inf:
+            if entry.bucket is not None:
+                entry.bucket = None
+                self.live -= 1
+            return False
+        number = int(at / self.tick) + 1
+        if number == entry.bucket:
+            return False
+        if entry.bucket is None:
+            self.live += 1
+        entry.bucket = number
+        bucket = self._buckets.get(number)
+        earliest = False
+        if bucket is None:
+            bucket = self._buckets[number] = []
+            earliest = not self._order or number < self._order[0]
+            heapq.heappush(self._order, number)
+        bucket.append(entry)
+        self._entries += 1
+        if self._entries > 2 * self.live + PRUNE_SLACK:
+            self._prune()
+        return earliest
+
+    def next_due(self) -> float:
+        """When the earliest bucket comes due (inf: none)."""
+        return self._order[0] * self.tick if self._order else math.inf
+
+    def expired(self, now: float) -> List[object]:
+        """Take the entries whose deadline passed by ``now`` (their ``bucket`` is cleared)."""
+        out: List[object] = []
+        order, buckets = self._order, self._buckets
+        while order and order[0] * self.tick <= now:
+            number = heapq.heappop(order)
+            bucket = buckets.pop(number)
+            self._entries -= len(bucket)
+            for entry in bucket:
+                if entry.bucket == number:  # type: ignore[attr-defined]
+                    entry.bucket = None  # type: ignore[attr-defined]
+                    self.live -= 1
+                    out.append(entry)
+        return out
+
+    def _prune(self) -> None:
+        for number, bucket in list(self._buckets.items()):
+            kept = [entry for entry in bucket if entry.bucket == number]  # type: ignore[attr-defined]
+            if kept:
+                self._buckets[number] = kept
+            else:
+                del self._buckets[number]
+        self._order = list(self._buckets)
+        heapq.heapify(self._order)
+        self._entries = self.live
+
+
+class Timeouts:
+    """The connections' deadlines while the gateway serves: a `TimerWheel` and its task."""
+
+    def __init__(self, tick: float = TICK) -> None:
+        self.wheel = TimerWheel(tick)
+        #: Whether :meth:`run` checks the wheel (else deadlines use their scopes).
+        self.running = False
+        self._kick = trio.Event()
+        #: Connections cancelled because their deadline passed.
+        self.passed = 0
+
+    def file(self, deadline: Deadline, at: float) -> None:
+        if self.wheel.file(deadline, at):
+            self._kick.set()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Cancel each connection whose deadline passed, until cancelled."""
+        wheel = self.wheel
+        self.running = True
+        task_status.started()
+        try:
+            while True:
+                due = wheel.next_due()
+                if due > trio.current_time():
+                    with trio.move_on_at(due):
+                        await self._kick.wait()
+                    if self._kick.is_set():
+                        self._kick = trio.Event()
+                for deadline in wheel.expired(trio.current_time()):
+                    self.passed += 1
+                    deadline.scope.cancel()  # type: ignore[attr-defined]
+        finally:
+            self.running = False
 
 
 def closer(scope: trio.CancelScope, transport: Transport) -> Callable[[], None]:
@@ -44,13 +172,18 @@ class Deadline:
     ``--body-timeout`` and the time the bytes so far pay for.
     """
 
-    __slots__ = ("scope", "phase", "head", "parsed", "rate", "body_started", "body_end")
+    __slots__ = ("scope", "phase", "head", "parsed", "rate", "body_started", "body_end",
+                 "at", "bucket", "_timeouts")
 
     FIRST_BYTE, IDLE, HEAD, BODY, SINK, SEND, ERROR = (
         "first_byte", "idle", "head", "body", "sink", "send", "error")
 
-    def __init__(self) -> None:
+    def __init__(self, timeouts: Optional[Timeouts] = None) -> None:
         self.scope = trio.CancelScope()
+        #: The deadline (inf: none); where `Timeouts` filed it.
+        self.at = math.inf
+        self.bucket: Optional[int] = None
+        self._timeouts = timeouts if timeouts is not None and timeouts.running else None
         self.phase = self.FIRST_BYTE
         #: The request being served (None before its head is read), for the access log.
         self.head: Optional[RequestHead] = None
@@ -65,22 +198,34 @@ class Deadline:
         """Wait at most ``seconds`` from now for ``phase`` (inf: no limit)."""
         self.phase = phase
         self.rate = 0
-        self.scope.deadline = trio.current_time() + seconds
+        self._set(trio.current_time() + seconds)
 
     def pace(self, rate: int) -> None:
         """From now on the body must also keep ``rate`` bytes/s after a grace (0: no minimum)."""
         self.rate = rate
         if rate:
             self.body_started = trio.current_time()
-            self.body_end = self.scope.deadline
-            self.scope.deadline = min(self.body_end, body_deadline(self.body_started, 0, rate))
+            self.body_end = self.at
+            self._set(min(self.body_end, body_deadline(self.body_started, 0, rate)))
 
     def received(self, count: int) -> None:
         """``count`` body bytes have arrived so far: the pace's deadline moves on."""
         if self.rate:
-            self.scope.deadline = min(self.body_end, body_deadline(self.body_started, count, self.rate))
+            self._set(min(self.body_end, body_deadline(self.body_started, count, self.rate)))
+
+    def close(self) -> None:
+        """The connection is over: take its deadline off the wheel."""
+        self._set(math.inf)
 
     @property
     def too_slow(self) -> bool:
         """Whether the body's pace, not its ``--body-timeout``, sets the deadline."""
-        return bool(self.rate) and self.scope.deadline < self.body_end
+        return bool(self.rate) and self.at < self.body_end
+
+    def _set(self, at: float) -> None:
+        timeouts = self._timeouts
+        if timeouts is None:
+            self.at = at
+            self.scope.deadline = at
+        elif at != self.at:
+            timeouts.file(self, at)
