@@ -50,14 +50,28 @@ def test_filing_says_when_the_wheel_must_wake_earlier():
     assert not wheel.file(Entry(3), 10.01)  # the same bucket
 
 
-def test_stale_references_are_swept_out():
+def test_deadlines_moved_later_cost_nothing_until_their_bucket_comes_due():
     wheel = TimerWheel(0.1)
     entries = [Entry(i) for i in range(10)]
+    for entry in entries:
+        wheel.file(entry, 10.0)
     for step in range(1000):
         for entry in entries:
-            wheel.file(entry, 100.0 + step)  # each move leaves one behind
-    assert wheel._entries <= 2 * wheel.live + 1000
-    assert sorted(e.name for e in wheel.expired(math.inf)) == list(range(10))
+            wheel.file(entry, 60.0 + step * 0.01)  # each request moves it on
+    assert wheel.references == 10
+    assert wheel.expired(10.1 + 1e-9) == []  # looked at, and filed where they are due now
+    assert wheel.references == 10
+    assert sorted(e.name for e in wheel.expired(70.1)) == list(range(10))
+
+
+def test_a_deadline_moved_earlier_leaves_only_a_stale_reference():
+    wheel = TimerWheel(0.1)
+    entry = Entry(0)
+    wheel.file(entry, 75.0)
+    assert wheel.file(entry, 10.0)  # earlier than every bucket: wake the task
+    assert wheel.references == 2 and wheel.live == 1
+    assert wheel.expired(10.1 + 1e-9) == [entry]
+    assert wheel.expired(80.0) == [] and wheel.references == 0 and wheel.live == 0
 
 
 @settings(max_examples=200, deadline=None)

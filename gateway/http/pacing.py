@@ -13,9 +13,9 @@ checks, rather than on the cancel scope: Trio's deadline heap takes a new
 entry (a tuple and two boxed numbers) each time a deadline moves, and a
 connection's moves three times a request; the entries lived until the heap
 was pruned, so on PyPy young collections moved thousands a second to the
-old generation.  Moving a deadline on the wheel appends the connection's
-`Deadline` to a bucket's list, and allocates nothing.  A deadline passes at
-most one tick late and never early.  A `Deadline` made without a running
+old generation.  On the wheel, a deadline moved later costs nothing until
+its bucket comes due, and one moved earlier is a list append.  A deadline
+passes at most one tick late and never early.  A `Deadline` made without a running
 `Timeouts` sets its scope's deadline, as before.
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import trio
 
@@ -35,31 +35,33 @@ __all__ = ["Deadline", "TimerWheel", "Timeouts", "TICK", "closer"]
 
 #: Width of a timer wheel bucket, in seconds: how late a deadline may pass.
 TICK = 0.1
-#: Stale entries the wheel keeps before sweeping them out, beyond twice the
-#: live deadlines (as Trio's deadline heap does).
-PRUNE_SLACK = 1000
 
 
 class TimerWheel:
     """Deadlines in buckets of ``tick`` seconds (sans I/O: the caller tells the time).
 
     An entry is any object with ``at`` (its deadline, inf for none) and
-    ``bucket`` (where the wheel filed it, None if nowhere) attributes, which
-    the wheel owns.  Moving an entry files it in its new bucket and leaves a
-    stale reference in the old one, skipped when that bucket comes due.
+    ``bucket`` (the bucket it is filed in, None if none) attributes, which
+    the wheel owns.  A deadline moved later stays where it is filed and is
+    filed again when that bucket comes due; one moved earlier is filed in
+    its earlier bucket, leaving a stale reference that is dropped when the
+    later one comes due.  So a connection whose deadline moves later at each
+    phase of each request (answer, idle, next body) costs the wheel nothing
+    until its bucket comes due.
     """
 
     def __init__(self, tick: float = TICK) -> None:
         self.tick = tick
-        self._buckets: Dict[int, List[object]] = {}
+        self._buckets: Dict[int, List[Any]] = {}
         #: Bucket numbers, earliest first.
         self._order: List[int] = []
-        self._entries = 0
-        #: Entries filed in some bucket (each counted once).
+        #: References held in the buckets, stale ones included.
+        self.references = 0
+        #: Entries filed (each counted once).
         self.live = 0
 
-    def file(self, entry, at: float) -> bool:
-        """Set ``entry``'s deadline; whether it is now the earliest bucket's."""
+    def file(self, entry: Any, at: float) -> bool:
+        """Set ``entry``'s deadline; whether the earliest bucket is now earlier."""
         entry.at = at
         if at == math.inf:
             if entry.bucket is not None:
@@ -67,52 +69,46 @@ class TimerWheel:
                 self.live -= 1
             return False
         number = int(at / self.tick) + 1
-        if number == entry.bucket:
-            return False
         if entry.bucket is None:
             self.live += 1
-        entry.bucket = number
-        bucket = self._buckets.get(number)
-        earliest = False
-        if bucket is None:
-            bucket = self._buckets[number] = []
-            earliest = not self._order or number < self._order[0]
-            heapq.heappush(self._order, number)
-        bucket.append(entry)
-        self._entries += 1
-        if self._entries > 2 * self.live + PRUNE_SLACK:
-            self._prune()
-        return earliest
+        elif entry.bucket <= number:
+            return False  # looked at again when its bucket comes due
+        return self._put(entry, number)
 
     def next_due(self) -> float:
         """When the earliest bucket comes due (inf: none)."""
         return self._order[0] * self.tick if self._order else math.inf
 
-    def expired(self, now: float) -> List[object]:
+    def expired(self, now: float) -> List[Any]:
         """Take the entries whose deadline passed by ``now`` (their ``bucket`` is cleared)."""
-        out: List[object] = []
+        out: List[Any] = []
         order, buckets = self._order, self._buckets
         while order and order[0] * self.tick <= now:
             number = heapq.heappop(order)
             bucket = buckets.pop(number)
-            self._entries -= len(bucket)
+            self.references -= len(bucket)
             for entry in bucket:
-                if entry.bucket == number:  # type: ignore[attr-defined]
-                    entry.bucket = None  # type: ignore[attr-defined]
+                if entry.bucket != number:
+                    continue  # filed earlier since, or taken off
+                if entry.at <= now:
+                    entry.bucket = None
                     self.live -= 1
                     out.append(entry)
+                else:
+                    self._put(entry, int(entry.at / self.tick) + 1)
         return out
 
-    def _prune(self) -> None:
-        for number, bucket in list(self._buckets.items()):
-            kept = [entry for entry in bucket if entry.bucket == number]  # type: ignore[attr-defined]
-            if kept:
-                self._buckets[number] = kept
-            else:
-                del self._buckets[number]
-        self._order = list(self._buckets)
-        heapq.heapify(self._order)
-        self._entries = self.live
+    def _put(self, entry: Any, number: int) -> bool:
+        entry.bucket = number
+        self.references += 1
+        bucket = self._buckets.get(number)
+        if bucket is not None:
+            bucket.append(entry)
+            return False
+        self._buckets[number] = [entry]
+        earliest = not self._order or number < self._order[0]
+        heapq.heappush(self._order, number)
+        return earliest
 
 
 class Timeouts:
