@@ -50,7 +50,7 @@ from gateway.config.errors import ConfigError
 from gateway.config.settings import Config
 from gateway.http.capacity import connection_capacity
 from gateway.http.connection import CLOSED, NEED_DATA, HTTPConnection, RequestHead
-from gateway.http.pacing import Deadline, Timeouts, closer
+from gateway.http.pacing import Deadline, closer
 from gateway.http.registry import ConnectionRegistry, Tracked
 from gateway.http.transport import SocketTransport, TLSHandshakeFailed, TLSTransport, Transport, open_listener
 from gateway.observe import logs
@@ -146,8 +146,6 @@ class Gateway:
         #: File-descriptor limits and the connection limit they allow (raised at start).
         self.capacity = connection_capacity(config)
         self.registry = ConnectionRegistry(self.capacity.limit)
-        #: The connections' deadlines while serving (gateway.http.pacing).
-        self.timeouts = Timeouts()
         self.draining = False
         self._refusing = 0
         self.chunked_uploads = ChunkedUploads()
@@ -207,7 +205,6 @@ class Gateway:
                     await sink_nursery.start(self.access.run)
                 await sink_nursery.start(self.metrics.run)
                 await sink_nursery.start(watch_loop, self.telemetry.loop_lag)
-                await sink_nursery.start(self.timeouts.run)
                 async with trio.open_nursery() as connections:
                     self._conn_scope = connections.cancel_scope
                     with trio.CancelScope() as accept_scope:
@@ -315,10 +312,10 @@ class Gateway:
                 transport.close()
                 return
         conn = HTTPConnection(None, max_head=self.config.max_head, fast=self.config.http == "auto")
-        limit = Deadline(self.timeouts)
         try:
             if isinstance(transport, TLSTransport) and not await self._handshake(conn, transport):
                 return
+            limit = Deadline()
             close = closer(limit.scope, transport)
             with limit.scope:
                 while True:
@@ -345,7 +342,6 @@ class Gateway:
                           traceback=traceback.format_exc(), count=self.internal_errors,
                           last_reported=self.internal_errors == MAX_REPORTED_ERRORS)
         finally:
-            limit.close()
             transport.close()
             self.registry.closed(tracked)
             buffer = conn.take_back_buffer(discard=True)
