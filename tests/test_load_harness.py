@@ -129,9 +129,20 @@ def test_smoke_run_writes_report(tmp_path) -> None:
             assert case["gateway_statistics"]["requests"] >= load["completed"]
             # The memory accounting and the heap census at the window's end.
             assert case["heap"]["memory"] and case["heap"]["census"]["objects"] > 0
-    table = (out / "results.md").read_text().strip().splitlines()
-    rows = [line for line in table if line.startswith("|")]
+    tables: list = [[]]
+    for line in (out / "results.md").read_text().strip().splitlines():
+        if line.startswith("|"):
+            tables[-1].append(line)
+        elif tables[-1]:
+            tables.append([])
+    rows = tables[0]
     assert len(rows) == 2 + 4 and all(r.count("|") == rows[0].count("|") for r in rows)
+    # Latency by body size: one column for the mix's one size, one row per case.
+    sized = next(t for t in tables if t and t[0].startswith("| server | 1 KiB"))
+    assert len(sized) == 2 + 4 and all(r.count("|") == 3 for r in sized)
+    for case in doc["cases"]:
+        by_size = case["load"]["latency_by_size_s"]
+        assert list(by_size) == ["1024"] and by_size["1024"]["count"] == case["load"]["completed"]
 
 
 def test_gc_summary_counts_only_the_window() -> None:
