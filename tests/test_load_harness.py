@@ -129,6 +129,8 @@ def test_smoke_run_writes_report(tmp_path) -> None:
             assert case["gateway_statistics"]["requests"] >= load["completed"]
             # The memory accounting and the heap census at the window's end.
             assert case["heap"]["memory"] and case["heap"]["census"]["objects"] > 0
+            packages = dict(case["heap"]["census"]["top_packages"])
+            assert packages["gateway"] > 0 and "redis" not in packages
     tables: list = [[]]
     for line in (out / "results.md").read_text().strip().splitlines():
         if line.startswith("|"):
