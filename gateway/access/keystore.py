@@ -30,6 +30,7 @@ calls it from worker threads.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import ssl
@@ -345,6 +346,7 @@ def _exceptions() -> Any:
     return redis.exceptions
 
 
+@functools.cache
 def _edge_errors() -> Tuple[Type[BaseException], ...]:
     """The redis-py exceptions that mean Redis could not be reached or answer."""
     e = _exceptions()

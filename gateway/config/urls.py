@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import urllib.parse
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 from gateway.config.secrets import URL_PARSE_ERROR
 
@@ -24,13 +24,14 @@ _REDIS_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster:/
 _REDIS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
 
 
-def _to_bool(value: str) -> Optional[bool]:
-    if value == "":
-        return None
+_FALSE_STRINGS = ("0", "F", "FALSE", "N", "NO")
+
+
+def _to_bool(value: str) -> bool:
+    # Never empty: parse_qs drops blank values.
     return value.upper() not in _FALSE_STRINGS
 
 
-_FALSE_STRINGS = ("0", "F", "FALSE", "N", "NO")
 #: redis-py's typed query parameters; any other is kept as text.
 _QUERY_PARSERS: Dict[str, Callable[[str], Any]] = {
     "db": int,
