@@ -329,6 +329,25 @@ def _record_id(record: bytes) -> str:
     return json.loads(record.partition(b"\n")[0])["id"]
 
 
+@pytest.mark.skipif(platform.python_implementation() != "PyPy",
+                    reason="only PyPy's sluice serve restarts with GC settings")
+def test_pypy_gateway_runs_with_every_gc_setting(tmp_path):
+    from gateway.cli.main import PYPY_GC_SETTINGS
+
+    proc = GatewayProcess((), data_dir=str(tmp_path / "data"))
+    for name in list(proc.env):
+        if name.startswith("PYPY_GC_"):
+            del proc.env[name]
+    proc.start()
+    try:
+        # After the restart (an exec: same process), its environment is the new one.
+        with open("/proc/%d/environ" % proc.pid, "rb") as f:
+            environ = dict(item.decode().split("=", 1) for item in f.read().split(b"\0") if item)
+    finally:
+        proc.stop()
+    assert {k: v for k, v in environ.items() if k.startswith("PYPY_GC_")} == PYPY_GC_SETTINGS
+
+
 def test_pypy_restart_moves_a_redis_password_out_of_the_command_line():
     from gateway.cli.main import argv_without_secrets
     from gateway.cli.serve import SECRET_FLAG_MARK
