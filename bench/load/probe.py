@@ -162,6 +162,7 @@ class _Probe:
             "python": platform.python_version(),
             "pypy_gc_nursery": os.environ.get("PYPY_GC_NURSERY"),
             "pypy_gc_increment_step": os.environ.get("PYPY_GC_INCREMENT_STEP"),
+            "pypy_gc_major_collect": os.environ.get("PYPY_GC_MAJOR_COLLECT"),
             "pause_fields": ["time", "duration_s", "kind", "count", "max_duration_s"],
             "pauses": pauses,
             "pauses_dropped": self.dropped,
