@@ -112,3 +112,13 @@ def pytest_terminal_summary(terminalreporter) -> None:
         write("base64 backends, same run: cffi / python")
         for case, ratio in ratios:
             write("  %-24s %6.2fx" % (case, ratio))
+    parts = {r["part"]: r for r in _results if r.get("case") == "kinesis call" and "part" in r}
+    if "call" in parts and "post" in parts and parts["post"]["cpu_s_per_call"]:
+        call, post = parts["call"], parts["post"]
+        write("")
+        write("a Kinesis call, same run, against posting its bytes (bench_kinesis_call.py)")
+        write("  CPU per call: call %.2f ms, post %.2f ms: %.2fx" % (
+            call["cpu_s_per_call"] * 1e3, post["cpu_s_per_call"] * 1e3,
+            call["cpu_s_per_call"] / post["cpu_s_per_call"]))
+        if call["mbps"]:
+            write("  wall time: %.2fx" % (post["mbps"] / call["mbps"]))
