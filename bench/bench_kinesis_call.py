@@ -3,16 +3,16 @@
 A batch of 100 records of 22 KB (the seed load's mean body; about 2.9 MB of
 request body, what a 200 ms linger gathers at 500 requests/s), sent 20 times
 per round on one keep-alive connection to the load harness's Kinesis
-stand-in (``bench.load.stubs kinesis``, a child process on loopback):
+stand-in (``bench.load.servers.start_kinesis``, a child process on loopback):
 
 * ``call``: ``TrioEndpoint.call`` with the payload hash given, as the sink
   calls it (the worker thread that encoded the batch hashed it): botocore's
   SigV4, h11's request head, the body sent from the batch buffer, the answer
   read.  On PyPy with the JIT paused in the call's steps, as the gateway
   runs it at this load (``--sink-jit auto``).
-* ``post``: the baseline, in the same run: the same request head and body
-  written to a blocking socket and the answer read, with no signing and no
-  event loop: what loopback TCP and the stand-in cost alone.
+* ``post``: the baseline, in the same run: the same body posted with
+  ``http.client`` and the answer read, with no signing and no event loop:
+  what loopback TCP and the stand-in cost alone.
 * ``hash`` and ``encode``: the worker thread's share of a call, the body's
   SHA-256 and the records' base64 into the batch.
 
@@ -25,11 +25,10 @@ moving the bytes.
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Iterator, List, Tuple
@@ -58,28 +57,25 @@ def stand_in() -> Iterator[int]:
     there is one (as in the load harness), so both interpreters' figures are
     against the same stand-in.
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    python = shutil.which("python3") or sys.executable
-    proc = subprocess.Popen([python, "-m", "bench.load.stubs", "kinesis", "--port", "0"],
-                            cwd=root, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    from bench.load.servers import start_kinesis
+
+    child = start_kinesis(shutil.which("python3") or sys.executable)
     try:
-        assert proc.stdout is not None
-        yield int(proc.stdout.readline())
+        yield child.port
     finally:
-        proc.terminate()
-        proc.wait(10)
+        child.stop()
 
 
 @pytest.fixture(scope="module")
-def batch(stand_in: int) -> Iterator[Tuple[Any, Any, List[Entry], str]]:
-    """(endpoint, builder, entries, url): a sealed batch of the seed's mean records."""
+def batch(stand_in: int) -> Iterator[Tuple[Any, Any, List[Entry]]]:
+    """(endpoint, builder, entries): a sealed batch of the seed's mean records."""
     from buffers import RingBuffer
     from sinks.aws.trio_http import open_trio_endpoint
     from sinks.base import Record
 
-    saved = {name: os.environ.get(name) for name in _CREDENTIALS}
-    os.environ.update(_CREDENTIALS)
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in _CREDENTIALS.items():
+            env.setenv(name, value)
         url = "http://127.0.0.1:%d" % stand_in
         endpoint = open_trio_endpoint("kinesis", endpoint_url=url)
         ring = RingBuffer(RECORDS * RECORD_BYTES * 2)
@@ -98,14 +94,8 @@ def batch(stand_in: int) -> Iterator[Tuple[Any, Any, List[Entry], str]]:
             assert builder.admit(entry)
             entries.append(entry)
         builder.encode_all(entries)
-        yield endpoint, builder, entries, url
+        yield endpoint, builder, entries
         builder.close()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _cpu_timed(cpu: List[float], fn: Any, *args: Any) -> None:
@@ -115,7 +105,7 @@ def _cpu_timed(cpu: List[float], fn: Any, *args: Any) -> None:
 
 
 def test_call(benchmark, throughput, batch) -> None:
-    endpoint, builder, _, _ = batch
+    endpoint, builder, _ = batch
     body = builder.batch.body()
     digest = sha256_hex(body)
     statuses: List[int] = []
@@ -134,50 +124,39 @@ def test_call(benchmark, throughput, batch) -> None:
                cpu_s_per_call=statistics.median(cpu) / CALLS)
 
 
-def test_post(benchmark, throughput, batch) -> None:
-    _, builder, _, url = batch
+def test_post(benchmark, throughput, batch, stand_in: int) -> None:
+    _, builder, _ = batch
     body = builder.batch.body()
-    port = int(url.rsplit(":", 1)[1])
-    head = (b"POST / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Amz-Target: %s\r\n"
-            b"Content-Type: application/x-amz-json-1.1\r\nContent-Length: %d\r\n\r\n"
-            % (port, builder.batch.target.encode(), len(body)))
-    statuses: List[bytes] = []
+    headers = {"X-Amz-Target": builder.batch.target, "Content-Type": builder.batch.content_type}
+    statuses: List[int] = []
     cpu: List[float] = []
 
     def posts() -> None:
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            reader = sock.makefile("rb")
+        connection = http.client.HTTPConnection("127.0.0.1", stand_in)
+        try:
             for _ in range(CALLS):
-                sock.sendall(head)
-                sock.sendall(body)
-                status = reader.readline()
-                length = 0
-                while True:
-                    line = reader.readline()
-                    if line in (b"\r\n", b""):
-                        break
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                reader.read(length)
-                statuses.append(status.split()[1])
+                connection.request("POST", "/", body=body, headers=headers)
+                answer = connection.getresponse()
+                answer.read()
+                statuses.append(answer.status)
+        finally:
+            connection.close()
 
     benchmark(_cpu_timed, cpu, posts)
-    assert statuses and set(statuses) == {b"200"}
+    assert statuses and set(statuses) == {200}
     throughput(CALLS * len(body), case="kinesis call", part="post",
                cpu_s_per_call=statistics.median(cpu) / CALLS)
 
 
 def test_hash(benchmark, throughput, batch) -> None:
-    _, builder, _, _ = batch
+    _, builder, _ = batch
     body = builder.batch.body()
     benchmark(sha256_hex, body)
     throughput(len(body))
 
 
 def test_encode(benchmark, throughput, batch) -> None:
-    _, builder, entries, _ = batch
+    _, builder, entries = batch
 
     def encode() -> int:
         builder.reset()
