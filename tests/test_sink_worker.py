@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import pytest
 import trio
 
-from sinks.worker import run_sync
+from sinks.worker import NICE, lower_priority, run_sync
 
 
 async def test_the_job_runs_in_another_thread_and_its_result_comes_back():
@@ -15,8 +17,53 @@ async def test_the_job_runs_in_another_thread_and_its_result_comes_back():
     ident, name = await run_sync(lambda: (threading.get_ident(), threading.current_thread().name))
     assert ident != here
     assert await run_sync(sum, [1, 2, 3]) == 6
-    # The thread was not renamed for the job.
-    assert "sum" not in name and "from" not in name
+    # The thread is the sinks' own, not renamed for the job.
+    assert name == "sluice-sink-worker"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
+async def test_jobs_run_at_lower_priority_and_the_loop_keeps_its_own():
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    loop = niceness()
+    assert await run_sync(niceness) == max(NICE, loop)
+    assert niceness() == loop
+
+
+async def test_jobs_do_not_wait_for_each_other():
+    # Each job waits for the other to start: with one thread they would deadlock.
+    first, second = threading.Event(), threading.Event()
+
+    def meet(mine: threading.Event, other: threading.Event) -> bool:
+        mine.set()
+        return other.wait(5)
+
+    results = []
+
+    async def run(mine: threading.Event, other: threading.Event) -> None:
+        results.append(await run_sync(meet, mine, other))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, first, second)
+        nursery.start_soon(run, second, first)
+    assert results == [True, True]
+
+
+def test_a_thread_never_gets_a_higher_priority_than_it_has():
+    result = []
+
+    def lower_twice() -> None:
+        result.append(lower_priority(15))
+        result.append(lower_priority(5))
+
+    thread = threading.Thread(target=lower_twice)
+    thread.start()
+    thread.join()
+    if sys.platform.startswith("linux"):
+        assert result[0] >= 15 and result[1] == result[0]
+    else:
+        assert result == [None, None]
 
 
 async def test_the_jobs_exception_is_raised_in_the_task():
