@@ -8,9 +8,10 @@ one when it ends, and a third once the client has finished, for the
 census).  Two SIGUSR2 a moment apart take a census of the objects born
 between them and still alive (:func:`bench.load.heap.young`).  With
 ``SLUICE_BENCH_TRACEMALLOC=1`` on CPython, ``tracemalloc`` runs too and each
-mark carries the traced memory.  Each mark carries the interpreter's memory
-accounting, and the last one a heap census (:mod:`bench.load.heap`) of the
-steady state.  With ``SLUICE_BENCH_STALLS=1`` a Trio instrument times every
+mark carries the traced memory.  The last mark also carries, taken at the
+third signal so that no measured request waits for them, the interpreter's
+memory accounting and a heap census (:mod:`bench.load.heap`) of the steady
+state.  With ``SLUICE_BENCH_STALLS=1`` a Trio instrument times every
 task step and the document lists the loop stalls (:mod:`bench.load.stalls`).  With
 ``SLUICE_BENCH_VMPROF=PATH``, vmprof samples the measured window (from the
 first signal to the second) into ``PATH``.
@@ -130,8 +131,10 @@ class _Probe:
     def mark(self, *_: Any) -> None:
         if len(self.marks) >= 2:
             # The third signal comes once the client has finished: walking the
-            # heap holds the loop for up to a second, which at the window's
-            # end delayed its last requests.
+            # heap holds the loop for up to a second, and reading the memory
+            # accounting (smaps) for up to 20 ms on PyPy; inside the window
+            # they delayed requests.
+            self.marks[-1]["memory"] = heap.memory()
             self.marks[-1]["census"] = heap.census()
             return
         self._profile(len(self.marks))
@@ -145,7 +148,6 @@ class _Probe:
             if tracemalloc.is_tracing():
                 mark["traced_current"], mark["traced_peak"] = tracemalloc.get_traced_memory()
                 tracemalloc.reset_peak()
-        mark["memory"] = heap.memory()
         from .stalls import jit_counters
 
         mark["jit"] = jit_counters()
