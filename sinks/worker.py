@@ -1,15 +1,18 @@
-"""Blocking work of the sinks in worker threads that yield to the event loop.
+"""Blocking work of the sinks in worker threads, some yielding to the event loop.
 
 The sinks' jobs (encoding and hashing a Kinesis batch, writing the file
 sink's or the spool's files) run in threads of their own, kept for reuse.
 
-- **Lower CPU priority.**  Each thread runs at nice `NICE` (Linux), so on a
-  busy core the event loop takes the CPU back as soon as a request arrives.
-  At the design load a batch's base64 and SHA-256 took a few milliseconds in
-  one go; pinned to the loop's core, at the same priority as the loop, the
-  requests arriving meanwhile often waited for them (p99 about 0.4 ms
-  higher).  Under contention a job still gets its share of the core (about a
-  tenth against one busy loop), so it is slowed, never starved.
+- **Background jobs at lower CPU priority.**  A job marked ``background``
+  runs in a thread at nice `NICE` (Linux), so on a busy core the event loop
+  takes the CPU back as soon as a request arrives.  At the design load a
+  batch's base64 and SHA-256 took a few milliseconds in one go; pinned to
+  the loop's core, at the same priority as the loop, the requests arriving
+  meanwhile often waited for them (p99 about 0.4 ms higher).  Under
+  contention such a job gets about a tenth of the core, so a caller that is
+  falling behind (at saturation, batches waiting for their turn) must not
+  mark its job ``background``: with every job at nice 10, a gateway
+  saturated with 1 MB bodies stored a quarter fewer records.
 - **Not Trio's thread cache.**  A thread's priority cannot be raised again
   without privileges, so these threads are not shared with
   ``trio.to_thread.run_sync``.  They are also never renamed: Trio names its
@@ -17,9 +20,9 @@ sink's or the spool's files) run in threads of their own, kept for reuse.
   which on PyPy runs as Python holding the interpreter lock and leaves
   argument objects with finalizers for the collector.
 
-A thread is started when a job finds every thread busy, so jobs never queue
-behind each other; the threads are daemons and stay for the process's life
-(as many as jobs ever ran at once, a few).
+A thread is started when a job finds every thread of its priority busy, so
+jobs never queue behind each other; the threads are daemons and stay for the
+process's life (as many as jobs ever ran at once, a few).
 """
 from __future__ import annotations
 
@@ -35,9 +38,9 @@ __all__ = ["run_sync", "NICE"]
 
 T = TypeVar("T")
 
-#: Niceness of the sinks' threads (0 is the loop's; 19 the lowest).  Weight
-#: 110 against the loop's 1024: a job gets about a tenth of a core the loop
-#: keeps busy, and waits for no more than a scheduler slice when it is idle.
+#: Niceness of the threads of background jobs (0 is the loop's; 19 the
+#: lowest).  Weight 110 against the loop's 1024: a job gets about a tenth of
+#: a core the loop keeps busy, and all of it when the loop is idle.
 NICE = 10
 
 Job = Tuple[Callable[[], None], Callable[[], None]]
@@ -91,11 +94,14 @@ def lower_priority(nice: int) -> Optional[int]:
     return os.getpriority(os.PRIO_PROCESS, tid)
 
 
-_threads = _Threads(NICE)
+_threads = _Threads(0)
+_background = _Threads(NICE)
 
 
-async def run_sync(fn: Callable[..., T], *args: Any) -> T:
+async def run_sync(fn: Callable[..., T], *args: Any, background: bool = False) -> T:
     """``fn(*args)`` in a sink worker thread; its result, or its exception.
+
+    ``background``: run it at nice `NICE`, behind the event loop's work.
 
     Like ``trio.to_thread.run_sync`` with its defaults, the wait cannot be
     cancelled once the job started: the job owns what it was given until it
@@ -119,7 +125,7 @@ async def run_sync(fn: Callable[..., T], *args: Any) -> T:
         except trio.RunFinishedError:  # the run was torn down around its waiting task
             pass
 
-    _threads.submit(job, deliver)
+    (_background if background else _threads).submit(job, deliver)
     await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
     ok, value = done.pop()
     if ok:

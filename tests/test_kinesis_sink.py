@@ -288,6 +288,33 @@ async def test_a_large_batch_is_hashed_in_the_thread_that_encoded_it(autojump_cl
     assert fake.stored_datas() == [b"s", b"m", b"L" * ENCODE_IN_THREAD_BYTES, b"l"]
 
 
+async def test_a_large_batch_is_encoded_behind_the_requests_unless_the_sink_falls_behind(
+        autojump_clock, monkeypatch):
+    from sinks import worker
+    from sinks.aws.sink import ENCODE_IN_THREAD_BYTES
+
+    backgrounds = []
+    run_sync = worker.run_sync
+
+    async def recording(fn, *args, background=False):
+        backgrounds.append(background)
+        return await run_sync(fn, *args, background=background)
+
+    monkeypatch.setattr(worker, "run_sync", recording)
+    large = b"L" * ENCODE_IN_THREAD_BYTES
+    # The autojump clock runs on while a job is in its thread: a deadline
+    # far enough away keeps the queued records from expiring meanwhile.
+    fake, h = harness(batch_records=1, max_in_flight=2, retry_deadline=1e6)
+    async with running_sink(h):
+        await put_all(h, [large])
+        # A builder was free and nothing waited: the job yields the CPU to the requests.
+        assert backgrounds == [True]
+        await put_all(h, [large, large, large])
+    # The call that took the last free builder runs its job at the loop's priority.
+    assert backgrounds[1] is True and False in backgrounds[2:]
+    assert len(fake.stored) == 4
+
+
 async def test_record_keys_follow_the_partition_key_setting():
     fake, h = harness(partition_key="header:X-Route", explicit_hash_key_header="X-Hash")
     lookup = {b"x-route": b"eu", b"x-hash": b"42"}.get

@@ -22,12 +22,14 @@ async def test_the_job_runs_in_another_thread_and_its_result_comes_back():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
-async def test_jobs_run_at_lower_priority_and_the_loop_keeps_its_own():
+async def test_background_jobs_run_at_lower_priority_and_others_at_the_loops():
     def niceness() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     loop = niceness()
-    assert await run_sync(niceness) == max(NICE, loop)
+    assert await run_sync(niceness, background=True) == max(NICE, loop)
+    assert await run_sync(niceness) == loop
+    assert await run_sync(niceness, background=True) == max(NICE, loop)
     assert niceness() == loop
 
 

@@ -286,6 +286,11 @@ class Delivery:
             return None
         return max(start, self._paused_until)
 
+    @property
+    def batch_waiting(self) -> bool:
+        """Whether a full batch's worth of records is queued."""
+        return self._batch_waiting()
+
     def next_expiry(self) -> float:
         """No queued or backing-off entry's deadline is earlier than this."""
         return self._expiry_hint

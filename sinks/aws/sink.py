@@ -23,7 +23,12 @@ applied.  Each builder exported the ring's buffer once, and encodes records
 straight from their ring slices (base64 is the only copy before TLS): on the
 event loop for small batches, in a worker thread from
 `ENCODE_IN_THREAD_BYTES` on, which also takes the body's SHA-256 for SigV4
-while it is in the cache, so the event loop does not.
+while it is in the cache, so the event loop does not.  That thread yields
+the CPU to the event loop (``sinks.worker``'s background jobs) unless the
+sink is falling behind: every builder busy, or another full batch already
+queued.  (At saturation with 1 MB bodies, on one core, encoding every batch
+at lower priority stored a quarter fewer records; with this rule, 6% fewer
+than at the loop's priority.)
 With ``--aggregation kpl`` the builder is ``sinks.aws.aggregation``'s
 `AggregatingBuilder`: it packs records into KPL aggregates and maps each
 call's per-Kinesis-record answers back to the records.
@@ -548,7 +553,11 @@ class StreamSink(RecordLimitFollower, Sink):
             digest: Optional[str] = None
             try:
                 if builder.bytes >= ENCODE_IN_THREAD_BYTES:
-                    digest = await worker.run_sync(_encode_and_hash, builder, entries)
+                    # Behind the requests, unless the sink is falling behind:
+                    # every builder busy, or another full batch already queued.
+                    behind = not self._free or self._delivery.batch_waiting
+                    digest = await worker.run_sync(_encode_and_hash, builder, entries,
+                                                   background=not behind)
                 else:
                     builder.encode_all(entries)
             finally:
