@@ -54,15 +54,12 @@ class _Threads:
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
-        self.started = 0
 
     def submit(self, job: Callable[[], None], deliver: Callable[[], None]) -> None:
         """Run ``job()`` (which must not raise), then ``deliver()``, in one of the threads."""
         with self._lock:
             spawn = self._idle == 0
-            if spawn:
-                self.started += 1
-            else:
+            if not spawn:
                 self._idle -= 1
         self._jobs.put((job, deliver))
         if spawn:
