@@ -234,7 +234,7 @@ class Delivery:
         self._queued += 1
         self._queued_bytes += size
         self.held += 1
-        return entry, was_empty or self._batch_waiting()
+        return entry, was_empty or self.batch_waiting
 
     def abandon(self, entry: Entry) -> None:
         """The entry's client went away: never send it again."""
@@ -276,7 +276,7 @@ class Delivery:
         """
         self._skip_dead()
         if self._queued:
-            if closing or self._batch_waiting():
+            if closing or self.batch_waiting:
                 start = float("-inf")
             else:
                 start = self._queue[0].due
@@ -289,7 +289,7 @@ class Delivery:
     @property
     def batch_waiting(self) -> bool:
         """Whether a full batch's worth of records is queued."""
-        return self._batch_waiting()
+        return self._queued >= self.max_records or self._queued_bytes >= self.max_bytes
 
     def next_expiry(self) -> float:
         """No queued or backing-off entry's deadline is earlier than this."""
@@ -418,9 +418,6 @@ class Delivery:
         }
 
     # -- internals ---------------------------------------------------------
-
-    def _batch_waiting(self) -> bool:
-        return self._queued >= self.max_records or self._queued_bytes >= self.max_bytes
 
     def _skip_dead(self) -> None:
         queue = self._queue
