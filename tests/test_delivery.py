@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sinks.aws.delivery import (
     ABANDONED,
@@ -72,6 +74,35 @@ def test_take_stops_when_the_batch_is_full_and_keeps_order():
     assert all(e.state == SENDING for e in sent) and entries[2].state == QUEUED
     assert [e.record for e in take_all(d)[0]] == [2, 3, 4]
     assert d.send_at() is None
+
+
+@given(sizes=st.lists(st.integers(1, 400), max_size=40), room=st.integers(0, 3000),
+       step=st.integers(1, 8), too_large=st.sets(st.integers(0, 39)))
+def test_a_batch_taken_in_parts_is_the_batch_taken_at_once(sizes, room, step, too_large):
+    def fill(limit):
+        d = delivery(max_records=1000, max_bytes=10**6)
+        for i, size in enumerate(sizes):
+            d.add(i, "k", None, size, now=0.0)
+        used = [0]
+
+        def add(entry):
+            if entry.record in too_large:
+                raise RecordTooLarge(entry.size, room)
+            if used[0] + entry.size > room:
+                return False
+            used[0] += entry.size
+            return True
+
+        sent, rejected = [], []
+        while True:
+            part, gone = d.take(add, limit)
+            assert limit is None or len(part) <= limit
+            sent += part
+            rejected += gone
+            if limit is None or len(part) < limit:
+                return [e.record for e in sent], [e.record for e in rejected], d.held
+
+    assert fill(step) == fill(None)
 
 
 def test_a_record_no_batch_can_carry_is_given_up():

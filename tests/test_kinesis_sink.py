@@ -16,7 +16,7 @@ import trio
 from gateway.config.settings import from_args
 from sinks.aws.errors import TransientError
 from sinks.aws.http import MemoryEndpoint, Reply
-from sinks.aws.sink import StreamOptions, StreamSink
+from sinks.aws.sink import TAKE_STEP, StreamOptions, StreamSink
 from tests.support.gateway import gateway_in_process, log_events
 from tests.support.kinesis import (  # noqa: F401 - fixtures
     FakeStreams,
@@ -61,6 +61,15 @@ async def test_batches_respect_records_per_request(autojump_clock):
         await put_all(h, [b"r%d" % i for i in range(7)])
     assert [len(c.datas) for c in fake.calls] == [3, 3, 1]
     assert fake.stored_datas() == [b"r%d" % i for i in range(7)]
+
+
+async def test_a_batch_taken_in_several_steps_is_still_one_call_in_order(autojump_clock):
+    fake, h = harness(ack=False, linger=1.0)
+    datas = [b"r%d" % i for i in range(4 * TAKE_STEP + 3)]
+    async with running_sink(h):
+        await put_all(h, datas)
+    assert [len(c.datas) for c in fake.calls] == [len(datas)]
+    assert fake.stored_datas() == datas and h.ring_empty
 
 
 async def test_batches_respect_bytes_per_request(autojump_clock):

@@ -295,16 +295,20 @@ class Delivery:
         """No queued or backing-off entry's deadline is earlier than this."""
         return self._expiry_hint
 
-    def take(self, add: Callable[[Entry], bool]) -> Tuple[List[Entry], List[Entry]]:
+    def take(self, add: Callable[[Entry], bool],
+             limit: Optional[int] = None) -> Tuple[List[Entry], List[Entry]]:
         """Fill a batch from the front of the queue: ``(sent, rejected)``.
 
         ``add(entry)`` admits (or encodes) the entry and returns False when
         the batch is full; a `RecordRejected` it raises gives that entry up.
+        With ``limit``, at most that many entries are sent: fewer means the
+        batch is full or the queue empty, and a batch filled in parts is
+        filled exactly as in one.
         """
         sent: List[Entry] = []
         rejected: List[Entry] = []
         queue = self._queue
-        while queue:
+        while queue and (limit is None or len(sent) < limit):
             entry = queue[0]
             if entry.state != QUEUED:
                 queue.popleft()
