@@ -233,8 +233,12 @@ class TrioEndpoint(Endpoint):
     async def _exchange(self, connection: _Connection, headers: List[Tuple[bytes, bytes]],
                         body: Any) -> Reply:
         http, stream = connection.http, connection.stream
-        head = http.send(h11.Request(method="POST", target=self._path, headers=headers))
-        # h11 checking every header is a step of its own, as is sending.
+        # h11 checking every header, writing the head and sending it are
+        # steps of their own (together about 0.35 ms on PyPy, with the JIT
+        # paused in the sink's calls).
+        request = h11.Request(method="POST", target=self._path, headers=headers)
+        await trio.lowlevel.checkpoint()
+        head = http.send(request)
         await trio.lowlevel.checkpoint()
         await stream.send_all(head)
         for piece in http.send_with_data_passthrough(h11.Data(data=body)):
