@@ -66,7 +66,8 @@ class _Threads:
             threading.Thread(target=self._serve, name="sluice-sink-worker", daemon=True).start()
 
     def _serve(self) -> None:
-        lower_priority(self.nice)
+        if self.nice:
+            lower_priority(self.nice)
         jobs = self._jobs
         while True:
             job, deliver = jobs.get()
