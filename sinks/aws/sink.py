@@ -531,18 +531,7 @@ class StreamSink(RecordLimitFollower, Sink):
                 builder = self._free.pop()
                 # Until this is set the records' ring bytes may be read.
                 encoded = trio.Event()
-                sent: List[Entry] = []
-                while True:
-                    part, rejected = delivery.take(builder.admit, TAKE_STEP)
-                    self._give_back(rejected)
-                    for entry in part:
-                        entry.call = encoded
-                    sent.extend(part)
-                    if len(part) < TAKE_STEP:
-                        break
-                    # Up to 500 records' admission: requests go in between
-                    # parts, and nothing may stop a batch half taken.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                sent = await self._take(builder, encoded)
                 if sent:
                     self._in_flight += 1
                     calls.start_soon(self._call, builder, sent, encoded)
@@ -556,6 +545,21 @@ class StreamSink(RecordLimitFollower, Sink):
             with trio.move_on_at(min(wake, delivery.next_expiry())):
                 await self._kick.wait()
             self._kick = trio.Event()
+
+    async def _take(self, builder: Any, encoded: trio.Event) -> List[Entry]:
+        """Fill ``builder`` from the queue, `TAKE_STEP` records a step; the entries taken."""
+        sent: List[Entry] = []
+        while True:
+            part, rejected = self._delivery.take(builder.admit, TAKE_STEP)
+            self._give_back(rejected)
+            for entry in part:
+                entry.call = encoded
+            sent.extend(part)
+            if len(part) < TAKE_STEP:
+                return sent
+            # Up to 500 records' admission: requests go in between parts,
+            # and nothing may stop a batch half taken.
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _call(self, builder: Any, entries: List[Entry], encoded: trio.Event) -> None:
         assert self._endpoint is not None
