@@ -37,7 +37,7 @@ from gateway.cli.serve import (
 from gateway.config import settings as _config
 from gateway.config import view as config_view
 from gateway.observe import logs, metrics
-from gateway.observe.memory import freeze_startup_heap
+from gateway.observe.memory import freeze_startup_heap, release_relocations
 from gateway.server import Gateway, open_listener
 
 __all__ = ["main", "version_line"]
@@ -93,6 +93,7 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin]) -> 
         # Signals are handled from here on: whoever reads "started" may stop it.
         await nursery.start(watch_signals, gateway, True)
         freeze_startup_heap()
+        release_relocations()
         pause_sink_jit(config)
         settle_jit(config, gateway, nursery)
         trim_malloc(config, gateway, nursery)

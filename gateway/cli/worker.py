@@ -52,7 +52,7 @@ from gateway.cli.serve import (
 )
 from gateway.config import settings as _config
 from gateway.observe import logs, metrics
-from gateway.observe.memory import freeze_startup_heap
+from gateway.observe.memory import freeze_startup_heap, release_relocations
 from gateway.server import Gateway, open_listener
 
 __all__ = ["WorkerSpec", "READY_LINE", "ERROR_PREFIX", "MAX_STATUS_BYTES", "WORKER_DIR_PREFIX",
@@ -185,6 +185,7 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin], spe
         await nursery.start(watch_signals, gateway, False, {"worker": spec.index})
         nursery.start_soon(_watch_supervisor, gateway, spec, lifeline)
         freeze_startup_heap()
+        release_relocations()
         pause_sink_jit(config)
         settle_jit(config, gateway, nursery)
         trim_malloc(config, gateway, nursery)
