@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -140,16 +141,27 @@ def test_an_interpreter_gives_its_relocations_back_and_goes_on_working():
 
 @pytest.mark.skipif(platform.python_implementation() != "PyPy" or not sys.platform.startswith("linux"),
                     reason="PyPy's library is the one with relocations worth giving back")
-def test_a_serving_pypy_gateway_holds_none_of_its_librarys_relocations(tmp_path):
-    gateway = GatewayProcess(["--sink", "null"], data_dir=str(tmp_path / "data")).start()
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serving_pypy_processes_hold_none_of_their_librarys_relocations(tmp_path, workers):
+    gateway = GatewayProcess(["--sink", "null"], data_dir=str(tmp_path / "data"),
+                             env={"SLUICE_WORKERS": workers}).start()
     try:
-        with open("/proc/%d/maps" % gateway.pid) as maps:
-            found = relocation_ranges(maps.read(), _no_writes(gateway.pid))
-        # Given back at start: what is left resident of the table is what
-        # the process touched since, which is nothing.
-        assert found, "no library with relocations worth giving back"
-        for first, last, _path in found:
-            assert _resident(gateway.pid, first, last) < (last - first) // 8
+        pids = [gateway.pid]
+        if workers != "1":
+            deadline = time.monotonic() + 60
+            while not gateway.events("supervisor_started") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            (started,) = gateway.events("supervisor_started")
+            pids += started["pids"]
+        assert len(pids) == (1 if workers == "1" else 3)
+        for pid in pids:
+            with open("/proc/%d/maps" % pid) as maps:
+                found = relocation_ranges(maps.read(), _no_writes(pid))
+            # Given back at start: what is left resident of the table is what
+            # the process touched since, which is nothing.
+            assert found, "no library with relocations worth giving back"
+            for first, last, _path in found:
+                assert _resident(pid, first, last) < (last - first) // 8
     finally:
         gateway.stop()
 

@@ -56,6 +56,7 @@ from gateway.config import settings as _config
 from gateway.config import view as config_view
 from gateway.config.secrets import SECRET_FLAG_MARK
 from gateway.observe import logs, metrics
+from gateway.observe.memory import release_relocations
 from sinks.backoff import NO_JITTER, RetryPolicy
 
 __all__ = [
@@ -642,6 +643,7 @@ def supervise(config: _config.Config, origins: Dict[str, _config.Origin],
             directory = made = tempfile.mkdtemp(prefix="sluice-metrics-")
         supervisor = Supervisor(Generation(0, config, origins), load, reservation.getsockname()[1],
                                 directory, private_metrics=bool(made))
+        release_relocations()
         return trio.run(supervisor.run)
     finally:
         reservation.close()
