@@ -99,27 +99,17 @@ def test_what_is_not_a_64_bit_elf_file_has_no_table(tmp_path, content):
 def test_an_interpreter_gives_its_relocations_back_and_goes_on_working():
     # In a child: the pages given back are this whole process's.
     code = textwrap.dedent("""
-        import ctypes, hashlib, ssl, threading
+        import ctypes, hashlib, os, ssl, threading
         from gateway.observe import memory
-
-        def resident(first, last):
-            total, inside = 0, False
-            for line in open("/proc/self/smaps"):
-                head = line.split(" ", 1)[0]
-                if "-" in head and ":" not in head:
-                    start, end = (int(x, 16) for x in head.split("-"))
-                    inside = start <= first and last <= end
-                elif inside and line.startswith("Rss:"):
-                    total += int(line.split()[1]) * 1024
-            return total
+        from tests.test_relocations import _resident
 
         memory._glibc("madvise", "int madvise(void *addr, size_t length, int advice);")  # loads cffi
         with open("/proc/self/maps") as maps, open("/proc/self/smaps") as smaps:
             ranges = memory.relocation_ranges(maps.read(), memory._anonymous_by_mapping(smaps.read()),
                                               least=0)
-        before = sum(resident(a, b) for a, b, _ in ranges)
+        before = sum(_resident(os.getpid(), a, b) for a, b, _ in ranges)
         released = memory.release_relocations(least=0)
-        after = sum(resident(a, b) for a, b, _ in ranges)
+        after = sum(_resident(os.getpid(), a, b) for a, b, _ in ranges)
         ctypes.CDLL("libz.so.1")
         ssl.create_default_context()
         worker = threading.Thread(target=hashlib.sha256, args=(b"x",))
@@ -135,7 +125,7 @@ def test_an_interpreter_gives_its_relocations_back_and_goes_on_working():
                           check=True)
     same, some, dropped = done.stdout.split()
     assert (same, some) == ("True", "True")
-    # The mappings' other pages (their text and data) stay as they were.
+    # What was resident of the tables is no longer.
     assert int(dropped) > 0
 
 
