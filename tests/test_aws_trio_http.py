@@ -224,24 +224,6 @@ async def test_signing_in_steps_gives_botocores_own_headers(monkeypatch, token, 
         assert "Signature=" in ours.headers["Authorization"]
 
 
-@pytest.mark.parametrize("url, headers", [
-    ("https://kinesis.us-east-1.amazonaws.com/", {"X-Amz-Content-SHA256": "0" * 64}),
-    ("http://127.0.0.1:4567/a b/../c?z=1&a=%20x", {"X-Amz-Target": TARGET, "X-Amz-Date": "d"}),
-    ("https://firehose.eu-west-1.amazonaws.com", {"Content-Type": "x", "User-Agent": "skipped",
-                                                   "Host": "given.example"}),
-])
-async def test_the_canonical_request_in_steps_is_botocores(url, headers):
-    import botocore.auth
-    from botocore.awsrequest import AWSRequest
-
-    from sinks.aws.trio_http import canonical_request_in_steps
-
-    credentials = Credentials("AKIDEXAMPLE", "s3cret").get_frozen_credentials()
-    auth = botocore.auth.SigV4Auth(credentials, "kinesis", "us-east-1")
-    request = AWSRequest(method="post", url=url, headers=headers, data=b'{"a": 1}')
-    assert await canonical_request_in_steps(auth, request) == auth.canonical_request(request)
-
-
 async def test_the_signing_key_is_derived_again_for_a_new_day_secret_or_region(monkeypatch):
     import botocore.auth
     from botocore.awsrequest import AWSRequest

@@ -17,8 +17,7 @@ event loop nothing but non-blocking I/O and a little signing:
 - **Signing** is botocore's ``SigV4Auth`` on an ``AWSRequest`` whose payload
   hash is given, so botocore never reads the body.  Its ``add_auth`` steps
   (date headers, canonical request, string to sign, signature) are called
-  one by one with a checkpoint between them (`sign_in_steps`), the canonical
-  request itself in three (`canonical_request_in_steps`): at a few calls
+  one by one with a checkpoint between them (`sign_in_steps`): at a few calls
   a second PyPy runs botocore in its interpreter, where the whole signature
   took 1.7 ms of the loop's time, each step well under a millisecond.  The
   day's signing key is derived once (`SigningKeys`), with botocore's HMAC.
@@ -56,7 +55,7 @@ from sinks.aws.limits import JSON_CONTENT_TYPE
 from sinks.digests import Sha256
 
 __all__ = ["TrioEndpoint", "HASH_SLICE", "SEND_SLICE", "MAX_REPLY_BYTES", "open_trio_endpoint",
-           "sign_in_steps", "canonical_request_in_steps", "SigningKeys"]
+           "sign_in_steps", "SigningKeys"]
 
 #: Bytes hashed between two checkpoints.  256 KiB took 0.2 ms of the loop
 #: on average at the design load, and over a millisecond when the machine
@@ -321,7 +320,7 @@ async def sign_in_steps(auth: Any, request: Any, keys: Optional[SigningKeys] = N
     request.context["timestamp"] = now.strftime(botocore.auth.SIGV4_TIMESTAMP)
     auth._modify_request_before_signing(request)
     await trio.lowlevel.checkpoint()
-    canonical_request = await canonical_request_in_steps(auth, request)
+    canonical_request = auth.canonical_request(request)
     await trio.lowlevel.checkpoint()
     string_to_sign = auth.string_to_sign(request, canonical_request)
     await trio.lowlevel.checkpoint()
@@ -332,30 +331,6 @@ async def sign_in_steps(auth: Any, request: Any, keys: Optional[SigningKeys] = N
         signature = auth._sign(key, string_to_sign, hex=True)
     await trio.lowlevel.checkpoint()
     auth._inject_signature_to_request(request, signature)
-
-
-async def canonical_request_in_steps(auth: Any, request: Any) -> str:
-    """botocore's ``SigV4Auth.canonical_request(request)``, with a checkpoint
-    before and after choosing the headers to sign.
-
-    In one step it took 0.3 ms of the loop on average at the design load
-    (interpreted: the JIT is paused in the sink's calls), and over 1 ms when
-    the machine was busy; the pieces are botocore's own, in its order.
-    """
-    from botocore.compat import urlsplit
-
-    parts = [request.method.upper(), auth._normalize_url_path(urlsplit(request.url).path),
-             auth.canonical_query_string(request)]
-    await trio.lowlevel.checkpoint()
-    headers_to_sign = auth.headers_to_sign(request)
-    await trio.lowlevel.checkpoint()
-    parts.append(auth.canonical_headers(headers_to_sign) + "\n")
-    parts.append(auth.signed_headers(headers_to_sign))
-    if "X-Amz-Content-SHA256" in request.headers:
-        parts.append(request.headers["X-Amz-Content-SHA256"])
-    else:
-        parts.append(auth.payload(request))
-    return "\n".join(parts)
 
 
 def _next_cycle(connection: _Connection) -> bool:
