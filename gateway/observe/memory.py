@@ -6,6 +6,7 @@ another program (the tests) leaves the process's settings alone.
 
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 import sys
@@ -116,7 +117,6 @@ async def trim_after_collections(collections: Callable[[], int], trim: Callable[
 #: Smallest relocation table worth giving back: PyPy's library has 16 MB of
 #: them; the C libraries and CPython's own executable, a few hundred KB.
 RELOCATIONS_WORTH_RELEASING = 1 << 20
-_PAGE = 4096
 _MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) \S+ \d+\s+(/.*)$")
 _ELF64_LE = b"\x7fELF\x02\x01"
 _SHT_RELA, _SHT_REL = 4, 9
@@ -154,7 +154,8 @@ def dynamic_relocations(path: str) -> Optional[Tuple[int, int]]:
 
 def relocation_ranges(maps: str, smaps_anonymous: Dict[int, int],
                       relocations: Callable[[str], Optional[Tuple[int, int]]] = dynamic_relocations,
-                      least: int = RELOCATIONS_WORTH_RELEASING) -> List[Tuple[int, int, str]]:
+                      least: int = RELOCATIONS_WORTH_RELEASING,
+                      page: int = mmap.PAGESIZE) -> List[Tuple[int, int, str]]:
     """(start, end, path) of each whole page of a loaded library's dynamic
     relocation table that may be given back, from ``/proc/self/maps`` text.
 
@@ -182,8 +183,8 @@ def relocation_ranges(maps: str, smaps_anonymous: Dict[int, int],
             continue
         seen.add(path)
         # Inward to whole pages: the first and last may hold other sections.
-        first = start + -(-begin // _PAGE) * _PAGE
-        last = start + stop // _PAGE * _PAGE
+        first = start + -(-begin // page) * page
+        last = start + stop // page * page
         if last > first:
             ranges.append((first, last, path))
     return ranges
