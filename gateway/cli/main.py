@@ -26,18 +26,15 @@ from gateway.cli.serve import (
     SECRET_FLAG_MARK,
     config_error,
     interpreter,
-    pause_sink_jit,
     serve_until_drained,
-    settle_jit,
     start_warnings,
     started_fields,
-    trim_malloc,
+    tune_serving_process,
     watch_signals,
 )
 from gateway.config import settings as _config
 from gateway.config import view as config_view
 from gateway.observe import logs, metrics
-from gateway.observe.memory import freeze_startup_heap, release_relocations
 from gateway.server import Gateway, open_listener
 
 __all__ = ["main", "version_line"]
@@ -92,11 +89,7 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin]) -> 
         host, port = (await nursery.start(serve_until_drained, gateway, listener, nursery.cancel_scope))[:2]
         # Signals are handled from here on: whoever reads "started" may stop it.
         await nursery.start(watch_signals, gateway, True)
-        freeze_startup_heap()
-        release_relocations()
-        pause_sink_jit(config)
-        settle_jit(config, gateway, nursery)
-        trim_malloc(config, gateway, nursery)
+        tune_serving_process(config, gateway, nursery)
         logs.emit("started", **started_fields(config, origins, gateway, host, port))
         # After "started": a start that fails says only why.
         start_warnings(config, origins, os.environ)  # type: ignore[arg-type]

@@ -21,7 +21,12 @@ from gateway.config import view as config_view
 from gateway.config.errors import ConfigError
 from gateway.config.secrets import SECRET_FLAG_MARK
 from gateway.observe import logs
-from gateway.observe.memory import malloc_trimmer, trim_after_collections
+from gateway.observe.memory import (
+    freeze_startup_heap,
+    malloc_trimmer,
+    release_relocations,
+    trim_after_collections,
+)
 from gateway.server import Gateway
 from sinks import jit as sink_jit
 from sinks.aws.sink import linger_of
@@ -29,7 +34,7 @@ from sinks.errors import SinkConfigError
 
 __all__ = ["serve_until_drained", "watch_signals", "started_fields", "config_error",
            "interpreter", "start_warnings", "pause_sink_jit", "settle_jit", "trim_malloc",
-           "SECRET_FLAG_MARK"]
+           "tune_serving_process", "SECRET_FLAG_MARK"]
 
 #: Seconds between two looks at the accepted count before the JIT settles.
 JIT_SETTLE_POLL = 1.0
@@ -91,6 +96,18 @@ def trim_malloc(config: _config.Config, gateway: Gateway, nursery: trio.Nursery)
         return False
     nursery.start_soon(trim_after_collections, lambda: gateway.telemetry.gc.major.count, trim)
     return True
+
+
+def tune_serving_process(config: _config.Config, gateway: Gateway, nursery: trio.Nursery) -> None:
+    """What a serving process (a gateway, or one worker) does to itself once it
+    serves: freeze its start-up heap (CPython), give back its libraries'
+    relocation pages, pause the JIT in the sink's calls and settle it (PyPy),
+    and start trimming malloc, each as ``config`` says."""
+    freeze_startup_heap()
+    release_relocations()
+    pause_sink_jit(config)
+    settle_jit(config, gateway, nursery)
+    trim_malloc(config, gateway, nursery)
 
 
 def start_warnings(config: _config.Config, origins: Dict[str, _config.Origin],

@@ -43,16 +43,13 @@ import trio
 
 from gateway.cli.serve import (
     config_error,
-    pause_sink_jit,
     serve_until_drained,
-    settle_jit,
     started_fields,
-    trim_malloc,
+    tune_serving_process,
     watch_signals,
 )
 from gateway.config import settings as _config
 from gateway.observe import logs, metrics
-from gateway.observe.memory import freeze_startup_heap, release_relocations
 from gateway.server import Gateway, open_listener
 
 __all__ = ["WorkerSpec", "READY_LINE", "ERROR_PREFIX", "MAX_STATUS_BYTES", "WORKER_DIR_PREFIX",
@@ -184,11 +181,7 @@ async def _serve(config: _config.Config, origins: Dict[str, _config.Origin], spe
                                           nursery.cancel_scope))[:2]
         await nursery.start(watch_signals, gateway, False, {"worker": spec.index})
         nursery.start_soon(_watch_supervisor, gateway, spec, lifeline)
-        freeze_startup_heap()
-        release_relocations()
-        pause_sink_jit(config)
-        settle_jit(config, gateway, nursery)
-        trim_malloc(config, gateway, nursery)
+        tune_serving_process(config, gateway, nursery)
         # "started" before "ready": the supervisor's events follow its workers'.
         logs.emit("started", worker=spec.index, generation=spec.generation,
                   **started_fields(config, origins, gateway, host, port))
