@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from gateway.observe.memory import dynamic_relocations, relocation_ranges
+from gateway.observe.memory import dynamic_relocations, relocation_ranges, smaps_field
 from tests.support.gateway import GatewayProcess
 
 LIB = "/usr/lib/x86_64-linux-gnu/libexample.so"
@@ -108,11 +108,11 @@ def test_an_interpreter_gives_its_relocations_back_and_goes_on_working():
 
         memory._glibc("madvise", "int madvise(void *addr, size_t length, int advice);")  # loads cffi
         with open("/proc/self/maps") as maps, open("/proc/self/smaps") as smaps:
-            ranges = memory.relocation_ranges(maps.read(), memory._anonymous_by_mapping(smaps.read()),
+            ranges = memory.relocation_ranges(maps.read(), memory.smaps_field(smaps.read(), "Anonymous"),
                                               least=0)
-        before = sum(_resident(os.getpid(), a, b) for a, b, _ in ranges)
+        before = sum(_resident(os.getpid(), a) for a, _, _ in ranges)
         released = memory.release_relocations(least=0)
-        after = sum(_resident(os.getpid(), a, b) for a, b, _ in ranges)
+        after = sum(_resident(os.getpid(), a) for a, _, _ in ranges)
         ctypes.CDLL("libz.so.1")
         ssl.create_default_context()
         worker = threading.Thread(target=hashlib.sha256, args=(b"x",))
@@ -154,27 +154,18 @@ def test_serving_pypy_processes_hold_none_of_their_librarys_relocations(tmp_path
             # the process touched since, which is nothing.
             assert found, "no library with relocations worth giving back"
             for first, last, _path in found:
-                assert _resident(pid, first, last) < (last - first) // 8
+                assert _resident(pid, first) < (last - first) // 8
     finally:
         gateway.stop()
 
 
 def _no_writes(pid):
-    from gateway.observe.memory import _anonymous_by_mapping
-
     with open("/proc/%d/smaps" % pid) as smaps:
-        return _anonymous_by_mapping(smaps.read())
+        return smaps_field(smaps.read(), "Anonymous")
 
 
-def _resident(pid, first, last):
-    """Resident bytes of the mapping of ``pid`` that holds [first, last)."""
-    inside, total = False, 0
+def _resident(pid, address):
+    """Resident bytes of the mapping of ``pid`` that holds ``address``."""
     with open("/proc/%d/smaps" % pid) as smaps:
-        for line in smaps:
-            head = line.split(" ", 1)[0]
-            if "-" in head and ":" not in head:
-                start, end = (int(x, 16) for x in head.split("-"))
-                inside = start <= first and last <= end
-            elif inside and line.startswith("Rss:"):
-                total += int(line.split()[1]) * 1024
-    return total
+        resident = smaps_field(smaps.read(), "Rss")
+    return resident[max(start for start in resident if start <= address)]

@@ -17,7 +17,7 @@ import trio
 
 __all__ = ["MALLOC_ARENAS", "limit_malloc_arenas", "freeze_startup_heap", "malloc_trimmer",
            "TRIM_CHECK", "trim_after_collections", "RELOCATIONS_WORTH_RELEASING",
-           "relocation_ranges", "release_relocations"]
+           "relocation_ranges", "release_relocations", "smaps_field"]
 
 #: glibc gives each thread that allocates its own malloc arena (64 MiB of
 #: address space, tens of MB resident once used) up to 8 per core.  The
@@ -190,14 +190,17 @@ def relocation_ranges(maps: str, smaps_anonymous: Dict[int, int],
     return ranges
 
 
-def _anonymous_by_mapping(smaps: str) -> Dict[int, int]:
+def smaps_field(smaps: str, field: str) -> Dict[int, int]:
+    """Each mapping's start address → its ``field`` (``"Rss"``, ``"Anonymous"``...)
+    in bytes, from ``/proc/PID/smaps`` text."""
     found: Dict[int, int] = {}
     start = None
+    label = field + ":"
     for line in smaps.splitlines():
         head = line.split(" ", 1)[0]
         if "-" in head and ":" not in head:
             start = int(head.split("-", 1)[0], 16)
-        elif line.startswith("Anonymous:") and start is not None:
+        elif line.startswith(label) and start is not None:
             found[start] = int(line.split()[1]) * 1024
     return found
 
@@ -218,7 +221,7 @@ def release_relocations(least: int = RELOCATIONS_WORTH_RELEASING) -> int:
         return 0
     try:
         with open("/proc/self/maps") as maps, open("/proc/self/smaps") as smaps:
-            ranges = relocation_ranges(maps.read(), _anonymous_by_mapping(smaps.read()), least=least)
+            ranges = relocation_ranges(maps.read(), smaps_field(smaps.read(), "Anonymous"), least=least)
     except OSError:
         return 0
     from cffi import FFI
