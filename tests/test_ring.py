@@ -139,96 +139,75 @@ def test_views_are_the_rings_memory():
     assert ring.buffer[slot.offset:slot.offset + 1] == b"X"
 
 
-def test_release_in_any_order_reclaims_only_when_older_are_released():
+def test_a_released_slot_is_free_at_once_whatever_its_age():
     ring = RingBuffer(90)
     a, b, c = ring.reserve(30), ring.reserve(30), ring.reserve(30)
-    ring.release(b)
-    ring.release(c)
-    assert ring.live == 1
-    assert ring.used == 90  # b and c wait for a
-    assert not ring.can_reserve(1)
+    ring.release(b)  # a, older, is still held
+    assert ring.used == 60 and ring.live == 2
+    assert ring.can_reserve(30) and not ring.can_reserve(31)
+    assert ring.reserve(30).offset == 30
     ring.release(a)
-    assert ring.used == 0 and ring.live == 0
+    ring.release(c)
+    assert ring.used == 30
+
+
+def test_neighbouring_free_regions_merge():
+    ring = RingBuffer(90)
+    a, b, c = ring.reserve(30), ring.reserve(30), ring.reserve(30)
+    ring.release(a)
+    ring.release(c)
+    assert ring.statistics()["largest_free"] == 30
+    ring.release(b)  # joins the regions on both sides
+    assert ring.used == 0 and ring.statistics()["largest_free"] == 90
     assert ring.reserve(90).offset == 0
 
 
-def test_released_middle_slot_is_reclaimed_with_the_oldest():
-    ring = RingBuffer(90)
-    a, b, c = ring.reserve(30), ring.reserve(30), ring.reserve(30)
-    ring.release(b)
-    ring.release(a)  # a and b both reclaimed; c still live
-    assert ring.used == 30 and ring.live == 1
-    assert ring.can_reserve(60) and not ring.can_reserve(61)
-    d = ring.reserve(60)
-    assert d.offset == 0
-    ring.release(c)
-    assert ring.used == 60
-    ring.release(d)
-    assert ring.used == 0
-
-
-def test_wrap_around_skips_the_short_end_until_reclaimed():
+def test_reservations_go_to_the_lowest_offset_that_fits():
     ring = RingBuffer(100)
-    a, b = ring.reserve(40), ring.reserve(40)
-    ring.release(a)
-    # 20 bytes left at the end, 40 free at the start: 30 goes to the start.
-    c = ring.reserve(30)
-    assert c.offset == 0
-    assert ring.used == 40 + 20 + 30  # the skipped end stays pinned behind b
-    assert ring.can_reserve(10) and not ring.can_reserve(11)
-    d = ring.reserve(10)
-    assert d.offset == 30
-    ring.release(b)
-    assert ring.used == 40  # b and the end it skipped came back
-    e = ring.reserve(60)
-    assert e.offset == 40
-    for slot in (c, d, e):
-        ring.release(slot)
-    assert ring.used == 0 and ring.live == 0
-
-
-def test_wrapped_reservation_exactly_fills_the_gap():
-    ring = RingBuffer(100)
-    a, b = ring.reserve(60), ring.reserve(40)
-    ring.release(a)
-    c = ring.reserve(60)
-    assert c.offset == 0 and ring.used == 100
+    a, b, c, d = ring.reserve(10), ring.reserve(30), ring.reserve(20), ring.reserve(40)
+    ring.release(a)  # 10 free at 0
+    ring.release(c)  # 20 free at 40
+    assert ring.reserve(15).offset == 40  # too big for the region at 0
+    assert ring.reserve(10).offset == 0
+    assert ring.reserve(5).offset == 55
     assert not ring.can_reserve(1)
     ring.release(b)
-    assert ring.used == 60 and ring.can_reserve(40)
+    ring.release(d)
 
 
-def test_commit_of_newest_slot_gives_the_unused_tail_back():
+def test_a_slot_held_long_pins_only_its_own_bytes():
+    # A slow upload reserved just before others come and go: everything
+    # around it is reused, and the ring refuses only when no free region fits.
     ring = RingBuffer(100)
-    slot = ring.reserve(100)
-    ring.commit(slot, 10)
-    assert slot.size == 10 and len(slot.view) == 10
-    assert ring.used == 10
-    nxt = ring.reserve(90)
-    assert nxt.offset == 10
+    slow = ring.reserve(10)
+    for _ in range(50):
+        burst = [ring.reserve(30), ring.reserve(60)]
+        for slot in burst:
+            ring.release(slot)
+    assert ring.used == 10 and ring.can_reserve(90)
+    ring.release(slow)
 
 
-def test_commit_of_older_slot_keeps_its_tail_until_release():
+def test_commit_gives_the_unused_tail_back_at_once():
     ring = RingBuffer(100)
     a, b = ring.reserve(50), ring.reserve(50)
     ring.commit(a, 10)
     assert a.size == 10 and len(a.view) == 10
-    assert ring.used == 100 and not ring.can_reserve(1)
+    assert ring.used == 60
+    assert ring.reserve(40).offset == 10
     ring.release(a)
-    assert ring.used == 50
-    assert ring.reserve(50).offset == 0
     ring.release(b)
 
 
-def test_commit_to_zero_bytes_of_newest_slot():
+def test_commit_to_zero_bytes():
     ring = RingBuffer(100)
     a = ring.reserve(30)
     b = ring.reserve(70)
     ring.commit(b, 0)
-    assert ring.used == 30 and len(b.view) == 0
+    assert ring.used == 30 and len(b.view) == 0 and ring.live == 2
     assert ring.reserve(70).offset == 30
     ring.release(a)
-    ring.release(b)
+    ring.release(b)  # holds no bytes; releasing it frees none
 
 
 def test_statistics_and_largest_free_agree_with_can_reserve():
@@ -238,21 +217,16 @@ def test_statistics_and_largest_free_agree_with_can_reserve():
     ring.release(a)
     stats = ring.statistics()
     assert stats["used"] == 50 and stats["live_slots"] == 1
-    assert stats["largest_free"] == 30  # 20 at the end, 30 at the start
+    assert stats["largest_free"] == 30  # 30 at the start, 20 at the end
     assert ring.can_reserve(30) and not ring.can_reserve(31)
     ring.release(b)
 
 
-def test_largest_free_with_only_an_empty_newest_slot_left():
+def test_full_ring_has_no_largest_free():
     ring = RingBuffer(100)
-    a = ring.reserve(40)
-    b = ring.reserve(60)
+    a = ring.reserve(100)
+    assert ring.statistics()["largest_free"] == 0 and not ring.can_reserve(1)
     ring.release(a)
-    ring.commit(b, 0)  # gives all 60 back: nothing is pinned any more
-    assert ring.used == 0 and ring.live == 1
-    assert ring.statistics()["largest_free"] == 60
-    assert ring.can_reserve(60) and not ring.can_reserve(61)
-    ring.release(b)
 
 
 def test_ring_empties_to_offset_zero():
@@ -269,7 +243,9 @@ class RingMachine(RuleBasedStateMachine):
 
     Every reservation is filled with its own byte; the model remembers what
     each live slot's bytes must be, so an overlap or a view that is not the
-    ring's memory shows up as changed bytes.
+    ring's memory shows up as changed bytes.  From the live slots alone the
+    model knows the free regions: a reservation is refused only when none is
+    large enough, and otherwise lands at the lowest one that is.
     """
 
     slots = Bundle("slots")
@@ -280,18 +256,32 @@ class RingMachine(RuleBasedStateMachine):
         self.live = {}  # slot -> expected bytes
         self.fill = 0
 
+    def free_runs(self):
+        """The model's free regions: (start, length), lowest first."""
+        runs, at = [], 0
+        for start, size in sorted((s.offset, len(v)) for s, v in self.live.items() if v):
+            if start > at:
+                runs.append((at, start - at))
+            at = start + size
+        if at < self.ring.capacity:
+            runs.append((at, self.ring.capacity - at))
+        return runs
+
     @rule(target=slots, size=st.integers(1, 97))
     def reserve(self, size):
         ring = self.ring
         fits = ring.can_reserve(size)
         stats = ring.statistics()
+        # Refused only when no free region is large enough; else the lowest that is.
+        lowest = next((start for start, length in self.free_runs() if length >= size), None)
         try:
             slot = ring.reserve(size)
         except RingFull:
-            assert not fits
+            assert not fits and lowest is None
             assert size > stats["largest_free"]
             return None
         assert fits and size <= stats["largest_free"]
+        assert slot.offset == lowest
         assert 0 <= slot.offset and slot.offset + size <= ring.capacity
         assert slot.view.obj is ring.buffer and len(slot.view) == size
         self.fill = self.fill % 255 + 1
@@ -354,14 +344,14 @@ class RingMachine(RuleBasedStateMachine):
     def accounting(self):
         ring = self.ring
         assert ring.live == len(self.live)
-        assert sum(len(v) for v in self.live.values()) <= ring.used <= ring.capacity
+        assert ring.used == sum(len(v) for v in self.live.values())
         if not self.live:
             assert ring.used == 0
             assert ring.can_reserve(ring.capacity)
         stats = ring.statistics()
         assert stats["used"] == ring.used and stats["live_slots"] == ring.live
         largest = stats["largest_free"]
-        assert 0 <= largest <= ring.capacity - ring.used
+        assert largest == max((length for _, length in self.free_runs()), default=0)
         if largest:
             assert ring.can_reserve(largest)
         if largest < ring.capacity:
@@ -574,11 +564,10 @@ async def test_waiting_reserve_refuses_impossible_sizes_even_while_others_wait(s
 
 def test_a_ring_that_never_empties_keeps_writing_the_same_pages() -> None:
     # Records held for a while (a sink batching) keep the ring from ever
-    # emptying; it still goes back to offset 0 once the first WRAP_AT bytes
-    # are free, so the pages it makes resident stay near WRAP_AT.
+    # emptying; reservations still go to the lowest free offsets, so the
+    # pages it makes resident stay near the most bytes ever held at once
+    # (51 records of at most 61,024 bytes here), not the whole buffer.
     from collections import deque
-
-    from buffers.ring import WRAP_AT
 
     ring = RingBuffer(32 * 1024 * 1024)
     held: deque = deque()
@@ -592,21 +581,23 @@ def test_a_ring_that_never_empties_keeps_writing_the_same_pages() -> None:
         if len(held) > 50:
             ring.release(held.popleft())
     assert ring.live == 50
-    assert highest <= WRAP_AT + 52 * 61024
+    assert highest <= 2 * 51 * 61024
 
 
-def test_after_an_early_wrap_a_burst_still_gets_the_whole_buffer() -> None:
-    from buffers.ring import WRAP_AT
-
-    ring = RingBuffer(4 * WRAP_AT)
-    first = ring.reserve(WRAP_AT)
-    second = ring.reserve(1024)
-    ring.release(first)
-    wrapped = ring.reserve(1024)  # the start is free: back to offset 0
-    assert wrapped.offset == 0
-    ring.release(second)
-    # The end of the buffer comes back once the slot before the wrap is gone.
-    assert ring.can_reserve(4 * WRAP_AT - 1024)
+def test_an_upload_held_for_seconds_does_not_shrink_the_ring() -> None:
+    # One slow upload reserved after 4.5 MiB of records that were then
+    # stored: while it trickles in, the next 10 MB of records must still
+    # find room on both sides of it.
+    ring = RingBuffer(32 * 1024 * 1024)
+    records = [ring.reserve(4500) for _ in range(1048)]
+    slow = ring.reserve(100_000)
+    for slot in records:
+        ring.release(slot)
+    following = [ring.reserve(100_000) for _ in range(100)]
+    assert ring.used == 101 * 100_000
+    for slot in following + [slow]:
+        ring.release(slot)
+    assert ring.used == 0
 
 
 def test_uploads_held_for_seconds_do_not_make_a_mostly_free_ring_refuse() -> None:
@@ -626,15 +617,3 @@ def test_uploads_held_for_seconds_do_not_make_a_mostly_free_ring_refuse() -> Non
             ring.release(slot)
         cohort = following
     assert ring.live == 50
-
-
-def test_an_early_wrap_leaves_twice_what_is_in_flight_free_at_the_start() -> None:
-    from buffers.ring import WRAP_AT
-
-    ring = RingBuffer(8 * WRAP_AT)
-    first = ring.reserve(WRAP_AT)
-    held = ring.reserve(WRAP_AT // 2 + 1)
-    ring.release(first)
-    # The start (WRAP_AT free) is less than twice what is held: go on at the end.
-    assert ring.reserve(1024).offset == WRAP_AT + WRAP_AT // 2 + 1
-    ring.release(held)
