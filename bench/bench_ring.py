@@ -10,7 +10,7 @@ RECORD = 1100  # a 1 KiB body and its envelope line
 
 
 def test_ring_cycle_one_slot(benchmark) -> None:
-    """One record through an otherwise empty ring (it starts over at 0 each time)."""
+    """One record through an otherwise empty ring (it lands at offset 0 each time)."""
     ring = RingBuffer(1 << 20)
 
     def cycle() -> None:
@@ -24,11 +24,11 @@ def test_ring_cycle_one_slot(benchmark) -> None:
 
 
 def test_ring_wraparound_mix(benchmark) -> None:
-    """A busy ring: mixed sizes, 32 records in flight, short commits, wrapping round.
+    """A busy ring: mixed sizes, 32 records in flight, short commits.
 
     Each operation reserves one slot (some committed short, giving their tail
     back), hands it off and releases the oldest but one or the oldest, so
-    releases come out of order and the head wraps past the end.
+    releases come out of order and free places open up between held slots.
     """
     ring = RingBuffer(1 << 20)
     sizes = [1100, 1100, 17000, 1100, 66000, 1100, 4200, 1100]
