@@ -602,10 +602,9 @@ def test_an_upload_held_for_seconds_does_not_shrink_the_ring() -> None:
 
 def test_uploads_held_for_seconds_do_not_make_a_mostly_free_ring_refuse() -> None:
     # Fifty slow uploads of 100 KB each hold their slots until the next fifty
-    # arrive (clients that trickle, replaced as each one times out).  Small
-    # records before them free the start of the ring; the ring must not wrap
-    # back into that smaller start and refuse the next fifty while 20 MiB of
-    # its end are untouched.
+    # arrive (clients that trickle, replaced as each one times out), after
+    # records that were stored meanwhile: each cohort fits, in the space the
+    # records left or beyond it, while the one before it is still held.
     ring = RingBuffer(32 * 1024 * 1024)
     small = [ring.reserve(100_000) for _ in range(45)]
     cohort = [ring.reserve(100_000) for _ in range(50)]
