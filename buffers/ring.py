@@ -27,6 +27,11 @@ neighbours, and places each reservation at the lowest offset where it fits
   pages it makes resident stay near the most bytes ever in flight at once,
   not the whole buffer.
 
+Pages once written stay resident until :meth:`RingBuffer.trim` gives back
+those above everything reserved since the trim before it (the gateway trims
+every few seconds), so a ring that filled once during a burst or a sink's
+outage shrinks back to what the load needs.
+
 Nothing here waits or does I/O: :meth:`RingBuffer.reserve` raises
 :class:`RingFull` when the space is not there, and ``buffers.waiting`` adds the
 Trio wait on top.
@@ -45,7 +50,7 @@ from __future__ import annotations
 
 import mmap
 from bisect import bisect_right
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 __all__ = [
     "RESERVED",
@@ -58,6 +63,9 @@ __all__ = [
     "RingFull",
     "SlotStateError",
 ]
+
+#: The unit :meth:`RingBuffer.trim` gives back in.
+PAGE = mmap.PAGESIZE
 
 RESERVED = "reserved"
 COMMITTED = "committed"
@@ -122,7 +130,9 @@ class RingBuffer:
         if capacity < 1:
             raise ValueError("ring capacity must be at least 1 byte")
         self.capacity = capacity
-        self.buffer = mmap.mmap(-1, capacity)
+        # Private, so that pages given back by trim() are freed, not kept
+        # as shared memory that only leaves this process's page tables.
+        self.buffer = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE)
         self._view = memoryview(self.buffer)
         self._empty = self._view[0:0]
         # The free regions, lowest offset first, never adjacent to each other
@@ -132,6 +142,10 @@ class RingBuffer:
         self._free_sizes: List[int] = [capacity]
         self._used = 0
         self._live = 0
+        # The end of the highest reservation since the last trim, and how far
+        # pages may be resident (everything reserved up to the last trim).
+        self._high = 0
+        self._touched = 0
 
     # -- queries ---------------------------------------------------------
 
@@ -180,6 +194,8 @@ class RingBuffer:
             del sizes[at]
         self._used += size
         self._live += 1
+        if offset + size > self._high:
+            self._high = offset + size
         return Slot(self, offset, size)
 
     def commit(self, slot: Slot, nbytes: int) -> memoryview:
@@ -207,7 +223,35 @@ class RingBuffer:
         if slot.size:
             self._free(slot.offset, slot.size)
 
+    def trim(self, most: Optional[int] = None) -> int:
+        """Give the kernel back the pages above every live slot and every
+        reservation since the last trim, the highest first and at most
+        ``most`` bytes of them; returns how many bytes.
+
+        Pages given back cost a page fault each when written again, so a
+        caller trims every few seconds: pages the load used in that time stay.
+        """
+        top = self._live_top()
+        keep = -(-max(top, self._high) // PAGE) * PAGE
+        touched = min(self.capacity, -(-max(self._touched, self._high) // PAGE) * PAGE)
+        self._high = top
+        if most is not None:
+            keep = max(keep, -(-(touched - most) // PAGE) * PAGE)
+        if keep >= touched:
+            self._touched = touched
+            return 0
+        self.buffer.madvise(mmap.MADV_DONTNEED, keep, touched - keep)
+        self._touched = keep
+        return touched - keep
+
     # -- internals -------------------------------------------------------
+
+    def _live_top(self) -> int:
+        """The end of the highest live slot (0 with none)."""
+        starts = self._free_starts
+        if starts and starts[-1] + self._free_sizes[-1] == self.capacity:
+            return starts[-1]
+        return self.capacity
 
     def _move(self, slot: Slot, action: str) -> None:
         if slot._ring is not self:

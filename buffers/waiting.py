@@ -178,6 +178,10 @@ class WaitingRing:
         if self._queue:
             self._grant()
 
+    def trim(self, most: Optional[int] = None) -> int:
+        """Give back the ring's pages unused since the last trim (:meth:`RingBuffer.trim`)."""
+        return self._ring.trim(most)
+
     def statistics(self) -> dict:
         """The ring's occupancy plus how often reservations waited or failed."""
         stats = self._ring.statistics()

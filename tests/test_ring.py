@@ -314,6 +314,11 @@ class RingMachine(RuleBasedStateMachine):
         del self.live[slot]
         assert len(slot.view) == 0
 
+    @rule(most=st.one_of(st.none(), st.integers(0, 200)))
+    def trim(self, most):
+        # Never touches a live slot's bytes (the invariant below checks them).
+        assert 0 <= self.ring.trim(most) <= (most if most is not None else self.ring.capacity + 4096)
+
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def release_everything(self, data):
@@ -616,3 +621,61 @@ def test_uploads_held_for_seconds_do_not_make_a_mostly_free_ring_refuse() -> Non
             ring.release(slot)
         cohort = following
     assert ring.live == 50
+
+
+def test_trim_gives_back_pages_unused_for_a_whole_interval() -> None:
+    from buffers.ring import PAGE
+
+    ring = RingBuffer(64 * PAGE)
+    slot = ring.reserve(10 * PAGE)
+    slot.view[:] = b"x" * (10 * PAGE)
+    ring.release(slot)
+    assert ring.trim() == 0  # used since the last trim: kept
+    assert ring.trim() == 10 * PAGE  # unused for a whole interval
+    assert ring.trim() == 0
+    # Given back: the kernel hands out fresh zero pages when written again.
+    again = ring.reserve(10 * PAGE)
+    assert bytes(again.view[:PAGE]) == bytes(PAGE)
+    ring.release(again)
+
+
+def test_trim_keeps_every_live_slot_and_what_is_below_it() -> None:
+    from buffers.ring import PAGE
+
+    ring = RingBuffer(64 * PAGE)
+    low = ring.reserve(3 * PAGE + 1)
+    high = ring.reserve(20 * PAGE)
+    high.view[:] = b"h" * (20 * PAGE)
+    ring.trim()
+    ring.release(high)
+    top = ring.reserve(1)  # the lowest free byte: just after low
+    top.view[:] = b"t"
+    assert ring.trim() == 0  # high was reserved in this interval
+    # Kept: up to the page holding the highest live byte (top).
+    assert ring.trim() == -(-(3 * PAGE + 1 + 20 * PAGE) // PAGE) * PAGE - 4 * PAGE
+    assert bytes(top.view) == b"t"
+    ring.release(low)
+    ring.release(top)
+    ring.trim()
+    assert ring.trim() == 4 * PAGE
+
+
+def test_trim_gives_back_at_most_what_it_is_asked_highest_first() -> None:
+    from buffers.ring import PAGE
+
+    ring = RingBuffer(64 * PAGE)
+    ring.release(ring.reserve(10 * PAGE))
+    ring.trim()
+    assert ring.trim(most=4 * PAGE) == 4 * PAGE
+    assert ring.trim(most=4 * PAGE + 1) == 4 * PAGE  # whole pages only
+    assert ring.trim(most=4 * PAGE) == 2 * PAGE
+    assert ring.trim(most=4 * PAGE) == 0
+
+
+def test_a_full_ring_trims_nothing() -> None:
+    from buffers.ring import PAGE
+
+    ring = RingBuffer(8 * PAGE)
+    slot = ring.reserve(8 * PAGE)
+    assert ring.trim() == 0 and ring.trim() == 0
+    ring.release(slot)

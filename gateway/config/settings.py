@@ -208,6 +208,10 @@ SETTINGS: List[Setting] = [
             "bytes preallocated for bodies in flight; at least twice the largest record; auto: "
             "32MiB, or four of the largest records when more (pages are resident only once used)",
             minimum=64 * KiB),
+    Setting("ring_trim", parse_duration, "10s",
+            "the ring's pages unused for this long go back to the kernel, at most 4MiB every "
+            "this long, so a ring that filled in a burst or an outage shrinks back; 0: never",
+            minimum=0),
     Setting("max_body", parse_size_or_auto, "auto",
             "largest body accepted; larger ones get 413 before they are read; auto: 1MiB, or with "
             "--sink kinesis/firehose the record limit less the envelope line and partition key "
@@ -455,6 +459,7 @@ class Config:
     access_log_sample: float = 0.0
     metrics_dir: str = ""
     malloc_trim: str = "on"
+    ring_trim: float = 10.0
     jit_settle: int = 20000
     # As the setting's default, auto: one per CPU.
     workers: int = dataclasses.field(default_factory=lambda: parse_workers("auto"))
