@@ -71,14 +71,6 @@ def _raise_nofile(wanted: int) -> int:
     return max(0, min(wanted, soft - TEST_FDS))
 
 
-def _rss(pid: int) -> int:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def _report(doc: dict) -> None:
     path = os.environ.get("SLUICE_CONNECTIONS_REPORT")
     if path:
@@ -234,10 +226,10 @@ def test_idle_and_slow_clients_do_not_starve_a_well_behaved_one(start_gateway):
     started = gateway.events("started")[0]
     # Warm up (the JIT, the pool), then measure memory before and with the idle connections.
     _post_each_on_a_new_connection(address, 50)
-    rss_before = _rss(gateway.pid)
+    rss_before = gateway.rss()
     kept_alive = _open_idle(address, idle // 2, served=True)
     silent = _open_idle(address, idle - idle // 2, served=False)
-    rss_idle = _rss(gateway.pid)
+    rss_idle = gateway.rss()
     tricklers = Tricklers(address, SLOW_HEADS, SLOW_BODIES)
     health = HealthChecks(address)
     try:
@@ -250,7 +242,7 @@ def test_idle_and_slow_clients_do_not_starve_a_well_behaved_one(start_gateway):
             assert time.monotonic() < deadline and tricklers.is_alive(), tricklers.closed
             time.sleep(TRICKLE)
         metrics = _metrics(address)
-        rss_load = _rss(gateway.pid)
+        rss_load = gateway.rss()
     finally:
         health.stop()
         tricklers.stop()

@@ -52,30 +52,22 @@ async def test_the_gateway_task_gives_back_what_a_burst_left(autojump_clock):
     ring.release(again)
 
 
-def _rss(pid: int) -> int:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the gateway's RSS in /proc")
 def test_a_gateway_shrinks_back_after_a_burst_of_large_bodies(start_gateway):
     bodies = 24
     gateway = start_gateway("--ring-trim", "1s", "--ring-size", "64MiB")
     request = post_request(b"b" * MiB)
-    before = _rss(gateway.pid)
+    before = gateway.rss()
     conns = [RawConnection(gateway.address) for _ in range(bodies)]
     try:
         # Every body but its last byte: 24 MiB of the ring written and held at once.
         for conn in conns:
             conn.send(request[:-1])
         deadline = time.monotonic() + 30
-        while _rss(gateway.pid) < before + (bodies - 4) * MiB:
+        while gateway.rss() < before + (bodies - 4) * MiB:
             assert time.monotonic() < deadline, "the bodies never reached the ring"
             time.sleep(0.1)
-        held = _rss(gateway.pid)
+        held = gateway.rss()
         for conn in conns:
             conn.send(request[-1:])
         assert [conn.read_response().status for conn in conns] == [202] * bodies
@@ -85,6 +77,6 @@ def test_a_gateway_shrinks_back_after_a_burst_of_large_bodies(start_gateway):
     # At 4 MiB a second after a second's grace, about 8 s; the rest is slack
     # for a busy machine.
     deadline = time.monotonic() + 40
-    while _rss(gateway.pid) > held - (bodies - 6) * MiB:
-        assert time.monotonic() < deadline, (before, held, _rss(gateway.pid))
+    while gateway.rss() > held - (bodies - 6) * MiB:
+        assert time.monotonic() < deadline, (before, held, gateway.rss())
         time.sleep(0.5)

@@ -251,6 +251,14 @@ class GatewayProcess:
 
     # -- what tests need -------------------------------------------------
 
+    def rss(self) -> int:
+        """The process's resident memory (``VmRSS``), in bytes."""
+        with open("/proc/%d/status" % self.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS in /proc/%d/status" % self.pid)
+
     @property
     def address(self) -> Tuple[str, int]:
         return self.host, self.port
