@@ -232,11 +232,11 @@ class RingBuffer:
         caller trims every few seconds: pages the load used in that time stay.
         """
         top = self._live_top()
-        keep = -(-max(top, self._high) // PAGE) * PAGE
-        touched = min(self.capacity, -(-max(self._touched, self._high) // PAGE) * PAGE)
+        keep = _whole_pages(max(top, self._high))
+        touched = min(self.capacity, _whole_pages(max(self._touched, self._high)))
         self._high = top
         if most is not None:
-            keep = max(keep, -(-(touched - most) // PAGE) * PAGE)
+            keep = max(keep, _whole_pages(touched - most))
         if keep >= touched:
             self._touched = touched
             return 0
@@ -290,3 +290,8 @@ class RingBuffer:
         else:
             starts.insert(at, offset)
             sizes.insert(at, size)
+
+
+def _whole_pages(nbytes: int) -> int:
+    """``nbytes`` rounded up to a whole number of pages."""
+    return -(-nbytes // PAGE) * PAGE
